@@ -1,0 +1,109 @@
+"""Command line: ``peftune SUBCOMMAND [--config FILE.yaml] [--section.key VALUE ...]``.
+
+Each subcommand maps to one function in :mod:`peftune.commands`; every YAML key is also a
+flag (``train.learning_rate`` <-> ``--train.learning_rate``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+from peftune import commands
+from peftune.config import Config, config_from_dict, flag_specs, load_yaml, set_dotted
+from peftune.errors import PeftuneError
+
+CONFIG_COMMANDS = {
+    "train": "fine-tune a base model with a PEFT method and save the adapter",
+    "evaluate": "generate summaries for a held-out split and score them with ROUGE",
+}
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE.yaml", help="YAML config; flags override it")
+    group = parser.add_argument_group("config keys (also valid as YAML keys)")
+    for key, tp, text, default in flag_specs():
+        shown = ",".join(map(str, default)) if isinstance(default, list) else default
+        group.add_argument(f"--{key}", dest=f"cfg:{key}", default=argparse.SUPPRESS,
+                           metavar=_type_name(tp).upper().replace(" | NONE", ""),
+                           help=f"{text} (default: {shown})")
+
+
+def build_config(ns: argparse.Namespace, base: dict[str, Any] | None = None) -> Config:
+    data = load_yaml(ns.config) if getattr(ns, "config", None) else dict(base or {})
+    for key, value in vars(ns).items():
+        if key.startswith("cfg:"):
+            set_dotted(data, key[4:], value)
+    return config_from_dict(data)
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="peftune", description="Parameter-efficient fine-tuning for summarization, "
+        "scored with ROUGE on generated text.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    top.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
+    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, text in CONFIG_COMMANDS.items():
+        p = sub.add_parser(name, help=text, description=text)
+        add_config_flags(p)
+        if name == "evaluate":
+            p.add_argument("--adapter", help="adapter folder or run folder (default: "
+                           "OUTPUT_DIR/adapter; no adapter scores the base model)")
+            p.add_argument("--split", default="test", choices=("validation", "test"),
+                           help="split to score (default: test)")
+    p = sub.add_parser("summarize", help="summarize text with a trained adapter",
+                       description="summarize text with a trained adapter")
+    p.add_argument("adapter", help="adapter folder or run folder")
+    p.add_argument("text", nargs="?", help="text to summarize (else --input or stdin)")
+    p.add_argument("--input", help="a text file, or a .jsonl file with a 'document' field")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="(default: 128)")
+    sub.add_parser("methods", help="list the PEFT methods and their default options")
+    return top
+
+
+def _setup_logging(quiet: bool) -> None:
+    import datasets
+    import transformers
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("peftune").setLevel(logging.WARNING if quiet else logging.INFO)
+    transformers.logging.set_verbosity_error()
+    datasets.logging.set_verbosity_error()
+    if quiet:
+        transformers.utils.logging.disable_progress_bar()
+        datasets.disable_progress_bars()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = parser().parse_args(argv)
+    _setup_logging(ns.quiet)
+    try:
+        if ns.command == "train":
+            commands.train(build_config(ns))
+        elif ns.command == "evaluate":
+            adapter = commands.find_adapter(ns.adapter) if ns.adapter else None
+            base = commands.adapter_config(adapter) if adapter else None
+            commands.evaluate(build_config(ns, base), adapter=adapter, split=ns.split)
+        elif ns.command == "summarize":
+            commands.summarize(ns.adapter, text=ns.text, input_file=ns.input,
+                               max_new_tokens=ns.max_new_tokens)
+        elif ns.command == "methods":
+            commands.methods()
+    except PeftuneError as err:
+        print(f"peftune: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("peftune: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

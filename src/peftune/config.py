@@ -1,0 +1,295 @@
+"""Typed run configuration: one set of dataclasses that is both the YAML file and the CLI flags.
+
+A YAML key ``train.learning_rate`` is the flag ``--train.learning_rate``; a method's options
+live under its own name (``lora.r`` / ``--lora.r``) and ``method`` picks which one is used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from peftune.errors import ConfigError
+
+
+def _help(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": text}, **kw)
+    return field(default=default, metadata={"help": text}, **kw)
+
+
+@dataclass
+class DataConfig:
+    source: str = _help("'aclsum' (embedded), a local .jsonl/.csv/.parquet file or folder, "
+                        "or a Hugging Face hub dataset name", "aclsum")
+    subset: str | None = _help("hub dataset configuration name", None)
+    document_column: str = _help("column holding the text to summarize", "document")
+    summary_column: str = _help("column holding the reference summary", "summary")
+    id_column: str | None = _help("column with a document id (row number when unset)", None)
+    train_split: str = _help("split used for training", "train")
+    validation_split: str = _help("split used for eval loss and search", "validation")
+    test_split: str = _help("held-out split scored once by `evaluate`", "test")
+    max_source_tokens: int = _help("documents are truncated to this many tokens", 512)
+    max_train_examples: int | None = _help("use at most this many training rows", None)
+    max_eval_examples: int | None = _help("use at most this many validation/test rows", None)
+    instruction: str = _help("instruction placed before the document in the prompt",
+                             "Summarize the following text.")
+
+    def __post_init__(self) -> None:
+        _positive(self, "max_source_tokens", "data")
+
+
+@dataclass
+class ModelConfig:
+    name: str = _help("'smollm2-135m' (embedded GGUF), a hub id, a local folder or a .gguf "
+                      "file", "smollm2-135m")
+    gguf_file: str | None = _help("GGUF file name inside `name` when it is a folder/hub id", None)
+    revision: str | None = _help("hub revision (branch, tag or commit)", None)
+    dtype: str = _help("weights dtype: auto, float32, bfloat16 or float16", "auto")
+    trust_remote_code: bool = _help("allow model code from the hub (only if you trust it)",
+                                    False)
+
+    def __post_init__(self) -> None:
+        _choice(self, "dtype", ("auto", "float32", "bfloat16", "float16"), "model")
+
+
+@dataclass
+class TrainConfig:
+    learning_rate: float = _help("peak learning rate", 2e-4)
+    batch_size: int = _help("effective batch size (examples per optimizer step)", 8)
+    micro_batch_size: int = _help("examples per forward pass; the rest is gradient "
+                                  "accumulation", 4)
+    epochs: float = _help("training epochs", 2.0)
+    max_steps: int = _help("stop after this many optimizer steps (-1: use epochs)", -1)
+    warmup_ratio: float = _help("fraction of steps with linear warmup", 0.05)
+    weight_decay: float = _help("AdamW weight decay", 0.01)
+    lr_scheduler: str = _help("transformers scheduler name", "cosine")
+    max_grad_norm: float = _help("gradient clipping norm", 1.0)
+    precision: str = _help("auto (bf16 where the hardware has it), bf16, fp16 or fp32", "auto")
+    eval_each_epoch: bool = _help("compute validation loss after every epoch", True)
+    save_total_limit: int = _help("checkpoints kept on disk", 2)
+    save_steps: int | None = _help("checkpoint every N steps (default: every epoch)", None)
+    resume: bool = _help("resume from the last checkpoint in output_dir if there is one", True)
+    logging_steps: int = _help("log the loss every N steps", 5)
+    report_to: list[str] = _help("trackers for the Trainer (tensorboard, mlflow, ...)", [])
+
+    def __post_init__(self) -> None:
+        for name in ("learning_rate", "batch_size", "micro_batch_size", "epochs"):
+            _positive(self, name, "train")
+        if self.batch_size % self.micro_batch_size:
+            raise ConfigError(f"train.batch_size ({self.batch_size}) must be a multiple of "
+                              f"train.micro_batch_size ({self.micro_batch_size})")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"train.weight_decay must be >= 0, got {self.weight_decay}")
+        _choice(self, "precision", ("auto", "bf16", "fp16", "fp32"), "train")
+
+
+@dataclass
+class EvalConfig:
+    max_new_tokens: int = _help("generation length bound", 128)
+    num_beams: int = _help("1 is greedy; more is beam search", 1)
+    batch_size: int = _help("prompts per generation batch", 8)
+    zero_shot: bool = _help("`evaluate` also scores the base model without the adapter", False)
+
+    def __post_init__(self) -> None:
+        for name in ("max_new_tokens", "num_beams", "batch_size"):
+            _positive(self, name, "eval")
+
+
+@dataclass
+class Config:
+    output_dir: str = _help("run directory: config, adapter, metrics, checkpoints", "runs/default")
+    seed: int = _help("seed for data order, initialisation and sampling", 42)
+    method: str = _help("PEFT method (see `peftune methods`)", "lora")
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    methods: dict[str, Any] = field(default_factory=dict)
+    """Options of every PEFT method, by method name (YAML: a top-level key per method)."""
+
+    def __post_init__(self) -> None:
+        from peftune.methods import get_method, registry
+
+        get_method(self.method)
+        for name, method in registry().items():
+            if not isinstance(self.methods.get(name), method.options):
+                self.methods[name] = from_dict(method.options, self.methods.get(name) or {}, name)
+
+    @property
+    def method_options(self) -> Any:
+        return self.methods[self.method]
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)
+               if f.name != "methods"}
+        out.update({name: _plain(opts) for name, opts in self.methods.items()})
+        return out
+
+
+def _plain(value: Any) -> Any:
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+
+
+def _positive(obj: Any, name: str, section: str) -> None:
+    if getattr(obj, name) <= 0:
+        raise ConfigError(f"{section}.{name} must be > 0, got {getattr(obj, name)}")
+
+
+def _choice(obj: Any, name: str, choices: tuple[str, ...], section: str) -> None:
+    if getattr(obj, name) not in choices:
+        raise ConfigError(f"{section}.{name} must be one of {', '.join(choices)}; "
+                          f"got {getattr(obj, name)!r}")
+
+
+def coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; strings from the CLI are parsed."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        last: ConfigError | None = None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return coerce(value, arg, key)
+            except ConfigError as err:
+                last = err
+        raise last or ConfigError(f"{key}: invalid value {value!r}")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v for v in (s.strip() for s in value.split(",")) if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return [coerce(v, item, key) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        try:
+            number = tp(value) if isinstance(value, str) else value
+        except ValueError:
+            raise ConfigError(f"{key} must be {tp.__name__}, got {value!r}") from None
+        if tp is int and isinstance(number, float) and not number.is_integer():
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        if not isinstance(number, (int, float)):
+            raise ConfigError(f"{key} must be {tp.__name__}, got {value!r}")
+        return tp(number)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return str(value)
+    if tp is Any:
+        return value
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a (YAML) mapping, rejecting unknown keys by name."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if key not in fields:
+            valid = ", ".join(sorted(fields))
+            raise ConfigError(f"unknown config key '{path}' (valid: {valid})")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = from_dict(tp, value or {}, path)
+        else:
+            kwargs[key] = coerce(value, tp, path)
+    try:
+        return cls(**kwargs)
+    except TypeError as err:
+        raise ConfigError(f"{prefix or 'config'}: {err}") from None
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    from peftune.methods import registry
+
+    data = dict(data or {})
+    methods = {name: data.pop(name) for name in list(data) if name in registry()}
+    for name, opts in methods.items():
+        methods[name] = from_dict(registry()[name].options, opts or {}, name)
+    cfg = from_dict(Config, data)
+    cfg.methods.update(methods)
+    return cfg
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        line = getattr(getattr(err, "problem_mark", None), "line", None)
+        where = f" (line {line + 1})" if line is not None else ""
+        raise ConfigError(f"invalid YAML in {path}{where}: {getattr(err, 'problem', err)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of config keys")
+    return data
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """Apply a flag override ``a.b=value`` to a nested mapping."""
+    *parents, leaf = key.split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot set '{key}': '{part}' is not a section")
+    node[leaf] = value
+
+
+def save_yaml(cfg: Config, path: str | Path) -> None:
+    from peftune.rundir import atomic_write
+
+    atomic_write(Path(path), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def flag_specs() -> list[tuple[str, Any, str, Any]]:
+    """Every settable key as (dotted key, type, help, default): the CLI builds its flags here."""
+    from peftune.methods import registry
+
+    specs: list[tuple[str, Any, str, Any]] = []
+
+    def walk(cls: type, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name == "methods":
+                continue
+            key = f"{prefix}{f.name}"
+            if dataclasses.is_dataclass(hints[f.name]):
+                walk(hints[f.name], key + ".")
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+            specs.append((key, hints[f.name], f.metadata.get("help", ""), default))
+
+    walk(Config, "")
+    for name, method in registry().items():
+        walk(method.options, name + ".")
+    return specs

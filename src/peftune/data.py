@@ -1,0 +1,277 @@
+"""Summarization data: load (embedded ACLSum, local files, hub) -> prompt -> tokens -> batches.
+
+Every example becomes one sequence for a decoder-only model::
+
+    [prompt: template + truncated document] [summary] [EOS]
+     labels: -100 ...                        summary   EOS
+
+Labels are masked by position, never by token id: SmolLM2's pad token *is* its EOS, and
+masking pad ids would erase the one EOS the model must learn to emit.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from peftune.config import DataConfig
+from peftune.errors import DataError
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "validation", "test")
+LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+SPLIT_ALIASES = {"train": ("train",), "validation": ("validation", "val", "dev", "valid"),
+                 "test": ("test",)}
+IGNORE_INDEX = -100
+_SENTINEL = "\u2063DOCUMENT\u2063"
+
+
+# ---------------------------------------------------------------- loading
+
+def load_splits(cfg: DataConfig) -> dict[str, datasets.Dataset]:
+    """Return train/validation/test datasets with columns ``id``, ``document``, ``summary``."""
+    if cfg.source == "aclsum":
+        raw = _load_aclsum()
+        columns = ("document", "summary", "id")
+    else:
+        raw = _load_local(cfg.source) if _is_local(cfg.source) else _load_hub(cfg)
+        columns = (cfg.document_column, cfg.summary_column, cfg.id_column)
+    wanted = {"train": cfg.train_split, "validation": cfg.validation_split,
+              "test": cfg.test_split}
+    splits = {role: raw[name] for role, name in wanted.items() if name in raw}
+    if "train" not in splits:
+        raise DataError(f"{cfg.source}: no split named '{cfg.train_split}' "
+                        f"(available: {', '.join(raw) or 'none'}); set data.train_split")
+    splits = _carve_missing(splits, seed=17)
+    out = {role: _standardise(ds, role, cfg.source, columns) for role, ds in splits.items()}
+    if cfg.max_train_examples:
+        out["train"] = out["train"].select(range(min(cfg.max_train_examples, len(out["train"]))))
+    if cfg.max_eval_examples:
+        for role in ("validation", "test"):
+            out[role] = out[role].select(range(min(cfg.max_eval_examples, len(out[role]))))
+    return out
+
+
+def _is_local(source: str) -> bool:
+    return Path(source).exists() or source.startswith((".", "/", "~")) or \
+        Path(source).suffix in LOCAL_FORMATS
+
+
+def _detok(sentence: str) -> str:
+    """ACLSum stores tokenised sentences ('word , word .'); rejoin punctuation."""
+    sentence = re.sub(r" ([.,;:!?%)\]])", r"\1", sentence)
+    return re.sub(r"([(\[]) ", r"\1", sentence)
+
+
+def _load_aclsum() -> dict[str, datasets.Dataset]:
+    try:
+        files = importlib.metadata.files("aclsum") or []
+    except importlib.metadata.PackageNotFoundError:
+        raise DataError("the embedded dataset needs `pip install aclsum==0.1.2`") from None
+    by_name = {Path(str(f)).name: Path(str(f.locate())) for f in files
+               if str(f).endswith(".jsonl") and "dataset" in str(f)}
+    out = {}
+    for role, fname in (("train", "train.jsonl"), ("validation", "val.jsonl"),
+                        ("test", "test.jsonl")):
+        rows = []
+        for line in by_name[fname].read_text(encoding="utf-8").splitlines():
+            paper = json.loads(line)
+            rows.append({
+                "id": paper["id"],
+                "document": " ".join(_detok(s) for s in paper["sentences"]["abstract"]),
+                "summary": " ".join(paper["summary"][k] for k in ("challenge", "approach",
+                                                                  "outcome")),
+            })
+        out[role] = datasets.Dataset.from_list(rows)
+    return out
+
+
+def _local_files(path: Path) -> dict[str, Path]:
+    if path.is_file():
+        return {"train": path}
+    found: dict[str, Path] = {}
+    for file in sorted(path.iterdir()):
+        for role, aliases in SPLIT_ALIASES.items():
+            if file.suffix in LOCAL_FORMATS and file.stem.lower() in aliases:
+                found[role] = file
+    if not found:
+        raise DataError(f"{path}: no train/validation/test .jsonl/.csv/.parquet files in folder")
+    return found
+
+
+def _load_local(source: str) -> dict[str, datasets.Dataset]:
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise DataError(f"data file not found: {source}")
+    out = {}
+    for role, file in _local_files(path).items():
+        if file.suffix not in LOCAL_FORMATS:
+            raise DataError(f"{file}: unsupported format (use .jsonl, .csv or .parquet)")
+        if file.stat().st_size == 0:
+            raise DataError(f"{file}: file is empty")
+        try:
+            ds = datasets.load_dataset(LOCAL_FORMATS[file.suffix], data_files=str(file),
+                                       split="train")
+        except Exception as err:  # datasets raises many types for malformed files
+            if "corresponds to no data" in str(err):
+                raise DataError(f"{file}: the {role} split is empty") from None
+            raise DataError(f"{file}: cannot be read as {file.suffix[1:]}: "
+                            f"{_first_line(err)}") from None
+        out[role] = ds
+    return out
+
+
+def _load_hub(cfg: DataConfig) -> dict[str, datasets.Dataset]:
+    try:
+        raw = datasets.load_dataset(cfg.source, cfg.subset)
+    except Exception as err:  # hub errors are many and version dependent
+        raise DataError(f"cannot load dataset '{cfg.source}': not a local file and not "
+                        f"loadable from the hub ({_first_line(err)})") from None
+    return dict(raw)
+
+
+def _carve_missing(splits: dict[str, datasets.Dataset], *, seed: int) -> dict[str, Any]:
+    """Split validation/test off train when the source does not provide them (10% each)."""
+    n = max(1, len(splits["train"]) // 10)
+    for role in ("test", "validation"):
+        if role in splits:
+            continue
+        train = splits["train"]
+        if len(train) < n + 1:
+            raise DataError(f"training split has {len(train)} rows: too few to hold out a "
+                            f"{role} split; provide one")
+        parts = train.train_test_split(test_size=n, seed=seed)
+        splits["train"], splits[role] = parts["train"], parts["test"]
+        log.info("no %s split given: held out %d training rows", role, n)
+    return splits
+
+
+def _standardise(ds: datasets.Dataset, role: str, source: str,
+                 columns: tuple[str, str, str | None]) -> datasets.Dataset:
+    doc_col, sum_col, id_col = columns
+    for col, key in ((doc_col, "data.document_column"), (sum_col, "data.summary_column"),
+                     (id_col, "data.id_column")):
+        if col is not None and col not in ds.column_names:
+            raise DataError(f"{source} ({role} split): no column '{col}' (columns: "
+                            f"{', '.join(ds.column_names)}); set {key}")
+    if len(ds) == 0:
+        raise DataError(f"{source}: the {role} split is empty")
+    docs, sums = ds[doc_col], ds[sum_col]
+    ids = [str(i) for i in ds[id_col]] if id_col else [str(i) for i in range(len(ds))]
+    for i, (doc, summ) in enumerate(zip(docs, sums)):
+        for value, col in ((doc, doc_col), (summ, sum_col)):
+            if not isinstance(value, str) or not value.strip():
+                raise DataError(f"{source} ({role} split): row {i} has an empty or non-text "
+                                f"'{col}'")
+    return datasets.Dataset.from_dict({"id": ids, "document": docs, "summary": sums})
+
+
+# ---------------------------------------------------------------- prompts and tokens
+
+@dataclass
+class PromptFormat:
+    """Token ids around the document; the same for training and generation."""
+
+    prefix: list[int]
+    suffix: list[int]
+    eos: int
+    seq2seq: bool = False
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer: PreTrainedTokenizerBase, instruction: str, *,
+                      seq2seq: bool = False) -> PromptFormat:
+        eos = tokenizer.eos_token_id
+        if eos is None:
+            raise DataError("the tokenizer has no EOS token; a summary could never end")
+        if seq2seq:
+            prefix = tokenizer(f"{instruction}\n", add_special_tokens=False)["input_ids"]
+            return cls(prefix=prefix, suffix=[eos], eos=eos, seq2seq=True)
+        if tokenizer.chat_template:
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": f"{instruction}\n\n{_SENTINEL}"}],
+                tokenize=False, add_generation_prompt=True)
+        else:
+            text = f"{instruction}\n\n{_SENTINEL}\n\nSummary:\n"
+        head, tail = text.split(_SENTINEL)
+        prefix = tokenizer(head, add_special_tokens=False)["input_ids"]
+        bos = tokenizer.bos_token_id
+        if not tokenizer.chat_template and bos is not None and bos != eos:
+            prefix = [bos, *prefix]
+        suffix = tokenizer(tail, add_special_tokens=False)["input_ids"]
+        return cls(prefix=prefix, suffix=suffix, eos=eos)
+
+    def prompt(self, doc_ids: list[int], max_source_tokens: int) -> list[int]:
+        return [*self.prefix, *doc_ids[:max_source_tokens], *self.suffix]
+
+
+def tokenize(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, fmt: PromptFormat,
+             max_source_tokens: int) -> datasets.Dataset:
+    """Add ``input_ids``, ``labels`` and ``prompt_len``; log how many documents were cut."""
+
+    def encode(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        docs = tokenizer(batch["document"], add_special_tokens=False)["input_ids"]
+        sums = tokenizer(batch["summary"], add_special_tokens=False)["input_ids"]
+        out: dict[str, list[Any]] = {"input_ids": [], "labels": [], "prompt_len": [],
+                                     "truncated": []}
+        for doc, summ in zip(docs, sums):
+            prompt = fmt.prompt(doc, max_source_tokens)
+            target = [*summ, fmt.eos]
+            if fmt.seq2seq:
+                out["input_ids"].append(prompt)
+                out["labels"].append(target)
+            else:
+                out["input_ids"].append(prompt + target)
+                out["labels"].append([IGNORE_INDEX] * len(prompt) + target)
+            out["prompt_len"].append(len(prompt))
+            out["truncated"].append(len(doc) > max_source_tokens)
+        return out
+
+    ds = ds.map(encode, batched=True, desc="tokenizing")
+    cut = sum(ds["truncated"])
+    if cut:
+        log.info("truncated %d of %d documents to %d tokens (summaries are never cut)",
+                 cut, len(ds), max_source_tokens)
+    return ds
+
+
+@dataclass
+class Collator:
+    """Pads a batch dynamically; labels are padded with -100 by position."""
+
+    pad_id: int
+    pad_to_multiple_of: int | None = None
+    padding_side: str = "right"
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = {"input_ids": self._pad([f["input_ids"] for f in features], self.pad_id)}
+        batch["attention_mask"] = self._pad([[1] * len(f["input_ids"]) for f in features], 0)
+        if "labels" in features[0]:
+            batch["labels"] = self._pad([f["labels"] for f in features], IGNORE_INDEX)
+        return batch
+
+    def _pad(self, rows: list[list[int]], value: int) -> torch.Tensor:
+        width = max(len(r) for r in rows)
+        if self.pad_to_multiple_of:
+            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        out = torch.full((len(rows), width), value, dtype=torch.long)
+        for i, row in enumerate(rows):
+            if self.padding_side == "left":
+                out[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+            else:
+                out[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+        return out
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:300] if text else type(err).__name__

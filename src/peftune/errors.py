@@ -1,0 +1,17 @@
+"""User-facing errors: the CLI prints their message on one line and exits with status 2."""
+
+
+class PeftuneError(Exception):
+    """Bad input from the user: a file, column, flag or value, named in the message."""
+
+
+class ConfigError(PeftuneError):
+    """An invalid config key, type or value."""
+
+
+class DataError(PeftuneError):
+    """A dataset that cannot be used as given."""
+
+
+class ModelError(PeftuneError):
+    """A model or adapter that cannot be loaded as given."""

@@ -1,0 +1,110 @@
+"""Batched generation from prompt-only, left-padded, length-sorted batches, scored with ROUGE.
+
+ROUGE-1/2/L/Lsum come from ``rouge_score`` with the Porter stemmer, on a 0-100 scale;
+ROUGE-Lsum sees one sentence per line, as it was defined.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from rouge_score import rouge_scorer
+from tqdm.auto import tqdm
+from transformers import GenerationConfig, PreTrainedTokenizerBase
+
+from peftune.data import Collator
+from peftune.rundir import atomic_write, update_metrics
+
+ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(\[])")
+
+
+def split_sentences(text: str) -> str:
+    return "\n".join(s.strip() for s in _SENTENCE_END.split(text.strip()) if s.strip())
+
+
+def rouge(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """Mean F1 of ROUGE-1/2/L/Lsum x 100."""
+    scorer = rouge_scorer.RougeScorer(list(ROUGE_KEYS), use_stemmer=True)
+    totals = dict.fromkeys(ROUGE_KEYS, 0.0)
+    for pred, ref in zip(predictions, references, strict=True):
+        scores = scorer.score(split_sentences(ref), split_sentences(pred))
+        for key in ROUGE_KEYS:
+            totals[key] += scores[key].fmeasure
+    n = max(1, len(predictions))
+    return {key: round(100 * total / n, 4) for key, total in totals.items()}
+
+
+def _batches(prompts: Sequence[list[int]], batch_size: int) -> Iterator[list[int]]:
+    # Longest first: similar lengths share a batch (little padding) and memory peaks early.
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    for start in range(0, len(order), batch_size):
+        yield order[start:start + batch_size]
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    if precision in ("bf16", "fp16"):
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return torch.autocast(device.type, dtype=dtype)
+    return contextlib.nullcontext()
+
+
+@torch.inference_mode()
+def generate(model: Any, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[list[int]], *,
+             batch_size: int = 8, max_new_tokens: int = 128, num_beams: int = 1,
+             precision: str = "fp32", progress: bool = True) -> list[str]:
+    """Greedy (or beam) continuations of token-id prompts, decoded without the prompt."""
+    model.eval()
+    device = next(model.parameters()).device
+    collate = Collator(pad_id=tokenizer.pad_token_id, padding_side="left")
+    gen_config = GenerationConfig(
+        max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    outputs: list[str] = [""] * len(prompts)
+    encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+    bar = tqdm(total=len(prompts), desc="generating", disable=not progress, leave=False)
+    for idx in _batches(prompts, batch_size):
+        batch = collate([{"input_ids": prompts[i]} for i in idx])
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast(precision, device):
+            out = model.generate(**batch, generation_config=gen_config)
+        new = out if encoder_decoder else out[:, batch["input_ids"].shape[1]:]
+        for i, text in zip(idx, tokenizer.batch_decode(new, skip_special_tokens=True)):
+            outputs[i] = text.strip()
+        bar.update(len(idx))
+    bar.close()
+    return outputs
+
+
+def prompts_of(ds: Any) -> list[list[int]]:
+    """The prompt part of each tokenized example (everything before the summary)."""
+    return [ids[:n] for ids, n in zip(ds["input_ids"], ds["prompt_len"])]
+
+
+def score(model: Any, tokenizer: PreTrainedTokenizerBase, ds: Any, *, out_dir: Path | None,
+          tag: str, batch_size: int = 8, max_new_tokens: int = 128, num_beams: int = 1,
+          precision: str = "fp32") -> dict[str, float]:
+    """Generate for every row of a tokenized split, score it, and write the outputs."""
+    preds = generate(model, tokenizer, prompts_of(ds), batch_size=batch_size,
+                     max_new_tokens=max_new_tokens, num_beams=num_beams, precision=precision)
+    metrics: dict[str, float] = {**rouge(preds, ds["summary"]), "num_examples": len(preds)}
+    metrics["mean_prediction_words"] = round(
+        sum(len(p.split()) for p in preds) / max(1, len(preds)), 2)
+    if out_dir is not None:
+        write_outputs(out_dir, tag, ds, preds, metrics)
+    return metrics
+
+
+def write_outputs(out_dir: Path, tag: str, ds: Any, preds: list[str],
+                  metrics: dict[str, float]) -> None:
+    name = "predictions.jsonl" if tag == "test" else f"predictions_{tag}.jsonl"
+    lines = [json.dumps({"id": i, "prediction": p, "reference": r}) + "\n"
+             for i, p, r in zip(ds["id"], preds, ds["summary"])]
+    atomic_write(out_dir / name, "".join(lines))
+    update_metrics(out_dir, tag, metrics)

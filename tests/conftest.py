@@ -1,0 +1,90 @@
+"""Tiny random models and data built on the fly: no downloads, seconds per test."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi "
+         "rho sigma tau upsilon phi chi psi omega the a of and model data result method").split()
+SPECIALS = ["<unk>", "<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>"]
+CHAT_TEMPLATE = ("{% for m in messages %}<|user|> {{ m['content'] }} {% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|> {% endif %}")
+
+
+def make_tokenizer(*, chat: bool = False, pad_is_eos: bool = False) -> PreTrainedTokenizerFast:
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + sorted(set(WORDS)) + list(".,:!?"))}
+    vocab.update({w: len(vocab) + i for i, w in enumerate(["Summarize", "following", "text",
+                                                          "Summary", "summarize"])})
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                                  pre_tokenizers.Punctuation()])
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token="<s>",
+                                  eos_token="</s>", pad_token="</s>" if pad_is_eos else "<pad>")
+    tok.add_special_tokens({"additional_special_tokens": ["<|user|>", "<|assistant|>"]})
+    if chat:
+        tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def make_llama(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512, bos_token_id=2, eos_token_id=3,
+                         pad_token_id=1)
+    return LlamaForCausalLM(config)
+
+
+def make_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(12, 30))]
+        rows.append({"id": f"doc{i}", "document": " ".join(words) + " .",
+                     "summary": " ".join(words[:4]) + " ."})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved tiny LLaMA + tokenizer folder, usable as --model.name."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tok = make_tokenizer(chat=True, pad_is_eos=True)
+    make_llama(len(tok)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-data")
+    rows = make_rows(20)
+    write_jsonl(path / "train.jsonl", rows[:12])
+    write_jsonl(path / "validation.jsonl", rows[12:16])
+    write_jsonl(path / "test.jsonl", rows[16:])
+    return path
+
+
+@pytest.fixture
+def tiny_cfg(tiny_model_dir: Path, tiny_data_dir: Path, tmp_path: Path) -> dict:
+    """A config dict for a seconds-long run on the tiny model and data."""
+    return {
+        "output_dir": str(tmp_path / "run"),
+        "data": {"source": str(tiny_data_dir), "max_source_tokens": 24},
+        "model": {"name": str(tiny_model_dir)},
+        "train": {"max_steps": 3, "batch_size": 4, "micro_batch_size": 2, "learning_rate": 1e-2,
+                  "logging_steps": 1, "precision": "fp32"},
+        "eval": {"max_new_tokens": 8, "batch_size": 4},
+    }

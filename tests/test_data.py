@@ -1,0 +1,110 @@
+import pytest
+import torch
+
+from peftune.config import DataConfig
+from peftune.data import IGNORE_INDEX, Collator, PromptFormat, load_splits, tokenize
+from peftune.errors import DataError
+from tests.conftest import make_rows, make_tokenizer, write_jsonl
+
+
+def _encode(tok, rows, max_source_tokens=64):
+    import datasets
+
+    fmt = PromptFormat.for_tokenizer(tok, "Summarize the following text.")
+    return fmt, tokenize(datasets.Dataset.from_list(rows), tok, fmt, max_source_tokens)
+
+
+@pytest.mark.parametrize("chat", [False, True])
+@pytest.mark.parametrize("pad_is_eos", [False, True])
+def test_labels_cover_summary_and_eos_only(chat, pad_is_eos):
+    tok = make_tokenizer(chat=chat, pad_is_eos=pad_is_eos)
+    rows = make_rows(3)
+    fmt, ds = _encode(tok, rows)
+    batch = Collator(pad_id=tok.pad_token_id)([ds[i] for i in range(3)])
+    for i, row in enumerate(rows):
+        summary = tok(row["summary"], add_special_tokens=False)["input_ids"]
+        n_prompt, n = ds[i]["prompt_len"], len(ds[i]["input_ids"])
+        labels = batch["labels"][i]
+        assert (labels[:n_prompt] == IGNORE_INDEX).all()
+        assert labels[n_prompt:n].tolist() == summary + [tok.eos_token_id]
+        assert (labels[n:] == IGNORE_INDEX).all()
+        assert batch["attention_mask"][i, :n].all() and not batch["attention_mask"][i, n:].any()
+    if pad_is_eos:  # the real EOS survives even though padding uses the same id
+        assert (batch["labels"] == tok.eos_token_id).sum() == 3
+
+
+def test_chat_template_wraps_the_document():
+    tok = make_tokenizer(chat=True)
+    fmt, ds = _encode(tok, make_rows(1))
+    text = tok.decode(ds[0]["input_ids"][:ds[0]["prompt_len"]])
+    assert text.startswith("<|user|>") and text.rstrip().endswith("<|assistant|>")
+
+
+def test_truncation_cuts_the_document_never_the_summary(caplog):
+    tok = make_tokenizer()
+    rows = make_rows(4)
+    with caplog.at_level("INFO", logger="peftune"):
+        fmt, ds = _encode(tok, rows, max_source_tokens=5)
+    assert "truncated 4 of 4 documents" in caplog.text
+    for i, row in enumerate(rows):
+        summary = tok(row["summary"], add_special_tokens=False)["input_ids"]
+        ids, n_prompt = ds[i]["input_ids"], ds[i]["prompt_len"]
+        assert n_prompt == len(fmt.prefix) + 5 + len(fmt.suffix)
+        assert ids[n_prompt:] == summary + [tok.eos_token_id]
+
+
+def test_left_padding_for_generation():
+    batch = Collator(pad_id=0, padding_side="left")([{"input_ids": [5, 6, 7]},
+                                                     {"input_ids": [8]}])
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert Collator(pad_id=0, pad_to_multiple_of=8)([{"input_ids": [1]}])["input_ids"].shape \
+        == torch.Size([1, 8])
+
+
+def test_local_folder_and_single_file(tmp_path, tiny_data_dir):
+    splits = load_splits(DataConfig(source=str(tiny_data_dir)))
+    assert {k: len(v) for k, v in splits.items()} == {"train": 12, "validation": 4, "test": 4}
+    single = write_jsonl(tmp_path / "all.jsonl", make_rows(30))
+    splits = load_splits(DataConfig(source=str(single)))
+    assert sorted(len(v) for v in splits.values()) == [3, 3, 24]
+
+
+def test_csv_and_parquet_with_renamed_columns(tmp_path):
+    import pandas as pd
+
+    frame = pd.DataFrame(make_rows(20)).rename(columns={"document": "article",
+                                                        "summary": "highlights"})
+    frame.to_csv(tmp_path / "d.csv", index=False)
+    frame.to_parquet(tmp_path / "d.parquet")
+    for name in ("d.csv", "d.parquet"):
+        cfg = DataConfig(source=str(tmp_path / name), document_column="article",
+                         summary_column="highlights", id_column="id")
+        splits = load_splits(cfg)
+        assert set(splits["train"].column_names) == {"id", "document", "summary"}
+
+
+def test_embedded_aclsum_splits():
+    splits = load_splits(DataConfig())
+    assert {k: len(v) for k, v in splits.items()} == {"train": 100, "validation": 50,
+                                                      "test": 100}
+    row = splits["test"][0]
+    assert " ." not in row["document"] and row["summary"].count(". ") >= 2
+
+
+@pytest.mark.parametrize("rows,kwargs,message", [
+    ([{"text": "a", "summary": "b"}], {}, "no column 'document'"),
+    ([{"document": "", "summary": "b"}] * 12, {}, "row 0 has an empty or non-text 'document'"),
+])
+def test_bad_rows_name_the_culprit(tmp_path, rows, kwargs, message):
+    path = write_jsonl(tmp_path / "bad.jsonl", rows * 12 if len(rows) == 1 else rows)
+    with pytest.raises(DataError, match=message):
+        load_splits(DataConfig(source=str(path), **kwargs))
+
+
+def test_empty_file_and_missing_path(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(DataError, match="empty"):
+        load_splits(DataConfig(source=str(tmp_path / "empty.jsonl")))
+    with pytest.raises(DataError, match="not found"):
+        load_splits(DataConfig(source=str(tmp_path / "nope.jsonl")))
