@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 from typing import Any
 
 from peftune import commands
@@ -18,6 +19,7 @@ from peftune.errors import PeftuneError
 CONFIG_COMMANDS = {
     "train": "fine-tune a base model with a PEFT method and save the adapter",
     "evaluate": "generate summaries for a held-out split and score them with ROUGE",
+    "search": "search methods and hyperparameters with Optuna, then retrain the best",
 }
 
 
@@ -65,6 +67,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--input", help="a text file, or a .jsonl file with a 'document' field")
     p.add_argument("--max-new-tokens", type=int, default=128, help="(default: 128)")
     sub.add_parser("methods", help="list the PEFT methods and their default options")
+    p = sub.add_parser("report", help="HTML report and plots of a search run",
+                       description="HTML report and plots of a search run")
+    p.add_argument("run_dir", help="the search's output_dir")
     return top
 
 
@@ -74,6 +79,11 @@ def _setup_logging(quiet: bool) -> None:
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     logging.getLogger("peftune").setLevel(logging.WARNING if quiet else logging.INFO)
+    import optuna
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    optuna.logging.set_verbosity(optuna.logging.WARNING if quiet else optuna.logging.INFO)
     transformers.logging.set_verbosity_error()
     datasets.logging.set_verbosity_error()
     if quiet:
@@ -94,6 +104,11 @@ def main(argv: list[str] | None = None) -> int:
         elif ns.command == "summarize":
             commands.summarize(ns.adapter, text=ns.text, input_file=ns.input,
                                max_new_tokens=ns.max_new_tokens)
+        elif ns.command == "search":
+            commands.search(build_config(ns), argv=list(argv if argv is not None
+                                                        else sys.argv[1:]))
+        elif ns.command == "report":
+            commands.report(ns.run_dir)
         elif ns.command == "methods":
             commands.methods()
     except PeftuneError as err:

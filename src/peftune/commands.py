@@ -13,7 +13,7 @@ from peftune import models
 from peftune import train as training
 from peftune.config import Config, config_from_dict, load_yaml
 from peftune.errors import ModelError, PeftuneError
-from peftune.evaluate import generate, prompts_of, score
+from peftune.evaluate import generate, score
 from peftune.methods import registry
 
 
@@ -148,4 +148,29 @@ def methods() -> None:
                 print(f"    --{key:<24} {default!s:<10} {text}")
 
 
-__all__ = ["evaluate", "find_adapter", "methods", "prompts_of", "summarize", "train"]
+
+
+def search(cfg: Config, *, argv: list[str] | None = None) -> None:
+    from peftune import report as reporting
+    from peftune import search as searching
+
+    study, final = searching.run(cfg, argv=argv)
+    states = [t.state.name.lower() for t in study.trials]
+    print(f"\nstudy '{study.study_name}': {len(states)} trials ("
+          + ", ".join(f"{states.count(s)} {s}" for s in sorted(set(states))) + ")")
+    if final is not None:
+        best = final["config"]
+        print(f"best (trial {final['trial']}): method {best.method}, "
+              f"learning_rate {best.train.learning_rate:.2e}, batch {best.train.batch_size}, "
+              f"epochs {best.train.epochs:g}, {best.method_options}")
+        print_rouge({best.method: final["test"]}, title="final model on the test split")
+        print(f"adapter: {final['adapter']}\nconfig:  {Path(cfg.output_dir) / 'best.yaml'}")
+    html = reporting.write(Path(cfg.output_dir))
+    print(f"report:  {html}")
+    print(f"next:    peftune summarize {Path(cfg.output_dir) / 'final'} \"text ...\"")
+
+
+def report(run_dir: str) -> None:
+    from peftune import report as reporting
+
+    print(reporting.write(Path(run_dir)))

@@ -73,6 +73,8 @@ class TrainConfig:
     max_grad_norm: float = _help("gradient clipping norm", 1.0)
     precision: str = _help("auto (bf16 where the hardware has it), bf16, fp16 or fp32", "auto")
     eval_each_epoch: bool = _help("compute validation loss after every epoch", True)
+    eval_steps: int | None = _help("compute validation loss every N steps instead", None)
+    save_checkpoints: bool = _help("write resumable checkpoints during training", True)
     save_total_limit: int = _help("checkpoints kept on disk", 2)
     save_steps: int | None = _help("checkpoint every N steps (default: every epoch)", None)
     resume: bool = _help("resume from the last checkpoint in output_dir if there is one", True)
@@ -105,6 +107,71 @@ class EvalConfig:
 
 
 @dataclass
+class SpaceConfig:
+    """Training hyperparameters searched for every method (each method adds its own)."""
+
+    learning_rate: list[float] = _help("log-uniform range [low, high]", [1e-5, 1e-3])
+    batch_size: list[int] = _help("effective batch sizes to choose from", [4, 8, 16, 32])
+    epochs: list[float] = _help("epoch counts to choose from", [1.0, 2.0])
+    warmup_ratio: list[float] = _help("uniform range [low, high]", [0.0, 0.1])
+    weight_decay: list[float] = _help("uniform range [low, high]", [0.0, 0.1])
+
+    def __post_init__(self) -> None:
+        for name in ("learning_rate", "warmup_ratio", "weight_decay"):
+            values = getattr(self, name)
+            if len(values) != 2 or values[0] > values[1]:
+                raise ConfigError(f"search.space.{name} must be [low, high], got {values}")
+        if self.learning_rate[0] <= 0:
+            raise ConfigError("search.space.learning_rate must be > 0")
+        for name in ("batch_size", "epochs"):
+            if not getattr(self, name) or min(getattr(self, name)) <= 0:
+                raise ConfigError(f"search.space.{name} must be a non-empty list of values > 0")
+
+
+METRICS = ("rougeL", "rouge1", "rouge2", "rougeLsum", "eval_loss")
+
+
+@dataclass
+class SearchConfig:
+    n_trials: int = _help("total trials in the study (a rerun tops it up to this)", 20)
+    methods: list[str] = _help("methods to choose from (a categorical parameter)", ["lora"])
+    metric: str = _help("objective on the validation split: rougeL, rouge1, rouge2, "
+                        "rougeLsum or eval_loss", "rougeL")
+    second_objective: str | None = _help("multi-objective: also minimize 'trainable_params' "
+                                         "or 'train_time' (Pareto front)", None)
+    storage: str | None = _help("Optuna storage URL (default: sqlite in output_dir); "
+                                "'journal' for a journal file", None)
+    study_name: str | None = _help("study name (default: the output_dir name)", None)
+    sampler: str = _help("tpe (multivariate, seeded) or random", "tpe")
+    pruner: str = _help("hyperband, median or none", "hyperband")
+    eval_examples: int = _help("validation rows scored with ROUGE per trial", 16)
+    intermediate_steps: int = _help("report validation loss to the pruner every N steps", 4)
+    workers: int = _help("local worker processes sharing the study", 1)
+    heartbeat_seconds: int = _help("trial heartbeat; a trial silent for 4x this long is "
+                                   "failed and retried", 10)
+    final: bool = _help("retrain the best configuration and score it on the test split", True)
+    final_on: str = _help("data for the final model: train or train+validation", "train")
+    space: SpaceConfig = field(default_factory=SpaceConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("n_trials", "eval_examples", "intermediate_steps", "workers",
+                     "heartbeat_seconds"):
+            _positive(self, name, "search")
+        _choice(self, "metric", METRICS, "search")
+        _choice(self, "sampler", ("tpe", "random"), "search")
+        _choice(self, "pruner", ("hyperband", "median", "none"), "search")
+        _choice(self, "final_on", ("train", "train+validation"), "search")
+        if self.second_objective is not None:
+            _choice(self, "second_objective", ("trainable_params", "train_time"), "search")
+        if not self.methods:
+            raise ConfigError("search.methods must name at least one method")
+        from peftune.methods import get_method
+
+        for name in self.methods:
+            get_method(name)
+
+
+@dataclass
 class Config:
     output_dir: str = _help("run directory: config, adapter, metrics, checkpoints", "runs/default")
     seed: int = _help("seed for data order, initialisation and sampling", 42)
@@ -113,6 +180,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
     methods: dict[str, Any] = field(default_factory=dict)
     """Options of every PEFT method, by method name (YAML: a top-level key per method)."""
 
@@ -245,7 +313,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         line = getattr(getattr(err, "problem_mark", None), "line", None)
         where = f" (line {line + 1})" if line is not None else ""
-        raise ConfigError(f"invalid YAML in {path}{where}: {getattr(err, 'problem', err)}") from None
+        problem = getattr(err, "problem", err)
+        raise ConfigError(f"invalid YAML in {path}{where}: {problem}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -168,7 +168,7 @@ def _standardise(ds: datasets.Dataset, role: str, source: str,
         raise DataError(f"{source}: the {role} split is empty")
     docs, sums = ds[doc_col], ds[sum_col]
     ids = [str(i) for i in ds[id_col]] if id_col else [str(i) for i in range(len(ds))]
-    for i, (doc, summ) in enumerate(zip(docs, sums)):
+    for i, (doc, summ) in enumerate(zip(docs, sums, strict=False)):
         for value, col in ((doc, doc_col), (summ, sum_col)):
             if not isinstance(value, str) or not value.strip():
                 raise DataError(f"{source} ({role} split): row {i} has an empty or non-text "
@@ -223,7 +223,7 @@ def tokenize(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, fmt: Prom
         sums = tokenizer(batch["summary"], add_special_tokens=False)["input_ids"]
         out: dict[str, list[Any]] = {"input_ids": [], "labels": [], "prompt_len": [],
                                      "truncated": []}
-        for doc, summ in zip(docs, sums):
+        for doc, summ in zip(docs, sums, strict=False):
             prompt = fmt.prompt(doc, max_source_tokens)
             target = [*summ, fmt.eos]
             if fmt.seq2seq:

@@ -75,7 +75,8 @@ def generate(model: Any, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[l
         with autocast(precision, device):
             out = model.generate(**batch, generation_config=gen_config)
         new = out if encoder_decoder else out[:, batch["input_ids"].shape[1]:]
-        for i, text in zip(idx, tokenizer.batch_decode(new, skip_special_tokens=True)):
+        texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+        for i, text in zip(idx, texts, strict=True):
             outputs[i] = text.strip()
         bar.update(len(idx))
     bar.close()
@@ -84,7 +85,7 @@ def generate(model: Any, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[l
 
 def prompts_of(ds: Any) -> list[list[int]]:
     """The prompt part of each tokenized example (everything before the summary)."""
-    return [ids[:n] for ids, n in zip(ds["input_ids"], ds["prompt_len"])]
+    return [ids[:n] for ids, n in zip(ds["input_ids"], ds["prompt_len"], strict=False)]
 
 
 def score(model: Any, tokenizer: PreTrainedTokenizerBase, ds: Any, *, out_dir: Path | None,
@@ -105,6 +106,6 @@ def write_outputs(out_dir: Path, tag: str, ds: Any, preds: list[str],
                   metrics: dict[str, float]) -> None:
     name = "predictions.jsonl" if tag == "test" else f"predictions_{tag}.jsonl"
     lines = [json.dumps({"id": i, "prediction": p, "reference": r}) + "\n"
-             for i, p, r in zip(ds["id"], preds, ds["summary"])]
+             for i, p, r in zip(ds["id"], preds, ds["summary"], strict=False)]
     atomic_write(out_dir / name, "".join(lines))
     update_metrics(out_dir, tag, metrics)

@@ -14,12 +14,19 @@ from typing import Any
 import datasets
 import torch
 from peft import PeftModel, get_peft_model
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
+from transformers import (
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
 from transformers.trainer_utils import get_last_checkpoint
 
 from peftune import models
 from peftune.config import Config, save_yaml
 from peftune.data import Collator, PromptFormat, load_splits, tokenize
+from peftune.errors import ConfigError, PeftuneError
 from peftune.methods import get_method
 from peftune.rundir import update_metrics
 
@@ -53,8 +60,6 @@ def wrap(base: PreTrainedModel, cfg: Config) -> PeftModel:
     method = get_method(cfg.method)
     info = models.model_info(base)
     if info.is_encoder_decoder and not method.seq2seq:
-        from peftune.errors import ConfigError
-
         raise ConfigError(f"method '{method.name}' does not support encoder-decoder models")
     torch.manual_seed(cfg.seed)
     return get_peft_model(base, method.build(cfg.method_options, info))
@@ -74,7 +79,9 @@ def training_args(cfg: Config, *, output_dir: Path, has_eval: bool) -> TrainingA
                 else 1)
     accumulation = max(1, t.batch_size // (t.micro_batch_size * world))
     precision = resolve_precision(t.precision)
-    per_epoch = "epoch" if t.save_steps is None else "steps"
+    save = "no" if not t.save_checkpoints else "epoch" if t.save_steps is None else "steps"
+    evaluate = "no" if not has_eval else "steps" if t.eval_steps else \
+        "epoch" if t.eval_each_epoch else "no"
     return TrainingArguments(
         output_dir=str(output_dir),
         per_device_train_batch_size=t.micro_batch_size,
@@ -89,8 +96,9 @@ def training_args(cfg: Config, *, output_dir: Path, has_eval: bool) -> TrainingA
         max_grad_norm=t.max_grad_norm,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
-        eval_strategy="epoch" if (t.eval_each_epoch and has_eval) else "no",
-        save_strategy=per_epoch,
+        eval_strategy=evaluate,
+        eval_steps=t.eval_steps,
+        save_strategy=save,
         save_steps=t.save_steps or 500,
         save_total_limit=t.save_total_limit,
         logging_steps=t.logging_steps,
@@ -128,6 +136,62 @@ class TrainResult:
     metrics: dict[str, Any]
 
 
+class Diverged(PeftuneError):
+    """The loss became NaN or infinite."""
+
+
+class StopOnDivergence(TrainerCallback):
+    """Stops training when the loss is NaN/inf or the gradient norm explodes.
+
+    Explosion is a pre-clipping gradient norm ``EXPLODE_FACTOR`` times the first one
+    logged: clipping hides it from the loss for a while, and no healthy run gets there.
+    """
+
+    EXPLODE_FACTOR = 1e4
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self.first_grad_norm: float | None = None
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None,
+               **kwargs: Any) -> None:
+        logs = logs or {}
+        for key in ("loss", "eval_loss", "grad_norm"):
+            value = logs.get(key)
+            if value is not None and not math.isfinite(value):
+                self.reason = f"{key} became {value} at step {state.global_step}"
+        norm = logs.get("grad_norm")
+        if norm is not None and math.isfinite(norm):
+            if self.first_grad_norm is None:
+                self.first_grad_norm = max(norm, 1e-8)
+            elif norm > self.EXPLODE_FACTOR * self.first_grad_norm:
+                self.reason = (f"gradient norm exploded to {norm:.3g} at step "
+                               f"{state.global_step} (first: {self.first_grad_norm:.3g})")
+        if self.reason:
+            control.should_training_stop = True
+
+
+def fit(cfg: Config, model: PeftModel, data: Prepared, *, output_dir: Path,
+        callbacks: list[Any] | None = None, resume: bool = False) -> dict[str, Any]:
+    """Train an already wrapped model; return the Trainer's metrics plus the last eval loss."""
+    guard = StopOnDivergence()
+    trainer = build_trainer(cfg, model, data, output_dir=output_dir,
+                            callbacks=[guard, *(callbacks or [])])
+    checkpoint = get_last_checkpoint(str(output_dir)) if resume and output_dir.is_dir() \
+        else None
+    if checkpoint:
+        log.info("resuming from %s", checkpoint)
+    metrics: dict[str, Any] = dict(trainer.train(resume_from_checkpoint=checkpoint).metrics)
+    if guard.reason or not math.isfinite(metrics.get("train_loss", 0.0)):
+        raise Diverged(f"training diverged ({guard.reason or 'non-finite loss'}); lower "
+                       "train.learning_rate; no adapter was saved")
+    metrics["trainable_parameters"] = model.get_nb_trainable_parameters()[0]
+    evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
+    if evals:
+        metrics["eval_loss"] = evals[-1]
+    return metrics
+
+
 def run(cfg: Config, *, base: PreTrainedModel | None = None, data: Prepared | None = None,
         callbacks: list[Any] | None = None) -> TrainResult:
     """Train ``cfg.method`` on ``cfg.data`` and save the adapter under ``cfg.output_dir``."""
@@ -143,22 +207,8 @@ def run(cfg: Config, *, base: PreTrainedModel | None = None, data: Prepared | No
     trainable, total = model.get_nb_trainable_parameters()
     log.info("%s: %s trainable parameters of %s (%.3f%%)", cfg.method, f"{trainable:,}",
              f"{total:,}", 100 * trainable / total)
-    ckpt_dir = out / "checkpoints"
-    trainer = build_trainer(cfg, model, data, output_dir=ckpt_dir, callbacks=callbacks)
-    resume = get_last_checkpoint(str(ckpt_dir)) if cfg.train.resume and ckpt_dir.is_dir() \
-        else None
-    if resume:
-        log.info("resuming from %s", resume)
-    result = trainer.train(resume_from_checkpoint=resume)
-    metrics: dict[str, Any] = dict(result.metrics)
-    metrics["trainable_parameters"] = trainable
-    evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
-    if evals:
-        metrics["eval_loss"] = evals[-1]
-    if not math.isfinite(metrics.get("train_loss", 0.0)):
-        from peftune.errors import PeftuneError
-
-        raise PeftuneError(f"training diverged (loss {metrics['train_loss']}); no adapter saved")
+    metrics = fit(cfg, model, data, output_dir=out / "checkpoints", callbacks=callbacks,
+                  resume=cfg.train.resume)
     adapter_dir = save_adapter(model, data.tokenizer, cfg, out / "adapter")
     update_metrics(out, "train", metrics)
     return TrainResult(model=model, adapter_dir=adapter_dir, metrics=metrics)

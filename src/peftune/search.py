@@ -1,0 +1,309 @@
+"""Optuna search over PEFT methods and hyperparameters, then a final retrain of the best.
+
+Run it with ``peftune search --config configs/aclsum-smollm2-search.yaml``. The base model
+and the tokenized data are loaded once per worker; each trial wraps the base with a fresh
+adapter and removes it afterwards. The study lives in ``OUTPUT_DIR/study.db`` (SQLite) unless
+``search.storage`` names another Optuna storage; running the command again resumes the
+study and tops it up to ``search.n_trials``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.storages import RDBStorage, RetryFailedTrialCallback
+from optuna.trial import TrialState
+from transformers import PreTrainedModel, TrainerCallback
+
+from peftune import models
+from peftune import train as training
+from peftune.config import Config, SearchConfig, save_yaml
+from peftune.errors import ConfigError
+from peftune.evaluate import score
+from peftune.methods import get_method
+
+log = logging.getLogger(__name__)
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+# ---------------------------------------------------------------- search space
+
+def suggest(trial: optuna.trial.BaseTrial, cfg: Config) -> Config:
+    """Draw one configuration: shared training parameters, the method, then its own options.
+
+    Only the chosen method's parameters are drawn, so the space is conditional.
+    """
+    space = cfg.search.space
+    name = trial.suggest_categorical("method", cfg.search.methods)
+    batch = trial.suggest_categorical("batch_size", space.batch_size)
+    micro = math.gcd(batch, cfg.train.micro_batch_size)
+    train = replace(
+        cfg.train,
+        learning_rate=trial.suggest_float("learning_rate", *space.learning_rate, log=True),
+        batch_size=batch,
+        micro_batch_size=micro,
+        epochs=trial.suggest_categorical("epochs", space.epochs),
+        warmup_ratio=trial.suggest_float("warmup_ratio", *space.warmup_ratio),
+        weight_decay=trial.suggest_float("weight_decay", *space.weight_decay),
+    )
+    method = get_method(name)
+    options = replace(cfg.methods[name], **method.search_space(trial))
+    new = copy.deepcopy(cfg)
+    new.method, new.train = name, train
+    new.methods[name] = options
+    return new
+
+
+# ---------------------------------------------------------------- study
+
+def storage_for(cfg: Config) -> optuna.storages.BaseStorage:
+    url = cfg.search.storage
+    run_dir = Path(cfg.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if url == "journal":
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        return JournalStorage(JournalFileBackend(str(run_dir / "study.journal")))
+    url = url or f"sqlite:///{run_dir.resolve() / 'study.db'}"
+    kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    try:
+        # Heartbeats let a crashed worker's trial be marked failed and retried.
+        beat = cfg.search.heartbeat_seconds
+        return RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=beat,
+                          grace_period=4 * beat,
+                          failed_trial_callback=RetryFailedTrialCallback(max_retry=2))
+    except Exception as err:  # SQLAlchemy raises driver-specific errors
+        raise ConfigError(f"search.storage: cannot open {url}: {str(err).splitlines()[0]}") \
+            from None
+
+
+def directions(search: SearchConfig) -> list[str]:
+    first = "minimize" if search.metric == "eval_loss" else "maximize"
+    return [first] + (["minimize"] if search.second_objective else [])
+
+
+def create_study(cfg: Config) -> optuna.Study:
+    search = cfg.search
+    if search.sampler == "tpe":
+        sampler: optuna.samplers.BaseSampler = optuna.samplers.TPESampler(
+            seed=cfg.seed, multivariate=True, group=True, n_startup_trials=min(
+                5, max(1, search.n_trials // 3)))
+    else:
+        sampler = optuna.samplers.RandomSampler(seed=cfg.seed)
+    pruner: optuna.pruners.BasePruner = {
+        "hyperband": optuna.pruners.HyperbandPruner(min_resource=1, reduction_factor=3),
+        "median": optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1),
+        "none": optuna.pruners.NopPruner(),
+    }[search.pruner if not search.second_objective else "none"]
+    name = search.study_name or Path(cfg.output_dir).resolve().name
+    study = optuna.create_study(study_name=name, storage=storage_for(cfg), sampler=sampler,
+                                pruner=pruner, directions=directions(search),
+                                load_if_exists=True)
+    _check_same_question(study, cfg)
+    return study
+
+
+def _signature(cfg: Config) -> dict[str, Any]:
+    """What makes trials comparable: a resumed study must ask the same question."""
+    s = cfg.search
+    return {"metric": s.metric, "second_objective": s.second_objective,
+            "methods": sorted(s.methods), "space": dataclasses.asdict(s.space),
+            "data": cfg.data.source, "model": cfg.model.name}
+
+
+def _check_same_question(study: optuna.Study, cfg: Config) -> None:
+    mine = _signature(cfg)
+    stored = study.user_attrs.get("peftune")
+    if stored is None:
+        study.set_user_attr("peftune", mine)
+        study.set_metric_names([mine["metric"]] + ([mine["second_objective"]]
+                                                   if mine["second_objective"] else []))
+        return
+    diff = [key for key in mine if stored.get(key) != mine[key]]
+    if diff:
+        raise ConfigError(
+            f"study '{study.study_name}' was created with a different {', '.join(diff)} "
+            f"({', '.join(f'{k}={stored.get(k)!r}' for k in diff)}); use a new "
+            "output_dir or search.study_name instead of mixing incomparable trials")
+
+
+def count(study: optuna.Study, states: tuple[TrialState, ...]) -> int:
+    return len(study.get_trials(deepcopy=False, states=states))
+
+
+# ---------------------------------------------------------------- one trial
+
+class ReportToTrial(TrainerCallback):
+    """Sends validation loss to Optuna as the intermediate value and stops pruned trials.
+
+    The loss is negated when the study maximizes ROUGE, so the pruner compares in the
+    direction of the objective.
+    """
+
+    def __init__(self, trial: optuna.Trial, *, sign: float) -> None:
+        self.trial, self.sign, self.pruned = trial, sign, False
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict | None = None,
+                    **kwargs: Any) -> None:
+        loss = (metrics or {}).get("eval_loss")
+        if loss is None or not math.isfinite(loss):
+            return
+        self.trial.report(self.sign * loss, step=state.global_step)
+        if self.trial.should_prune():
+            self.pruned = True
+            control.should_training_stop = True
+
+
+def unwrap(model: Any) -> PreTrainedModel:
+    """Remove the adapter, returning the untouched base model for the next trial."""
+    inner = model.base_model
+    return inner.unload() if hasattr(inner, "unload") else model.get_base_model()
+
+
+class Objective:
+    """Trains and scores one configuration on a base model loaded once per worker."""
+
+    def __init__(self, cfg: Config, base: PreTrainedModel, data: training.Prepared) -> None:
+        self.cfg, self.base, self.data = cfg, base, data
+        self.keys = set(base.state_dict())
+        self.eval_ds = data.splits["validation"].select(
+            range(min(cfg.search.eval_examples, len(data.splits["validation"]))))
+
+    def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
+        cfg = suggest(trial, self.cfg)
+        cfg.output_dir = str(Path(self.cfg.output_dir) / "trials" / f"trial-{trial.number:04d}")
+        cfg.train = replace(cfg.train, eval_steps=self.cfg.search.intermediate_steps,
+                            save_checkpoints=False, report_to=self.cfg.train.report_to)
+        trial.set_user_attr("config", cfg.to_dict())
+        model = training.wrap(self.base, cfg)
+        try:
+            return self._train_and_score(trial, cfg, model)
+        finally:
+            self.base = unwrap(model)
+            if set(self.base.state_dict()) != self.keys:
+                raise RuntimeError("adapter removal left modules behind in the base model")
+
+    def _train_and_score(self, trial: optuna.Trial, cfg: Config, model: Any) -> Any:
+        search = self.cfg.search
+        reporter = ReportToTrial(trial, sign=-1.0 if directions(search)[0] == "maximize" else 1)
+        start = time.perf_counter()
+        try:
+            metrics = training.fit(cfg, model, self.data, output_dir=Path(cfg.output_dir),
+                                   callbacks=[] if search.second_objective else [reporter])
+        except training.Diverged as err:
+            trial.set_user_attr("reason", str(err))
+            raise optuna.TrialPruned(str(err)) from None
+        if reporter.pruned:
+            raise optuna.TrialPruned(f"pruned at step {trial.last_step}")
+        rouge = score(model, self.data.tokenizer, self.eval_ds, out_dir=None, tag="trial",
+                      batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
+                      precision=training.resolve_precision(cfg.train.precision))
+        values = {**rouge, "eval_loss": metrics.get("eval_loss", math.nan),
+                  "trainable_params": metrics["trainable_parameters"],
+                  "train_time": time.perf_counter() - start}
+        for key, value in values.items():
+            trial.set_user_attr(key, value)
+        first = values[search.metric]
+        return (first, values[search.second_objective]) if search.second_objective else first
+
+
+# ---------------------------------------------------------------- driver
+
+def optimize(cfg: Config, study: optuna.Study, objective: Objective) -> None:
+    """Run trials until the study holds ``n_trials`` finished ones, sharing with other workers.
+
+    A trial still RUNNING elsewhere counts; if its worker died, its heartbeat stops, Optuna
+    marks it failed after the grace period and the retry callback queues it again.
+    """
+    target = cfg.search.n_trials
+    while True:
+        finished = count(study, FINISHED)
+        running = count(study, (TrialState.RUNNING,))
+        if finished >= target:
+            return
+        if finished + running >= target:
+            time.sleep(cfg.search.heartbeat_seconds)  # wait for running trials to finish or go stale
+            if isinstance(study._storage, RDBStorage):
+                optuna.storages.fail_stale_trials(study)
+            continue
+        study.optimize(objective, n_trials=1, gc_after_trial=True)
+
+
+def load_for_search(cfg: Config) -> tuple[PreTrainedModel, training.Prepared]:
+    tokenizer = models.load_tokenizer(cfg.model)
+    data = training.prepare(cfg, tokenizer, seq2seq=models.is_seq2seq(cfg.model),
+                            roles=("train", "validation", "test"))
+    base = models.load_model(cfg.model, pad_token_id=tokenizer.pad_token_id)
+    return base, data
+
+
+def best_config(cfg: Config, study: optuna.Study) -> Config:
+    trials = study.best_trials if cfg.search.second_objective else [study.best_trial]
+    primary = directions(cfg.search)[0]
+    best = (max if primary == "maximize" else min)(trials, key=lambda t: t.values[0])
+    chosen = suggest(optuna.trial.FixedTrial(best.params), cfg)
+    chosen.output_dir = str(Path(cfg.output_dir) / "final")
+    chosen.train = replace(chosen.train, eval_steps=None)
+    return chosen
+
+
+def spawn_workers(argv: list[str], n: int) -> None:
+    """Start ``n`` local processes running the same search against the same study."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // n))}
+    procs = [subprocess.Popen([sys.executable, "-m", "peftune", *argv, "--search.workers", "1",
+                               "--search.final", "false"], env=env) for _ in range(n)]
+    codes = [p.wait() for p in procs]
+    if any(codes):
+        raise ConfigError(f"search worker(s) failed with exit codes {codes}")
+
+
+def finalize(cfg: Config, study: optuna.Study, base: PreTrainedModel,
+             data: training.Prepared) -> dict[str, Any]:
+    """Retrain the best configuration, score it once on the test split, write best.yaml."""
+    final = best_config(cfg, study)
+    save_yaml(final, Path(cfg.output_dir) / "best.yaml")
+    splits = dict(data.splits)
+    if cfg.search.final_on == "train+validation":
+        import datasets
+
+        splits["train"] = datasets.concatenate_datasets([splits["train"], splits["validation"]])
+    final_data = replace(data, splits=splits)
+    result = training.run(final, base=base, data=final_data)
+    metrics = score(result.model, data.tokenizer, data.splits["test"],
+                    out_dir=Path(final.output_dir), tag="test",
+                    batch_size=final.eval.batch_size, max_new_tokens=final.eval.max_new_tokens,
+                    precision=training.resolve_precision(final.train.precision))
+    return {"config": final, "test": metrics, "adapter": result.adapter_dir,
+            "trial": study.best_trials[0].number if cfg.search.second_objective
+            else study.best_trial.number}
+
+
+def run(cfg: Config, *, argv: list[str] | None = None) -> tuple[optuna.Study, dict | None]:
+    """The whole search: trials (here or in ``search.workers`` processes), then the final
+    model. Returns the study and the final model's summary (None when ``search.final`` is
+    off)."""
+    save_yaml(cfg, Path(cfg.output_dir) / "config.yaml")
+    study = create_study(cfg)
+    if cfg.search.workers > 1 and argv is not None:
+        spawn_workers(argv, cfg.search.workers)
+        base = data = None
+    else:
+        base, data = load_for_search(cfg)
+        optimize(cfg, study, Objective(cfg, base, data))
+    if not cfg.search.final:
+        return study, None
+    if base is None or data is None:
+        base, data = load_for_search(cfg)
+    return study, finalize(cfg, study, base, data)

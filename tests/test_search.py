@@ -1,0 +1,157 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import FixedTrial, TrialState
+
+from peftune import config_from_dict, load_yaml
+from peftune import search as searching
+from peftune.errors import ConfigError
+
+
+@pytest.fixture
+def search_cfg(tiny_cfg):
+    tiny_cfg["search"] = {"n_trials": 4, "eval_examples": 4, "intermediate_steps": 1,
+                          "heartbeat_seconds": 1}
+    return tiny_cfg
+
+
+def _fixed(**over):
+    params = {"method": "lora", "batch_size": 4, "learning_rate": 1e-3, "epochs": 1.0,
+              "warmup_ratio": 0.0, "weight_decay": 0.0, "lora.r": 8, "lora.alpha_over_r": 2,
+              "lora.dropout": 0.0, "lora.targets": "default"}
+    return {**params, **over}
+
+
+def test_space_is_conditional_and_fills_the_config(search_cfg):
+    cfg = config_from_dict(search_cfg)
+    drawn = searching.suggest(FixedTrial(_fixed(**{"lora.r": 16, "lora.targets": "attention",
+                                                   "batch_size": 8})), cfg)
+    assert drawn.method == "lora" and drawn.method_options.r == 16
+    assert drawn.method_options.alpha == 32 and drawn.method_options.target_modules == [
+        "attention"]
+    # effective batch 8 realised as micro-batches of 2 with accumulation
+    assert drawn.train.batch_size == 8 and drawn.train.micro_batch_size == 2
+    assert cfg.method_options.r == 8, "suggest must not mutate the base config"
+    study = optuna.create_study()
+    trial = study.ask()
+    searching.suggest(trial, cfg)
+    assert all(not k.startswith(("adalora.", "ia3.")) for k in trial.params)
+
+
+def test_bad_space_is_rejected():
+    with pytest.raises(ConfigError, match=r"search.space.learning_rate must be \[low, high\]"):
+        config_from_dict({"search": {"space": {"learning_rate": [1e-3, 1e-5]}}})
+    with pytest.raises(ConfigError, match="unknown method 'nope'"):
+        config_from_dict({"search": {"methods": ["lora", "nope"]}})
+
+
+def test_search_writes_best_config_final_adapter_and_report(search_cfg, tmp_path):
+    cfg = config_from_dict(search_cfg)
+    study, final = searching.run(cfg)
+    finished = study.get_trials(states=searching.FINISHED)
+    assert len(finished) == 4
+    run = tmp_path / "run"
+    best = config_from_dict(load_yaml(run / "best.yaml"))  # `peftune train` accepts it
+    assert best.train.learning_rate == pytest.approx(study.best_trial.params["learning_rate"])
+    assert (run / "final" / "adapter" / "adapter_model.safetensors").is_file()
+    assert 0 <= final["test"]["rougeL"] <= 100
+    from peftune import report
+
+    page = report.write(run).read_text()
+    assert "optimization history" in page and "data:image/png;base64," in page
+    assert page.count("<tr><td>") >= 4
+    # rerunning with the same total adds nothing
+    study2, _ = searching.run(config_from_dict({**search_cfg, "search": {
+        **search_cfg["search"], "final": False}}))
+    assert len(study2.trials) == len(study.trials)
+
+
+def test_absurd_learning_rate_is_pruned_with_a_reason(search_cfg):
+    search_cfg["search"].update(n_trials=1, final=False)
+    search_cfg["train"].update(max_grad_norm=1e9, max_steps=8)
+    cfg = config_from_dict(search_cfg)
+    study = searching.create_study(cfg)
+    study.enqueue_trial(_fixed(learning_rate=1e6))
+    searching.run(cfg)
+    trial = study.trials[0]
+    assert trial.state == TrialState.PRUNED
+    assert "diverged" in trial.user_attrs["reason"]
+
+
+def test_trial_scores_do_not_depend_on_earlier_trials(search_cfg):
+    search_cfg["search"].update(n_trials=3, final=False, pruner="none")
+    cfg = config_from_dict(search_cfg)
+    study = searching.create_study(cfg)
+    probe = _fixed(learning_rate=5e-3, **{"lora.dropout": 0.1})
+    study.enqueue_trial(probe)
+    study.enqueue_trial(_fixed(learning_rate=2e-2, **{"lora.r": 4, "lora.targets": "all-linear"}))
+    study.enqueue_trial(probe, skip_if_exists=False)
+    searching.run(cfg)
+    first, _, last = study.trials
+    assert first.params == last.params
+    for key in ("eval_loss", "rougeL", "rouge1"):
+        assert first.user_attrs[key] == pytest.approx(last.user_attrs[key], abs=1e-6)
+
+
+def test_resuming_with_another_metric_refuses(search_cfg):
+    searching.create_study(config_from_dict(search_cfg))
+    search_cfg["search"]["metric"] = "rouge2"
+    with pytest.raises(ConfigError, match="different metric"):
+        searching.create_study(config_from_dict(search_cfg))
+
+
+def _cli(cfg_path, *extra):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    return [sys.executable, "-m", "peftune", "-q", "search", "--config", str(cfg_path),
+            *extra], env
+
+
+def _study(cfg_dict):
+    cfg = config_from_dict(cfg_dict)
+    return searching.create_study(cfg)
+
+
+def test_two_workers_share_one_study_without_duplicates(search_cfg, tmp_path):
+    search_cfg["search"].update(n_trials=4, final=False)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(search_cfg))
+    cmd, env = _cli(path, "--search.workers", "2")
+    subprocess.run(cmd, env=env, check=True, timeout=300)
+    trials = _study(search_cfg).trials
+    done = [t for t in trials if t.state in searching.FINISHED]
+    assert len(done) == 4
+    assert len({t.number for t in done}) == 4
+    assert all(t.state != TrialState.RUNNING for t in trials)
+
+
+def test_killed_search_resumes_without_redoing_trials(search_cfg, tmp_path):
+    search_cfg["search"].update(n_trials=4, final=False)
+    search_cfg["train"]["max_steps"] = 6
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(search_cfg))
+    cmd, env = _cli(path)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        time.sleep(0.5)
+        if (tmp_path / "run" / "study.db").exists():
+            done = _study(search_cfg).get_trials(states=(TrialState.COMPLETE,))
+            if len(done) >= 2:
+                break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = {t.number: t.values for t in _study(search_cfg).get_trials(
+        states=(TrialState.COMPLETE,))}
+    assert len(before) >= 2
+    subprocess.run(cmd, env=env, check=True, timeout=300)
+    trials = _study(search_cfg).trials
+    after = {t.number: t.values for t in trials if t.state == TrialState.COMPLETE}
+    assert {n: after[n] for n in before} == before, "completed trials were redone"
+    assert len([t for t in trials if t.state in searching.FINISHED]) == 4
+    assert all(t.state != TrialState.RUNNING for t in trials)
