@@ -52,10 +52,13 @@ def test_bad_space_is_rejected():
 
 
 def test_search_writes_best_config_final_adapter_and_report(search_cfg, tmp_path):
+    search_cfg["search"].update(baselines=True, train_examples=8)
     cfg = config_from_dict(search_cfg)
     study, final = searching.run(cfg)
     finished = study.get_trials(states=searching.FINISHED)
     assert len(finished) == 4
+    assert set(final["baselines"]) == {"zero-shot", "default"}
+    assert final["baselines"]["default"] != final["baselines"]["zero-shot"]
     run = tmp_path / "run"
     best = config_from_dict(load_yaml(run / "best.yaml"))  # `peftune train` accepts it
     assert best.train.learning_rate == pytest.approx(study.best_trial.params["learning_rate"])

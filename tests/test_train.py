@@ -3,6 +3,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from peftune import config_from_dict
+from peftune.config import EvalConfig
 from peftune.data import Collator
 from peftune.evaluate import generate, prompts_of, rouge, split_sentences
 from peftune.train import run
@@ -58,8 +59,10 @@ def test_generation_strips_prompt_and_sorts_by_length(tiny_cfg):
     model, tok = models.load_base(ModelConfig(name=tiny_cfg["model"]["name"]))
     data = prepare(cfg, tok, seq2seq=False, roles=("test",))
     prompts = prompts_of(data.splits["test"])
-    batched = generate(model, tok, prompts, batch_size=3, max_new_tokens=5, progress=False)
-    single = [generate(model, tok, [p], batch_size=1, max_new_tokens=5, progress=False)[0]
+    settings = EvalConfig(batch_size=3, max_new_tokens=5)
+    batched = generate(model, tok, prompts, settings, progress=False)
+    one = EvalConfig(batch_size=1, max_new_tokens=5)
+    single = [generate(model, tok, [p], one, progress=False)[0]
               for p in prompts]
     assert batched == single  # left padding and re-ordering change nothing
     prompt_text = tok.decode(prompts[0], skip_special_tokens=True)

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from peft import PeftModel
 from transformers import TextStreamer
 
 from peftune import models
 from peftune import train as training
-from peftune.config import Config, config_from_dict, load_yaml
+from peftune.config import Config, EvalConfig, config_from_dict, load_yaml
 from peftune.errors import ModelError, PeftuneError
-from peftune.evaluate import generate, score
+from peftune.evaluate import generate, generation_config, score
 from peftune.methods import registry
 
 
@@ -51,16 +53,16 @@ def evaluate(cfg: Config, *, adapter: Path | None, split: str = "test") -> dict[
     data = training.prepare(cfg, tokenizer, seq2seq=base.config.is_encoder_decoder,
                             roles=(split,))
     ds = data.splits[split]
-    kw = dict(batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
-              num_beams=cfg.eval.num_beams,
-              precision=training.resolve_precision(cfg.train.precision))
+    kw = dict(precision=training.resolve_precision(cfg.train.precision))
     results: dict[str, dict] = {}
     if cfg.eval.zero_shot or adapter is None:
         tag = f"zero_shot_{split}" if adapter else split
-        results["zero-shot"] = score(base, tokenizer, ds, out_dir=out_dir, tag=tag, **kw)
+        results["zero-shot"] = score(base, tokenizer, ds, cfg.eval, out_dir=out_dir, tag=tag,
+                                     **kw)
     if adapter is not None:
         model = PeftModel.from_pretrained(base, str(adapter))
-        results[cfg.method] = score(model, tokenizer, ds, out_dir=out_dir, tag=split, **kw)
+        results[cfg.method] = score(model, tokenizer, ds, cfg.eval, out_dir=out_dir, tag=split,
+                                    **kw)
     print_rouge(results, title=f"ROUGE on {len(ds)} {split} examples of {cfg.data.source}")
     print(f"predictions and metrics: {out_dir}")
     return results
@@ -68,9 +70,9 @@ def evaluate(cfg: Config, *, adapter: Path | None, split: str = "test") -> dict[
 
 def print_rouge(results: dict[str, dict], *, title: str) -> None:
     print(f"\n{title}")
-    print(f"{'':<14}{'ROUGE-1':>9}{'ROUGE-2':>9}{'ROUGE-L':>9}{'ROUGE-Lsum':>11}")
+    print(f"{'':<20}{'ROUGE-1':>9}{'ROUGE-2':>9}{'ROUGE-L':>9}{'ROUGE-Lsum':>11}")
     for name, m in results.items():
-        print(f"{name:<14}{m['rouge1']:>9.2f}{m['rouge2']:>9.2f}{m['rougeL']:>9.2f}"
+        print(f"{name:<20}{m['rouge1']:>9.2f}{m['rouge2']:>9.2f}{m['rougeL']:>9.2f}"
               f"{m['rougeLsum']:>11.2f}")
 
 
@@ -113,25 +115,24 @@ def summarize(adapter_path: str, *, text: str | None = None, input_file: str | N
     ids = tokenizer(docs, add_special_tokens=False)["input_ids"]
     prompts = [fmt.prompt(doc, cfg.data.max_source_tokens) for doc in ids]
     precision = training.resolve_precision(cfg.train.precision)
+    settings = replace(cfg.eval, max_new_tokens=max_new_tokens)
     if len(prompts) == 1:
-        return [_stream(model, tokenizer, prompts[0], max_new_tokens)]
-    outputs = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                       precision=precision, batch_size=cfg.eval.batch_size)
+        return [_stream(model, tokenizer, prompts[0], settings)]
+    outputs = generate(model, tokenizer, prompts, settings, precision=precision)
     for out in outputs:
         print(out)
     return outputs
 
 
-def _stream(model: PeftModel, tokenizer, prompt: list[int], max_new_tokens: int) -> str:
+def _stream(model: PeftModel, tokenizer: Any, prompt: list[int], settings: EvalConfig) -> str:
     """Print tokens as they are generated (one document)."""
     import torch
 
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     model.eval()
     with torch.inference_mode():
-        out = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=max_new_tokens,
-                             do_sample=False, streamer=streamer,
-                             pad_token_id=tokenizer.pad_token_id)
+        out = model.generate(input_ids=torch.tensor([prompt]), streamer=streamer,
+                             generation_config=generation_config(settings, tokenizer))
     start = 0 if model.config.is_encoder_decoder else len(prompt)
     return tokenizer.decode(out[0, start:], skip_special_tokens=True).strip()
 
@@ -163,7 +164,9 @@ def search(cfg: Config, *, argv: list[str] | None = None) -> None:
         print(f"best (trial {final['trial']}): method {best.method}, "
               f"learning_rate {best.train.learning_rate:.2e}, batch {best.train.batch_size}, "
               f"epochs {best.train.epochs:g}, {best.method_options}")
-        print_rouge({best.method: final["test"]}, title="final model on the test split")
+        rows = {**final["baselines"], f"best ({best.method})": final["test"]}
+        print_rouge(rows, title="test split: zero-shot, default configuration and the best "
+                    "configuration" if final["baselines"] else "final model on the test split")
         print(f"adapter: {final['adapter']}\nconfig:  {Path(cfg.output_dir) / 'best.yaml'}")
     html = reporting.write(Path(cfg.output_dir))
     print(f"report:  {html}")

@@ -99,6 +99,9 @@ class EvalConfig:
     max_new_tokens: int = _help("generation length bound", 128)
     num_beams: int = _help("1 is greedy; more is beam search", 1)
     batch_size: int = _help("prompts per generation batch", 8)
+    no_repeat_ngram_size: int = _help("never repeat an n-gram of this size (0: off); stops "
+                                      "greedy loops in small models", 3)
+    repetition_penalty: float = _help("penalty for repeated tokens (1.0: off)", 1.0)
     zero_shot: bool = _help("`evaluate` also scores the base model without the adapter", False)
 
     def __post_init__(self) -> None:
@@ -149,7 +152,11 @@ class SearchConfig:
     workers: int = _help("local worker processes sharing the study", 1)
     heartbeat_seconds: int = _help("trial heartbeat; a trial silent for 4x this long is "
                                    "failed and retried", 10)
+    train_examples: int | None = _help("training rows per trial (a cheaper fidelity; the "
+                                       "final model uses all)", None)
     final: bool = _help("retrain the best configuration and score it on the test split", True)
+    baselines: bool = _help("also score zero-shot and the default configuration on the test "
+                            "split, trained like the final model", False)
     final_on: str = _help("data for the final model: train or train+validation", "train")
     space: SpaceConfig = field(default_factory=SpaceConfig)
 

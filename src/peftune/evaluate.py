@@ -18,6 +18,7 @@ from rouge_score import rouge_scorer
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
+from peftune.config import EvalConfig
 from peftune.data import Collator
 from peftune.rundir import atomic_write, update_metrics
 
@@ -55,21 +56,29 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
     return contextlib.nullcontext()
 
 
+def generation_config(settings: EvalConfig, tokenizer: PreTrainedTokenizerBase
+                      ) -> GenerationConfig:
+    return GenerationConfig(
+        max_new_tokens=settings.max_new_tokens, num_beams=settings.num_beams, do_sample=False,
+        no_repeat_ngram_size=settings.no_repeat_ngram_size,
+        repetition_penalty=settings.repetition_penalty,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+
+
 @torch.inference_mode()
-def generate(model: Any, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[list[int]], *,
-             batch_size: int = 8, max_new_tokens: int = 128, num_beams: int = 1,
-             precision: str = "fp32", progress: bool = True) -> list[str]:
+def generate(model: Any, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[list[int]],
+             settings: EvalConfig | None = None, *, precision: str = "fp32",
+             progress: bool = True) -> list[str]:
     """Greedy (or beam) continuations of token-id prompts, decoded without the prompt."""
+    settings = settings or EvalConfig()
     model.eval()
     device = next(model.parameters()).device
     collate = Collator(pad_id=tokenizer.pad_token_id, padding_side="left")
-    gen_config = GenerationConfig(
-        max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    gen_config = generation_config(settings, tokenizer)
     outputs: list[str] = [""] * len(prompts)
     encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
     bar = tqdm(total=len(prompts), desc="generating", disable=not progress, leave=False)
-    for idx in _batches(prompts, batch_size):
+    for idx in _batches(prompts, settings.batch_size):
         batch = collate([{"input_ids": prompts[i]} for i in idx])
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast(precision, device):
@@ -88,12 +97,10 @@ def prompts_of(ds: Any) -> list[list[int]]:
     return [ids[:n] for ids, n in zip(ds["input_ids"], ds["prompt_len"], strict=False)]
 
 
-def score(model: Any, tokenizer: PreTrainedTokenizerBase, ds: Any, *, out_dir: Path | None,
-          tag: str, batch_size: int = 8, max_new_tokens: int = 128, num_beams: int = 1,
-          precision: str = "fp32") -> dict[str, float]:
+def score(model: Any, tokenizer: PreTrainedTokenizerBase, ds: Any, settings: EvalConfig, *,
+          out_dir: Path | None, tag: str, precision: str = "fp32") -> dict[str, float]:
     """Generate for every row of a tokenized split, score it, and write the outputs."""
-    preds = generate(model, tokenizer, prompts_of(ds), batch_size=batch_size,
-                     max_new_tokens=max_new_tokens, num_beams=num_beams, precision=precision)
+    preds = generate(model, tokenizer, prompts_of(ds), settings, precision=precision)
     metrics: dict[str, float] = {**rouge(preds, ds["summary"]), "num_examples": len(preds)}
     metrics["mean_prediction_words"] = round(
         sum(len(p.split()) for p in preds) / max(1, len(preds)), 2)

@@ -176,7 +176,12 @@ class Objective:
     """Trains and scores one configuration on a base model loaded once per worker."""
 
     def __init__(self, cfg: Config, base: PreTrainedModel, data: training.Prepared) -> None:
-        self.cfg, self.base, self.data = cfg, base, data
+        self.cfg, self.base = cfg, base
+        n = cfg.search.train_examples
+        if n and n < len(data.splits["train"]):
+            subset = data.splits["train"].shuffle(seed=cfg.seed).select(range(n))
+            data = dataclasses.replace(data, splits={**data.splits, "train": subset})
+        self.data = data
         self.keys = set(base.state_dict())
         self.eval_ds = data.splits["validation"].select(
             range(min(cfg.search.eval_examples, len(data.splits["validation"]))))
@@ -207,9 +212,8 @@ class Objective:
             raise optuna.TrialPruned(str(err)) from None
         if reporter.pruned:
             raise optuna.TrialPruned(f"pruned at step {trial.last_step}")
-        rouge = score(model, self.data.tokenizer, self.eval_ds, out_dir=None, tag="trial",
-                      batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
-                      precision=training.resolve_precision(cfg.train.precision))
+        rouge = score(model, self.data.tokenizer, self.eval_ds, cfg.eval, out_dir=None,
+                      tag="trial", precision=training.resolve_precision(cfg.train.precision))
         values = {**rouge, "eval_loss": metrics.get("eval_loss", math.nan),
                   "trainable_params": metrics["trainable_parameters"],
                   "train_time": time.perf_counter() - start}
@@ -234,9 +238,9 @@ def optimize(cfg: Config, study: optuna.Study, objective: Objective) -> None:
         if finished >= target:
             return
         if finished + running >= target:
-            time.sleep(cfg.search.heartbeat_seconds)  # wait for running trials to finish or go stale
-            if isinstance(study._storage, RDBStorage):
-                optuna.storages.fail_stale_trials(study)
+            # others are running the last trials: wait for them to finish or go stale
+            time.sleep(cfg.search.heartbeat_seconds)
+            optuna.storages.fail_stale_trials(study)
             continue
         study.optimize(objective, n_trials=1, gc_after_trial=True)
 
@@ -269,25 +273,45 @@ def spawn_workers(argv: list[str], n: int) -> None:
         raise ConfigError(f"search worker(s) failed with exit codes {codes}")
 
 
+def _test_score(cfg: Config, model: Any, data: training.Prepared, out_dir: Path,
+                tag: str = "test") -> dict[str, float]:
+    return score(model, data.tokenizer, data.splits["test"], cfg.eval, out_dir=out_dir,
+                 tag=tag, precision=training.resolve_precision(cfg.train.precision))
+
+
+def _train_and_test(cfg: Config, base: PreTrainedModel,
+                    data: training.Prepared) -> tuple[dict[str, float], Path, PreTrainedModel]:
+    """Train on the final data, score on test; return metrics, adapter dir, the bare base."""
+    result = training.run(cfg, base=base, data=data)
+    metrics = _test_score(cfg, result.model, data, Path(cfg.output_dir))
+    return metrics, result.adapter_dir, unwrap(result.model)
+
+
 def finalize(cfg: Config, study: optuna.Study, base: PreTrainedModel,
              data: training.Prepared) -> dict[str, Any]:
-    """Retrain the best configuration, score it once on the test split, write best.yaml."""
+    """Retrain the best configuration, score it once on the test split, write best.yaml.
+
+    With ``search.baselines`` the zero-shot model and the default configuration are scored
+    on the same test rows, the default trained on the same data as the final model.
+    """
+    run_dir = Path(cfg.output_dir)
     final = best_config(cfg, study)
-    save_yaml(final, Path(cfg.output_dir) / "best.yaml")
-    splits = dict(data.splits)
+    save_yaml(final, run_dir / "best.yaml")
     if cfg.search.final_on == "train+validation":
         import datasets
 
-        splits["train"] = datasets.concatenate_datasets([splits["train"], splits["validation"]])
-    final_data = replace(data, splits=splits)
-    result = training.run(final, base=base, data=final_data)
-    metrics = score(result.model, data.tokenizer, data.splits["test"],
-                    out_dir=Path(final.output_dir), tag="test",
-                    batch_size=final.eval.batch_size, max_new_tokens=final.eval.max_new_tokens,
-                    precision=training.resolve_precision(final.train.precision))
-    return {"config": final, "test": metrics, "adapter": result.adapter_dir,
-            "trial": study.best_trials[0].number if cfg.search.second_objective
-            else study.best_trial.number}
+        joined = datasets.concatenate_datasets([data.splits["train"], data.splits["validation"]])
+        data = replace(data, splits={**data.splits, "train": joined})
+    out: dict[str, Any] = {"config": final, "baselines": {}}
+    if cfg.search.baselines:
+        out["baselines"]["zero-shot"] = _test_score(cfg, base, data, run_dir / "zero-shot")
+        default = copy.deepcopy(cfg)
+        default.output_dir = str(run_dir / "default")
+        out["baselines"]["default"], _, base = _train_and_test(default, base, data)
+    out["test"], out["adapter"], _ = _train_and_test(final, base, data)
+    out["trial"] = study.best_trials[0].number if cfg.search.second_objective \
+        else study.best_trial.number
+    return out
 
 
 def run(cfg: Config, *, argv: list[str] | None = None) -> tuple[optuna.Study, dict | None]:
