@@ -108,3 +108,17 @@ def test_empty_file_and_missing_path(tmp_path):
         load_splits(DataConfig(source=str(tmp_path / "empty.jsonl")))
     with pytest.raises(DataError, match="not found"):
         load_splits(DataConfig(source=str(tmp_path / "nope.jsonl")))
+
+
+def test_length_grouped_sampler_is_a_seeded_permutation_with_similar_lengths():
+    from peftune.data import LengthGroupedSampler
+
+    lengths = [(i * 37) % 101 for i in range(64)]
+    sampler = LengthGroupedSampler(lengths, 4, seed=1, window=4)
+    first = list(sampler)
+    assert sorted(first) == list(range(64)) and first == list(sampler)
+    sampler.set_epoch(1)
+    assert list(sampler) != first
+    spread = [max(lengths[i] for i in first[j:j + 4]) - min(lengths[i] for i in first[j:j + 4])
+              for j in range(0, 64, 4)]
+    assert sum(spread) / len(spread) < 20  # random batches of 4 would spread ~50

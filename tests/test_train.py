@@ -35,13 +35,13 @@ def _adapter_weights(run_dir):
 def test_resume_after_a_crash_matches_an_uninterrupted_run(tiny_cfg, tmp_path):
     import shutil
 
-    tiny_cfg["train"].update(max_steps=4, save_steps=1)
+    tiny_cfg["train"].update(max_steps=6, save_steps=1)
     tiny_cfg["lora"] = {"dropout": 0.0}
     run(config_from_dict(tiny_cfg))
     run_dir = tmp_path / "run"
     straight = _adapter_weights(run_dir)
-    # simulate a crash after step 3: the last checkpoint and the adapter never got written
-    shutil.rmtree(run_dir / "checkpoints" / "checkpoint-4")
+    # a crash after step 5 (in epoch 2): the last checkpoint and the adapter were never written
+    shutil.rmtree(run_dir / "checkpoints" / "checkpoint-6")
     shutil.rmtree(run_dir / "adapter")
     run(config_from_dict(tiny_cfg))
     resumed = _adapter_weights(run_dir)
@@ -77,3 +77,35 @@ def test_rouge_scale_stemming_and_lsum():
     assert split_sentences("One fact. Two facts! three") == "One fact.\nTwo facts! three"
     swapped = rouge(["B b b. A a a."], ["A a a. B b b."])
     assert swapped["rougeLsum"] > swapped["rougeL"]
+
+
+def test_summary_only_loss_equals_the_models_own_loss_and_gradients(tiny_cfg, tmp_path):
+    from peftune import models
+    from peftune.train import PeftuneTrainer, build_trainer, prepare, wrap
+
+    cfg = config_from_dict(tiny_cfg)
+    model, tok = models.load_base(cfg.model)
+    data = prepare(cfg, tok, seq2seq=False)
+    peft_model = wrap(model, cfg)
+    torch.nn.init.normal_(peft_model.base_model.model.model.layers[0].self_attn.q_proj
+                          .lora_B["default"].weight)  # non-zero adapter: gradients flow to A
+    trainer = build_trainer(cfg, peft_model, data, output_dir=tmp_path / "ckpt")
+    assert isinstance(trainer, PeftuneTrainer)
+    batch = data.collator([data.splits["train"][i] for i in range(4)])
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+
+    def loss_and_grads(loss_fn):
+        peft_model.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in params]
+
+    peft_model.eval()  # no dropout: both paths see the same network
+    fast, fast_grads = loss_and_grads(lambda: trainer.compute_loss(peft_model, dict(batch)))
+    plain, plain_grads = loss_and_grads(lambda: peft_model(**batch).loss)
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-6)
+    for a, b in zip(fast_grads, plain_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    n = (batch["labels"][:, 1:] != -100).sum()
+    scaled = trainer.compute_loss(peft_model, dict(batch), num_items_in_batch=2 * n)
+    torch.testing.assert_close(scaled, plain / 2, rtol=1e-5, atol=1e-6)

@@ -72,6 +72,9 @@ class TrainConfig:
     lr_scheduler: str = _help("transformers scheduler name", "cosine")
     max_grad_norm: float = _help("gradient clipping norm", 1.0)
     precision: str = _help("auto (bf16 where the hardware has it), bf16, fp16 or fp32", "auto")
+    summary_loss: bool = _help("compute the LM head only at summary positions (same loss, "
+                               "less work)", True)
+    group_by_length: bool = _help("batch examples of similar length (less padding)", True)
     eval_each_epoch: bool = _help("compute validation loss after every epoch", True)
     eval_steps: int | None = _help("compute validation loss every N steps instead", None)
     save_checkpoints: bool = _help("write resumable checkpoints during training", True)

@@ -244,6 +244,36 @@ def tokenize(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, fmt: Prom
     return ds
 
 
+class LengthGroupedSampler(torch.utils.data.Sampler[int]):
+    """Shuffled order in which each micro-batch holds examples of similar length.
+
+    Shuffle, sort by length inside windows of ``window`` batches, cut into batches, shuffle
+    the batches. The order depends only on (seed, epoch), so a resumed run replays it.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, *, seed: int, window: int = 8):
+        self.lengths, self.batch_size, self.seed, self.window = lengths, batch_size, seed, window
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self) -> Any:
+        gen = torch.Generator().manual_seed(self.seed * 1000 + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=gen).tolist()
+        span = self.batch_size * self.window
+        batches = []
+        for start in range(0, len(order), span):
+            chunk = sorted(order[start:start + span], key=lambda i: -self.lengths[i])
+            batches += [chunk[j:j + self.batch_size] for j in range(0, len(chunk),
+                                                                    self.batch_size)]
+        for b in torch.randperm(len(batches), generator=gen).tolist():
+            yield from batches[b]
+
+
 @dataclass
 class Collator:
     """Pads a batch dynamically; labels are padded with -100 by position."""

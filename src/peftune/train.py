@@ -25,7 +25,14 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from peftune import models
 from peftune.config import Config, save_yaml
-from peftune.data import Collator, PromptFormat, load_splits, tokenize
+from peftune.data import (
+    IGNORE_INDEX,
+    Collator,
+    LengthGroupedSampler,
+    PromptFormat,
+    load_splits,
+    tokenize,
+)
 from peftune.errors import ConfigError, PeftuneError
 from peftune.methods import get_method
 from peftune.rundir import update_metrics
@@ -106,9 +113,72 @@ def training_args(cfg: Config, *, output_dir: Path, has_eval: bool) -> TrainingA
         seed=cfg.seed,
         data_seed=cfg.seed,
         remove_unused_columns=False,
+        prediction_loss_only=True,
         dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(),
     )
+
+
+# Decoder-only families whose forward is body -> final norm -> lm_head, nothing after.
+SUMMARY_LOSS_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+
+
+def summary_head(model: Any) -> tuple[Any, Any] | None:
+    """(decoder body, LM head) when logits can be computed at label positions only."""
+    if not isinstance(model, PeftModel) or model.active_peft_config.is_prompt_learning:
+        return None
+    base = model.get_base_model()
+    if base.config.model_type not in SUMMARY_LOSS_TYPES or not hasattr(base, "model"):
+        return None
+    return base.model, base.get_output_embeddings()
+
+
+class PeftuneTrainer(Trainer):
+    """HF Trainer with two speed-ups that leave results unchanged.
+
+    - ``summary_loss``: the LM head runs only where there is a label. The prompt is most of
+      each sequence, and the vocabulary projection (28M of SmolLM2's 135M parameters) on
+      prompt positions is pure waste; the loss equals the model's own (a test checks).
+      Other models and prompt-learning methods take the standard path.
+    - ``group_by_length``: micro-batches of similar length (less padding), in an order
+      fixed by (seed, epoch) so that resuming replays it.
+    """
+
+    def __init__(self, *args: Any, summary_loss: bool, group_by_length: bool,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.summary_loss, self.group_by_length = summary_loss, group_by_length
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if not self.group_by_length:
+            return super()._get_train_sampler(train_dataset)
+        lengths = [len(ids) for ids in dataset["input_ids"]]
+        return LengthGroupedSampler(lengths, self.args.per_device_train_batch_size,
+                                    seed=self.args.data_seed or self.args.seed)
+
+    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        head = summary_head(model) if self.summary_loss else None
+        if head is None or "labels" not in inputs:
+            self.loss_is_scaled_for_ga = None
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        body, lm_head = head
+        hidden = body(input_ids=inputs["input_ids"],
+                      attention_mask=inputs["attention_mask"]).last_hidden_state
+        targets = inputs["labels"][:, 1:]
+        keep = targets != IGNORE_INDEX
+        logits = lm_head(hidden[:, :-1][keep]).float()
+        loss = torch.nn.functional.cross_entropy(logits, targets[keep], reduction="sum")
+        # normalised like the model's own loss: over the whole accumulated batch when known
+        self.loss_is_scaled_for_ga = num_items_in_batch is not None
+        if num_items_in_batch is None:
+            loss = loss / keep.sum().clamp(min=1)
+        else:
+            loss = loss / num_items_in_batch
+            if self.args.average_tokens_across_devices:
+                loss = loss * self.accelerator.num_processes
+        return (loss, {}) if return_outputs else loss
 
 
 def build_trainer(cfg: Config, model: PeftModel, data: Prepared, *, output_dir: Path,
@@ -118,8 +188,10 @@ def build_trainer(cfg: Config, model: PeftModel, data: Prepared, *, output_dir: 
     train_ds = data.splits["train"].select_columns(columns)
     eval_ds = data.splits.get("validation")
     args = training_args(cfg, output_dir=output_dir, has_eval=eval_ds is not None)
-    return Trainer(
+    return PeftuneTrainer(
         model=model,
+        summary_loss=cfg.train.summary_loss,
+        group_by_length=cfg.train.group_by_length,
         args=args,
         train_dataset=train_ds,
         eval_dataset=eval_ds.select_columns(columns) if eval_ds is not None else None,
