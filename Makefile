@@ -23,8 +23,9 @@ demo: setup
 	$(BIN)/peftune train --config $(DEMO)
 	$(BIN)/peftune evaluate --config $(DEMO) --eval.zero_shot true
 
+# The shared-study test uses a local PostgreSQL server when one can be started.
 test: setup
-	$(BIN)/pytest -q
+	PEFTUNE_TEST_POSTGRES=$$(scripts/postgres-test-server.sh) $(BIN)/pytest -q
 
 test-fast: setup
 	$(BIN)/pytest -q -m "not slow"

@@ -158,3 +158,23 @@ def test_killed_search_resumes_without_redoing_trials(search_cfg, tmp_path):
     assert {n: after[n] for n in before} == before, "completed trials were redone"
     assert len([t for t in trials if t.state in searching.FINISHED]) == 4
     assert all(t.state != TrialState.RUNNING for t in trials)
+
+
+def test_two_workers_share_a_postgresql_study(search_cfg, tmp_path):
+    url = os.environ.get("PEFTUNE_TEST_POSTGRES")
+    if not url:
+        pytest.skip("no PostgreSQL server: scripts/postgres-test-server.sh could not start one "
+                    "(it needs Debian's postgresql package)")
+    name = f"test-{os.getpid()}-{time.time_ns()}"
+    search_cfg["search"].update(n_trials=4, final=False, storage=url, study_name=name)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(search_cfg))
+    cmd, env = _cli(path, "--search.workers", "2")
+    try:
+        subprocess.run(cmd, env=env, check=True, timeout=300)
+        trials = optuna.load_study(study_name=name, storage=url).trials
+        done = [t for t in trials if t.state in searching.FINISHED]
+        assert len(done) == 4 and all(t.state != TrialState.RUNNING for t in trials)
+        assert not (tmp_path / "run" / "study.db").exists()
+    finally:
+        optuna.delete_study(study_name=name, storage=url)

@@ -1,0 +1,258 @@
+"""Speed and memory of peftune against two baselines, measured in the same run.
+
+    python benchmarks/bench.py            # everything (make bench), ~15-20 min on 2 cores
+    python benchmarks/bench.py --part train --variant peftune   # one measurement (JSON)
+
+Baselines, on the embedded SmolLM2-135M and ACLSum:
+  A  seed-faithful: sequences padded to max_length (1024 document + 128 summary), fp32,
+     HF Trainer defaults (logits on every position), HF generate defaults, model reloaded
+     per trial.
+  B  a careful expert's script: HF Trainer + peft, prompt+summary with dynamic padding,
+     fp32, model loaded once, HF generate with left padding in dataset order.
+Every part runs in its own process so peak resident memory is its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+VARIANTS = ("A", "B", "peftune")
+TRAIN_STEPS, MICRO_BATCH = 6, 4
+GEN_EXAMPLES, GEN_TOKENS = 16, 64
+SEARCH_TRIALS = 6
+
+
+# ---------------------------------------------------------------- shared set-up
+
+def _cfg(variant: str, **train: Any) -> Any:
+    from peftune import config_from_dict
+
+    fast = variant == "peftune"
+    return config_from_dict({
+        "output_dir": f"/tmp/peftune-bench/{variant}",
+        "data": {"max_source_tokens": 384, "max_eval_examples": GEN_EXAMPLES},
+        "train": {"micro_batch_size": MICRO_BATCH, "batch_size": MICRO_BATCH,
+                  "max_steps": TRAIN_STEPS, "precision": "auto" if fast else "fp32",
+                  "summary_loss": fast, "group_by_length": fast, "save_checkpoints": False,
+                  "eval_each_epoch": False, "logging_steps": 1000, **train},
+        "eval": {"max_new_tokens": GEN_TOKENS, "batch_size": 8, "no_repeat_ngram_size": 0},
+    })
+
+
+def _data(cfg: Any, variant: str) -> Any:
+    from peftune import models, train
+
+    tok = models.load_tokenizer(cfg.model)
+    data = train.prepare(cfg, tok, seq2seq=False, roles=("train", "validation", "test"))
+    if variant == "A":  # the seed pads every example to 1024 + 128 tokens
+        data = _PaddedTo(data, 1024 + 128)
+    return data
+
+
+class _PaddedTo:
+    """Prepared data whose collator pads every batch to a fixed length (baseline A)."""
+
+    def __init__(self, data: Any, length: int) -> None:
+        self.__dict__.update(data.__dict__)
+        self._length = length
+
+    @property
+    def collator(self) -> Any:
+        from peftune.data import Collator
+
+        return Collator(pad_id=self.tokenizer.pad_token_id, pad_to_multiple_of=self._length)
+
+
+# ---------------------------------------------------------------- parts
+
+def matmul() -> dict[str, float]:
+    """The machine's limit: GFLOP/s of the model's MLP matmul in fp32 and bf16."""
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a = torch.randn(2048, 576, dtype=dtype)
+        b = torch.randn(576, 1536, dtype=dtype)
+        for _ in range(3):
+            a @ b
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < 2.0:
+            a @ b
+            n += 1
+        out[str(dtype).split(".")[-1]] = 2 * 2048 * 576 * 1536 * n / (
+            time.perf_counter() - start) / 1e9
+    return out
+
+
+def train_speed(variant: str) -> dict[str, float]:
+    from peftune import models, train
+
+    cfg = _cfg(variant)
+    data = _data(cfg, variant)
+    base = models.load_model(cfg.model, pad_token_id=data.tokenizer.pad_token_id)
+    model = train.wrap(base, cfg)
+    trainer = train.build_trainer(cfg, model, data, output_dir=Path(cfg.output_dir))
+    loader = trainer.get_train_dataloader()
+    batches = [b for _, b in zip(range(TRAIN_STEPS + 1), loader)]
+    real = sum(int(b["attention_mask"].sum()) for b in batches[1:])
+    padded = sum(b["input_ids"].numel() for b in batches[1:])
+    model.train()
+    trainer.create_optimizer_and_scheduler(num_training_steps=TRAIN_STEPS + 1)
+    trainer.training_step(model, batches[0])  # warm-up
+    start = time.perf_counter()
+    for batch in batches[1:]:
+        trainer.training_step(model, batch)
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad()
+    seconds = time.perf_counter() - start
+    n_params = sum(p.numel() for p in base.parameters())
+    return {"tokens_per_s": real / seconds, "padded_fraction": 1 - real / padded,
+            "flops_per_token": 4 * n_params, "seconds": seconds}
+
+
+def generation_speed(variant: str) -> dict[str, Any]:
+    from peftune import models
+    from peftune.evaluate import generate, prompts_of
+
+    cfg = _cfg(variant)
+    data = _data(cfg, "B")
+    model = models.load_model(cfg.model, pad_token_id=data.tokenizer.pad_token_id)
+    prompts = prompts_of(data.splits["test"])
+    start = time.perf_counter()
+    if variant == "peftune":
+        texts = generate(model, data.tokenizer, prompts, cfg.eval, precision="fp32",
+                         progress=False)
+    else:
+        texts = _hf_generate(model, data.tokenizer, prompts, cfg.eval.batch_size,
+                             left=variant == "B")
+    seconds = time.perf_counter() - start
+    new = sum(len(data.tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 for t in texts)
+    return {"new_tokens_per_s": new / seconds, "texts": texts, "seconds": seconds}
+
+
+def _hf_generate(model: Any, tok: Any, prompts: list, batch_size: int, *, left: bool) -> list:
+    """What a user writes by hand: dataset order, tokenizer padding, generate()."""
+    tok.padding_side = "left" if left else "right"
+    texts = []
+    with torch.inference_mode():
+        for i in range(0, len(prompts), batch_size):
+            chunk = prompts[i:i + batch_size]
+            batch = tok.pad({"input_ids": chunk}, return_tensors="pt")
+            out = model.generate(**batch, max_new_tokens=GEN_TOKENS, do_sample=False,
+                                 pad_token_id=tok.pad_token_id)
+            texts += [t.strip() for t in tok.batch_decode(out[:, batch["input_ids"].shape[1]:],
+                                                          skip_special_tokens=True)]
+    return texts
+
+
+def search_time(variant: str) -> dict[str, Any]:
+    """A fixed 6-trial LoRA search on 16 training / 4 validation papers, pruning off."""
+    import optuna
+
+    from peftune import models, search, train
+
+    cfg = _cfg(variant, max_steps=-1, epochs=1)
+    cfg.data.max_train_examples, cfg.data.max_eval_examples = 16, 4
+    cfg.eval.max_new_tokens = 32
+    cfg.search.n_trials, cfg.search.pruner, cfg.search.eval_examples = SEARCH_TRIALS, "none", 4
+    cfg.search.space.batch_size = [4, 8]
+    start = time.perf_counter()
+    if variant == "peftune":
+        cfg.output_dir = f"/tmp/peftune-bench/search-{os.getpid()}"
+        study = search.create_study(cfg)
+        base, data = search.load_for_search(cfg)
+        search.optimize(cfg, study, search.Objective(cfg, base, data))
+    else:  # the model (and data) reloaded for every trial, as model_init does
+        study = optuna.create_study(direction="maximize",
+                                    sampler=optuna.samplers.TPESampler(seed=cfg.seed,
+                                                                       multivariate=True,
+                                                                       group=True))
+
+        def objective(trial: optuna.Trial) -> float:
+            base, data = search.load_for_search(cfg)
+            return search.Objective(cfg, base, data)(trial)
+
+        study.optimize(objective, n_trials=SEARCH_TRIALS)
+    del models, train
+    return {"seconds": time.perf_counter() - start, "best_params": study.best_trial.params}
+
+
+# ---------------------------------------------------------------- driver
+
+def measure(part: str, variant: str) -> dict[str, Any]:
+    torch.manual_seed(0)
+    result = {"matmul": lambda _: matmul(), "train": train_speed, "generate": generation_speed,
+              "search": search_time}[part](variant)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return result
+
+
+def run_part(part: str, variant: str) -> dict[str, Any]:
+    out = subprocess.run([sys.executable, __file__, "--part", part, "--variant", variant],
+                         capture_output=True, text=True, check=True, cwd=ROOT)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def table(results: dict[str, dict[str, dict]]) -> str:
+    peak = results["matmul"]["-"]
+    lines = [f"matmul peak: {peak['float32']:.0f} GFLOP/s fp32, {peak['bfloat16']:.0f} "
+             "GFLOP/s bf16", "",
+             "| | A (seed) | B (expert) | peftune | peftune/A | peftune/B |",
+             "|---|---|---|---|---|---|"]
+
+    def row(name: str, part: str, key: str, fmt: str = "{:.1f}") -> None:
+        v = {k: results[part][k][key] for k in VARIANTS if k in results[part]}
+        ratios = [v["peftune"] / v[k] if k in v else float("nan") for k in ("A", "B")]
+        lines.append(f"| {name} | " + " | ".join(fmt.format(v[k]) if k in v else "-"
+                                                   for k in VARIANTS)
+                     + f" | {ratios[0]:.2f}x | {ratios[1]:.2f}x |")
+
+    row("training real tokens/s", "train", "tokens_per_s")
+    for k, r in results["train"].items():
+        r["mfu"] = 100 * r["tokens_per_s"] * r["flops_per_token"] / 1e9 / peak["bfloat16"]
+    row("training MFU vs bf16 peak (%)", "train", "mfu")
+    row("training padding (%)", "train", "padded_fraction", "{:.2f}")
+    row("training peak RSS (MB)", "train", "peak_rss_mb", "{:.0f}")
+    row("generation new tokens/s", "generate", "new_tokens_per_s")
+    row("generation peak RSS (MB)", "generate", "peak_rss_mb", "{:.0f}")
+    row("6-trial search wall time (s)", "search", "seconds", "{:.0f}")
+    row("search peak RSS (MB)", "search", "peak_rss_mb", "{:.0f}")
+    same = sum(a == b for a, b in zip(results["generate"]["B"]["texts"],
+                                       results["generate"]["peftune"]["texts"], strict=True))
+    lines += ["", f"greedy texts identical to baseline B: {same}/{GEN_EXAMPLES}",
+              "same best search configuration as B: "
+              f"{results['search']['B']['best_params'] == results['search']['peftune']['best_params']}"]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=("matmul", "train", "generate", "search"))
+    parser.add_argument("--variant", choices=VARIANTS, default="peftune")
+    parser.add_argument("--parts", default="matmul,train,generate,search")
+    args = parser.parse_args()
+    if args.part:
+        result = measure(args.part, args.variant)
+        print(json.dumps(result, default=str))
+        return
+    results: dict[str, dict[str, dict]] = {}
+    for part in args.parts.split(","):
+        variants = ["-"] if part == "matmul" else (
+            ["B", "peftune"] if part in ("generate", "search") else list(VARIANTS))
+        for variant in variants:
+            print(f"measuring {part} {variant} ...", file=sys.stderr, flush=True)
+            results.setdefault(part, {})[variant] = run_part(part, variant)
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
