@@ -36,7 +36,7 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tiny_cfg, tmp_path):
     import shutil
 
     tiny_cfg["train"].update(max_steps=6, save_steps=1)
-    tiny_cfg["lora"] = {"dropout": 0.0}
+    tiny_cfg["lora"] = {"dropout": 0.1}
     run(config_from_dict(tiny_cfg))
     run_dir = tmp_path / "run"
     straight = _adapter_weights(run_dir)

@@ -14,7 +14,7 @@ from typing import Any
 
 from peftune import commands
 from peftune.config import Config, config_from_dict, flag_specs, load_yaml, set_dotted
-from peftune.errors import PeftuneError
+from peftune.errors import Interrupted, PeftuneError
 
 CONFIG_COMMANDS = {
     "train": "fine-tune a base model with a PEFT method and save the adapter",
@@ -111,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
             commands.report(ns.run_dir)
         elif ns.command == "methods":
             commands.methods()
+    except Interrupted as err:
+        print(f"peftune: {err}", file=sys.stderr)
+        return 130
     except PeftuneError as err:
         print(f"peftune: error: {err}", file=sys.stderr)
         return 2

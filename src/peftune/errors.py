@@ -15,3 +15,11 @@ class DataError(PeftuneError):
 
 class ModelError(PeftuneError):
     """A model or adapter that cannot be loaded as given."""
+
+
+class Diverged(PeftuneError):
+    """The loss became NaN or infinite, or the gradient norm exploded."""
+
+
+class Interrupted(PeftuneError):
+    """Training stopped on a signal after saving a checkpoint."""

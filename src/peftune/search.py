@@ -29,7 +29,7 @@ from transformers import PreTrainedModel, TrainerCallback
 from peftune import models
 from peftune import train as training
 from peftune.config import Config, SearchConfig, save_yaml
-from peftune.errors import ConfigError
+from peftune.errors import ConfigError, Diverged, Interrupted
 from peftune.evaluate import score
 from peftune.methods import get_method
 
@@ -207,9 +207,14 @@ class Objective:
         try:
             metrics = training.fit(cfg, model, self.data, output_dir=Path(cfg.output_dir),
                                    callbacks=[] if search.second_objective else [reporter])
-        except training.Diverged as err:
+        except Diverged as err:
             trial.set_user_attr("reason", str(err))
             raise optuna.TrialPruned(str(err)) from None
+        except Interrupted:
+            # trials keep no checkpoints: queue the same parameters to run again
+            trial.set_user_attr("reason", "interrupted by a signal; queued again")
+            trial.study.enqueue_trial(trial.params, skip_if_exists=False)
+            raise
         if reporter.pruned:
             raise optuna.TrialPruned(f"pruned at step {trial.last_step}")
         rouge = score(model, self.data.tokenizer, self.eval_ds, cfg.eval, out_dir=None,

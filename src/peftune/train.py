@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +24,6 @@ from transformers import (
     TrainerCallback,
     TrainingArguments,
 )
-from transformers.trainer_utils import get_last_checkpoint
 
 from peftune import models
 from peftune.config import Config, save_yaml
@@ -33,7 +35,7 @@ from peftune.data import (
     load_splits,
     tokenize,
 )
-from peftune.errors import ConfigError, PeftuneError
+from peftune.errors import ConfigError, Diverged, Interrupted
 from peftune.methods import get_method
 from peftune.rundir import update_metrics
 
@@ -149,6 +151,13 @@ class PeftuneTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.summary_loss, self.group_by_length = summary_loss, group_by_length
 
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        super()._save_checkpoint(model, trial)
+        folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+        if folder.is_dir() and self.args.should_save:
+            # written last: a checkpoint without it was cut short and is never resumed from
+            (folder / COMPLETE_MARKER).write_text(str(self.state.global_step))
+
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if not self.group_by_length:
@@ -208,8 +217,9 @@ class TrainResult:
     metrics: dict[str, Any]
 
 
-class Diverged(PeftuneError):
-    """The loss became NaN or infinite."""
+COMPLETE_MARKER = "peftune-complete"
+
+
 
 
 class StopOnDivergence(TrainerCallback):
@@ -243,17 +253,63 @@ class StopOnDivergence(TrainerCallback):
             control.should_training_stop = True
 
 
+def last_complete_checkpoint(folder: Path) -> Path | None:
+    """The newest checkpoint whose save finished (see ``COMPLETE_MARKER``)."""
+    if not folder.is_dir():
+        return None
+    done = [p for p in folder.glob("checkpoint-*")
+            if p.name.split("-")[-1].isdigit() and (p / COMPLETE_MARKER).is_file()]
+    return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+class StopOnSignal(TrainerCallback):
+    """SIGTERM / SIGINT: finish the current step, save a checkpoint, stop."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+    def install(self) -> Callable[[], None]:
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        previous = {sig: signal.signal(sig, self._handle)
+                    for sig in (signal.SIGTERM, signal.SIGINT)}
+
+        def restore() -> None:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+        return restore
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal is not None:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.signal is not None:
+            control.should_save = args.save_strategy != "no"
+            control.should_training_stop = True
+
+
 def fit(cfg: Config, model: PeftModel, data: Prepared, *, output_dir: Path,
         callbacks: list[Any] | None = None, resume: bool = False) -> dict[str, Any]:
     """Train an already wrapped model; return the Trainer's metrics plus the last eval loss."""
-    guard = StopOnDivergence()
+    guard, stop = StopOnDivergence(), StopOnSignal()
     trainer = build_trainer(cfg, model, data, output_dir=output_dir,
-                            callbacks=[guard, *(callbacks or [])])
-    checkpoint = get_last_checkpoint(str(output_dir)) if resume and output_dir.is_dir() \
-        else None
+                            callbacks=[guard, stop, *(callbacks or [])])
+    checkpoint = last_complete_checkpoint(output_dir) if resume else None
     if checkpoint:
         log.info("resuming from %s", checkpoint)
-    metrics: dict[str, Any] = dict(trainer.train(resume_from_checkpoint=checkpoint).metrics)
+    restore = stop.install()
+    try:
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    finally:
+        restore()
+    if stop.signal is not None:
+        raise Interrupted(f"stopped by signal {stop.signal} at step {trainer.state.global_step}"
+                          f"; checkpoint saved in {output_dir}; rerun the same command to "
+                          "resume")
+    metrics: dict[str, Any] = dict(result.metrics)
     if guard.reason or not math.isfinite(metrics.get("train_loss", 0.0)):
         raise Diverged(f"training diverged ({guard.reason or 'non-finite loss'}); lower "
                        "train.learning_rate; no adapter was saved")
