@@ -3,10 +3,12 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import optuna
 import pytest
 import yaml
+from optuna.storages import RetryFailedTrialCallback
 from optuna.trial import FixedTrial, TrialState
 
 from peftune import config_from_dict, load_yaml
@@ -178,3 +180,34 @@ def test_two_workers_share_a_postgresql_study(search_cfg, tmp_path):
         assert not (tmp_path / "run" / "study.db").exists()
     finally:
         optuna.delete_study(study_name=name, storage=url)
+
+
+def _children(pid):
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(c) for c in path.read_text().split()] if path.exists() else []
+
+
+def test_a_killed_worker_trial_is_retried_and_the_study_completes(search_cfg, tmp_path):
+    search_cfg["search"].update(n_trials=4, final=False)
+    search_cfg["train"]["max_steps"] = 8
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(search_cfg))
+    cmd, env = _cli(path, "--search.workers", "2")
+    parent = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, victim = time.time() + 240, None
+    while victim is None and time.time() < deadline:
+        time.sleep(0.2)
+        if (tmp_path / "run" / "study.db").exists() and len(_children(parent.pid)) == 2:
+            if len(_study(search_cfg).get_trials(states=(TrialState.RUNNING,))) == 2:
+                victim = _children(parent.pid)[0]  # both workers are mid-trial
+    assert victim is not None, "no trial started"
+    os.kill(victim, signal.SIGKILL)
+    assert parent.wait(timeout=300) == 0
+    trials = _study(search_cfg).trials
+    assert len([t for t in trials if t.state in searching.FINISHED]) == 4
+    assert all(t.state != TrialState.RUNNING for t in trials)
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert failed, "the killed worker's trial should be marked failed"
+    retried = [t for t in trials if RetryFailedTrialCallback.retried_trial_number(t) in
+               {f.number for f in failed}]
+    assert retried and retried[0].params == failed[0].params

@@ -268,14 +268,18 @@ def best_config(cfg: Config, study: optuna.Study) -> Config:
     return chosen
 
 
-def spawn_workers(argv: list[str], n: int) -> None:
-    """Start ``n`` local processes running the same search against the same study."""
+def spawn_workers(argv: list[str], n: int) -> list[int]:
+    """Run ``n`` local processes of the same search against the same study; their exit codes.
+
+    A worker that dies is not fatal: the parent tops the study up afterwards.
+    """
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // n))}
     procs = [subprocess.Popen([sys.executable, "-m", "peftune", *argv, "--search.workers", "1",
                                "--search.final", "false"], env=env) for _ in range(n)]
     codes = [p.wait() for p in procs]
     if any(codes):
-        raise ConfigError(f"search worker(s) failed with exit codes {codes}")
+        log.warning("search workers exited with %s; finishing the study here", codes)
+    return codes
 
 
 def _test_score(cfg: Config, model: Any, data: training.Prepared, out_dir: Path,
@@ -327,12 +331,10 @@ def run(cfg: Config, *, argv: list[str] | None = None) -> tuple[optuna.Study, di
     study = create_study(cfg)
     if cfg.search.workers > 1 and argv is not None:
         spawn_workers(argv, cfg.search.workers)
-        base = data = None
-    else:
-        base, data = load_for_search(cfg)
-        optimize(cfg, study, Objective(cfg, base, data))
+    if count(study, FINISHED) >= cfg.search.n_trials and not cfg.search.final:
+        return study, None
+    base, data = load_for_search(cfg)
+    optimize(cfg, study, Objective(cfg, base, data))
     if not cfg.search.final:
         return study, None
-    if base is None or data is None:
-        base, data = load_for_search(cfg)
     return study, finalize(cfg, study, base, data)
