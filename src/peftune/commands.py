@@ -60,7 +60,7 @@ def evaluate(cfg: Config, *, adapter: Path | None, split: str = "test") -> dict[
         results["zero-shot"] = score(base, tokenizer, ds, cfg.eval, out_dir=out_dir, tag=tag,
                                      **kw)
     if adapter is not None:
-        model = PeftModel.from_pretrained(base, str(adapter))
+        model = models.load_adapter(base, adapter)
         results[cfg.method] = score(model, tokenizer, ds, cfg.eval, out_dir=out_dir, tag=split,
                                     **kw)
     print_rouge(results, title=f"ROUGE on {len(ds)} {split} examples of {cfg.data.source}")
@@ -109,7 +109,7 @@ def summarize(adapter_path: str, *, text: str | None = None, input_file: str | N
     if not docs:
         raise PeftuneError("nothing to summarize: the input is empty")
     base, tokenizer = models.load_base(cfg.model)
-    model = PeftModel.from_pretrained(base, str(adapter))
+    model = models.load_adapter(base, adapter)
     fmt = training.PromptFormat.for_tokenizer(
         tokenizer, cfg.data.instruction, seq2seq=base.config.is_encoder_decoder)
     ids = tokenizer(docs, add_special_tokens=False)["input_ids"]

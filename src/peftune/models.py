@@ -7,8 +7,10 @@ rebuilt model is cached as safetensors, so only the first load pays for the conv
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.metadata
+import json
 import logging
 import os
 import shutil
@@ -177,6 +179,59 @@ def bf16_supported() -> bool:
         return torch.cuda.is_bf16_supported()
     return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
                 or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+
+
+def check_adapter_dir(path: Path) -> dict[str, Any]:
+    """Validate an adapter folder before peft reads it; return its parsed config.
+
+    Rejects what a hostile or damaged folder could carry: a non-JSON or unknown-typed
+    config, keys peft does not define for that type, an ``auto_mapping`` (it names classes
+    to import), and weights that are not safetensors.
+    """
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    config_file = path / "adapter_config.json"
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelError(f"{config_file}: unreadable adapter config ({_first_line(err)})") \
+            from None
+    if not isinstance(config, dict):
+        raise ModelError(f"{config_file}: must be a JSON object")
+    config_cls = PEFT_TYPE_TO_CONFIG_MAPPING.get(str(config.get("peft_type")))
+    if config_cls is None:
+        raise ModelError(f"{config_file}: unknown peft_type {config.get('peft_type')!r}")
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise ModelError(f"{config_file}: unknown keys {', '.join(map(str, unknown))}")
+    if config.get("auto_mapping"):
+        raise ModelError(f"{config_file}: refusing 'auto_mapping' (it names code to import)")
+    weights = path / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise ModelError(f"{path}: no adapter_model.safetensors (pickled .bin adapters are "
+                         "not loaded)")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(weights), framework="pt") as fh:
+            for key in fh.keys():
+                fh.get_slice(key)
+    except Exception as err:  # safetensors raises its own and OS errors for damaged files
+        raise ModelError(f"{weights}: damaged adapter weights ({_first_line(err)})") from None
+    return config
+
+
+def load_adapter(base: PreTrainedModel, path: Path) -> Any:
+    """``PeftModel.from_pretrained`` on a checked folder, with one-line errors."""
+    from peft import PeftModel
+
+    check_adapter_dir(path)
+    try:
+        return PeftModel.from_pretrained(base, str(path))
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as err:
+        raise ModelError(f"{path}: adapter does not fit the base model '"
+                         f"{base.config.model_type}' ({_first_line(err)})") from None
 
 
 def _first_line(err: BaseException) -> str:
