@@ -122,3 +122,56 @@ def test_no_pickle_loading_in_the_source_tree():
         if re.search(r"trust_remote_code\s*=\s*True", text):
             offenders.append(f"{path.name}: trust_remote_code=True")
     assert offenders == []
+
+
+class _OutOfMemoryAbove:
+    """Raises the CPU allocator's out-of-memory error for micro-batches above a size."""
+
+    def __init__(self, limit):
+        self.limit, self.sizes = limit, []
+
+    def __call__(self, module, args, kwargs):
+        size = kwargs["input_ids"].shape[0] if "input_ids" in kwargs else args[0].shape[0]
+        self.sizes.append(size)
+        if size > self.limit:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to "
+                               "allocate 123456789 bytes.")
+
+
+def test_out_of_memory_halves_the_micro_batch_and_keeps_the_batch(tiny_cfg, caplog):
+    from peftune import models
+    from peftune.train import fit, prepare, wrap
+
+    tiny_cfg["train"].update(batch_size=4, micro_batch_size=4, max_steps=2)
+    cfg = config_from_dict(tiny_cfg)
+    base, tok = models.load_base(cfg.model)
+    data = prepare(cfg, tok, seq2seq=False)
+    model = wrap(base, cfg)
+    oom = _OutOfMemoryAbove(2)
+    base.model.register_forward_pre_hook(oom, with_kwargs=True)
+    with caplog.at_level("WARNING", logger="peftune"):
+        metrics = fit(cfg, model, data, output_dir=Path(cfg.output_dir) / "ckpt")
+    assert "retrying with 2 (gradient accumulation keeps the batch size at 4)" in caplog.text
+    assert metrics["train_loss"] > 0 and 4 in oom.sizes and oom.sizes[-1] <= 2
+
+
+def test_disk_full_is_one_clear_error_and_keeps_the_last_checkpoint(tiny_cfg, tmp_path,
+                                                                     monkeypatch):
+    import errno
+
+    import peftune.train as train_module
+    from peftune.errors import PeftuneError
+
+    tiny_cfg["train"].update(max_steps=4, save_steps=1)
+    original, calls = train_module.PeftuneTrainer._save_checkpoint, []
+
+    def save_until_full(self, model, trial):
+        calls.append(self.state.global_step)
+        if len(calls) > 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        original(self, model, trial)
+
+    monkeypatch.setattr(train_module.PeftuneTrainer, "_save_checkpoint", save_until_full)
+    with pytest.raises(PeftuneError, match=r"disk full .* \(checkpoint-2\) is kept"):
+        run(config_from_dict(tiny_cfg))
+    assert last_complete_checkpoint(tmp_path / "run" / "checkpoints").name == "checkpoint-2"

@@ -5,6 +5,8 @@ Run it with ``peftune train --config configs/aclsum-smollm2-lora.yaml``.
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import logging
 import math
 import signal
@@ -16,6 +18,7 @@ from typing import Any
 
 import datasets
 import torch
+from accelerate.utils.memory import should_reduce_batch_size
 from peft import PeftModel, get_peft_model
 from transformers import (
     PreTrainedModel,
@@ -35,7 +38,7 @@ from peftune.data import (
     load_splits,
     tokenize,
 )
-from peftune.errors import ConfigError, Diverged, Interrupted
+from peftune.errors import ConfigError, Diverged, Interrupted, PeftuneError
 from peftune.methods import get_method
 from peftune.rundir import update_metrics
 
@@ -293,7 +296,35 @@ class StopOnSignal(TrainerCallback):
 
 def fit(cfg: Config, model: PeftModel, data: Prepared, *, output_dir: Path,
         callbacks: list[Any] | None = None, resume: bool = False) -> dict[str, Any]:
-    """Train an already wrapped model; return the Trainer's metrics plus the last eval loss."""
+    """Train an already wrapped model; return the Trainer's metrics plus the last eval loss.
+
+    Out of memory, the micro-batch is halved (accumulation doubles, so the effective batch
+    stays) and training restarts from the last checkpoint, or from the initial adapter.
+    """
+    initial = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+    while True:
+        try:
+            return _fit_once(cfg, model, data, output_dir=output_dir, callbacks=callbacks,
+                             resume=resume)
+        except RuntimeError as err:
+            micro = cfg.train.micro_batch_size
+            if not should_reduce_batch_size(err) or micro == 1:
+                raise
+            log.warning("out of memory with micro-batch %d: retrying with %d (gradient "
+                        "accumulation keeps the batch size at %d)", micro, micro // 2,
+                        cfg.train.batch_size)
+            cfg = dataclasses.replace(cfg, train=dataclasses.replace(
+                cfg.train, micro_batch_size=micro // 2))
+            with torch.no_grad():
+                for name, param in model.named_parameters():
+                    if name in initial:
+                        param.copy_(initial[name])
+            model.zero_grad(set_to_none=True)
+            resume = True
+
+
+def _fit_once(cfg: Config, model: PeftModel, data: Prepared, *, output_dir: Path,
+              callbacks: list[Any] | None, resume: bool) -> dict[str, Any]:
     guard, stop = StopOnDivergence(), StopOnSignal()
     trainer = build_trainer(cfg, model, data, output_dir=output_dir,
                             callbacks=[guard, stop, *(callbacks or [])])
@@ -303,6 +334,13 @@ def fit(cfg: Config, model: PeftModel, data: Prepared, *, output_dir: Path,
     restore = stop.install()
     try:
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        last = last_complete_checkpoint(output_dir)
+        raise PeftuneError(f"disk full while writing to {output_dir}; the last complete "
+                           f"checkpoint ({last.name if last else 'none'}) is kept; free space "
+                           "and rerun the same command") from None
     finally:
         restore()
     if stop.signal is not None:
