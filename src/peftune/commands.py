@@ -34,6 +34,8 @@ def adapter_config(adapter: Path) -> dict:
 
 def train(cfg: Config) -> training.TrainResult:
     result = training.run(cfg)
+    if not training.is_main_process():
+        return result
     m = result.metrics
     print(f"\ntrained {cfg.method} on {cfg.data.source} in {m.get('train_runtime', 0):.0f}s: "
           f"train loss {m.get('train_loss', float('nan')):.4f}"
