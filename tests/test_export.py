@@ -122,3 +122,33 @@ def test_wordlevel_tokenizer_has_no_gguf_form(tiny_cfg, tmp_path, capsys):
         export(tmp_path / "run" / "adapter", tmp_path / "g", fmt="gguf")
     assert main(["-q", "export", str(tmp_path / "run"), "--format", "gguf"]) == 2
     assert "byte-level BPE" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_smollm2_adapter_exports_to_gguf_with_the_same_greedy_text(tmp_path):
+    """The embedded model is a quantized GGUF: merging goes into a 16-bit copy, and the GGUF
+    written from it keeps SmolLM2's tokenizer and llama.cpp pre-tokenizer name."""
+    import gguf
+    from peft import LoraConfig
+
+    from peftune import models
+    from peftune.config import ModelConfig
+    from peftune.export import merged_dtype
+
+    cfg = config_from_dict({"output_dir": str(tmp_path / "run")})
+    base, tok = models.load_base(ModelConfig())
+    torch.manual_seed(0)
+    model = get_peft_model(base, LoraConfig(task_type=TaskType.CAUSAL_LM, r=4,
+                                            init_lora_weights=False))
+    model.save_pretrained(tmp_path / "adapter")
+    (tmp_path / "adapter" / "peftune.yaml").write_text(json.dumps(cfg.to_dict()))
+    assert merged_dtype(cfg, "auto") == "bfloat16"
+    prompts = [tok.apply_chat_template([{"role": "user", "content": text}],
+                                       add_generation_prompt=True, return_dict=True)["input_ids"]
+               for text in ("Summarize: the cat sat on the mat.", "What is 2 + 2?")]
+    texts = _greedy(model, tok, prompts)
+    path = export(tmp_path / "adapter", tmp_path / "gguf", fmt="gguf", dtype="f32").path
+    assert gguf.GGUFReader(str(path)).get_field("tokenizer.ggml.pre").contents() == "smollm"
+    loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name)
+    gguf_tok = _tokenizer(path.parent, gguf_file=path.name)
+    assert _greedy(loaded, gguf_tok, prompts) == texts
