@@ -52,6 +52,11 @@ def _greedy(model, tokenizer, prompts):
 def test_adapter_export_loads_in_plain_peft(trained, tiny_bpe_model_dir):
     adapter, prompts, texts, out = trained
     exported = export(adapter, out / "adapter", fmt="adapter")
+    files = {p.name for p in exported.path.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "peftune.yaml",
+            "tokenizer.json"} <= files and "training_args.bin" not in files
+    meta = json.loads((exported.path / "adapter_config.json").read_text())
+    assert meta["base_model_name_or_path"] == str(tiny_bpe_model_dir.resolve())
     tok = _tokenizer(exported.path)
     base = AutoModelForCausalLM.from_pretrained(tiny_bpe_model_dir)
     assert _greedy(PeftModel.from_pretrained(base, str(exported.path)), tok, prompts) == texts

@@ -40,9 +40,6 @@ GGUF_DTYPES = {
     "f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
     "bf16": (gguf.GGMLQuantizationType.BF16, gguf.LlamaFileType.MOSTLY_BF16),
 }
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin",
-                 "peftune.yaml", "tokenizer.json", "tokenizer_config.json",
-                 "special_tokens_map.json", "chat_template.jinja")
 
 
 @dataclass
@@ -73,10 +70,9 @@ def export_adapter(adapter: Path, out: Path) -> Exported:
     """Copy the adapter, with ``base_model_name_or_path`` set to a base that loads anywhere
     this machine's paths do (transformers follows it to load base + adapter in one call)."""
     cfg = run_config(adapter)
-    out.mkdir(parents=True, exist_ok=True)
-    for name in ADAPTER_FILES:
-        if (adapter / name).is_file():
-            shutil.copy2(adapter / name, out / name)
+    # training_args.bin is the Trainer's pickled arguments: nothing a server needs
+    shutil.copytree(adapter, out, ignore=shutil.ignore_patterns("training_args.bin"),
+                    dirs_exist_ok=True)
     meta = json.loads((out / "adapter_config.json").read_text())
     meta["base_model_name_or_path"] = base_path(cfg)
     (out / "adapter_config.json").write_text(json.dumps(meta, indent=2))
