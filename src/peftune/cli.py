@@ -67,6 +67,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--input", help="a text file, or a .jsonl file with a 'document' field")
     p.add_argument("--max-new-tokens", type=int, default=128, help="(default: 128)")
     sub.add_parser("methods", help="list the PEFT methods and their default options")
+    p = sub.add_parser("export", help="export an adapter: as is, merged, or as GGUF",
+                       description="export a trained adapter for serving: the PEFT adapter as "
+                       "is, merged into its base (safetensors), or a LLaMA GGUF file")
+    p.add_argument("adapter", help="adapter folder or run folder")
+    p.add_argument("--format", default="merged", choices=("adapter", "merged", "gguf"),
+                   help="what to write (default: merged)")
+    p.add_argument("--out", help="output folder (default: RUN/export-FORMAT)")
+    p.add_argument("--dtype", help="merged: auto, float32, bfloat16 or float16 (default: auto, "
+                   "the base's own dtype; bfloat16 for a quantized base); gguf: f32, f16 or "
+                   "bf16 (default: f16)")
     p = sub.add_parser("report", help="HTML report and plots of a search run",
                        description="HTML report and plots of a search run")
     p.add_argument("run_dir", help="the search's output_dir")
@@ -107,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         elif ns.command == "search":
             commands.search(build_config(ns), argv=list(argv if argv is not None
                                                         else sys.argv[1:]))
+        elif ns.command == "export":
+            commands.export(ns.adapter, fmt=ns.format, out=ns.out, dtype=ns.dtype)
         elif ns.command == "report":
             commands.report(ns.run_dir)
         elif ns.command == "methods":

@@ -36,6 +36,8 @@ def adapter_config(adapter: Path) -> dict:
 
 def train(cfg: Config) -> training.TrainResult:
     result = training.run(cfg)
+    if not training.is_main_process():
+        return result
     m = result.metrics
     print(f"\ntrained {cfg.method} on {cfg.data.source} in {m.get('train_runtime', 0):.0f}s: "
           f"train loss {m.get('train_loss', float('nan')):.4f}"
@@ -65,6 +67,8 @@ def evaluate(cfg: Config, *, adapter: Path | None, split: str = "test") -> dict[
                                     **kw)
     print_rouge(results, title=f"ROUGE on {len(ds)} {split} examples of {cfg.data.source}")
     print(f"predictions and metrics: {out_dir}")
+    if adapter is not None:
+        print(f"next:    peftune export {adapter} --format merged")
     return results
 
 
@@ -171,6 +175,30 @@ def search(cfg: Config, *, argv: list[str] | None = None) -> None:
     html = reporting.write(Path(cfg.output_dir))
     print(f"report:  {html}")
     print(f"next:    peftune summarize {Path(cfg.output_dir) / 'final'} \"text ...\"")
+
+
+def export(adapter_path: str, *, fmt: str = "merged", out: str | None = None,
+           dtype: str | None = None) -> Path:
+    from peftune import export as exporting
+
+    adapter = find_adapter(adapter_path)
+    allowed = {"adapter": (), "merged": exporting.MERGED_DTYPES,
+               "gguf": tuple(exporting.GGUF_DTYPES)}[fmt]
+    if dtype is not None and dtype not in allowed:
+        raise PeftuneError(f"--dtype {dtype} does not apply to --format {fmt} (valid: "
+                           f"{', '.join(allowed) or 'none'})")
+    run_dir = adapter.parent if adapter.name == "adapter" else adapter
+    target = Path(out) if out else run_dir / f"export-{fmt}"
+    done = exporting.export(adapter, target, fmt=fmt, dtype=dtype)
+    size = sum(p.stat().st_size for p in ([done.path] if done.path.is_file()
+                                          else done.path.rglob("*")) if p.is_file())
+    print(f"\nexported {fmt} ({size / 2**20:.1f} MiB): {done.path}")
+    print(f"load:    {done.load}")
+    if fmt == "gguf":
+        print(f"next:    llama-cli -m {done.path} -p \"Summarize ...\"")
+    else:
+        print(f"next:    peftune export {adapter_path} --format gguf")
+    return done.path
 
 
 def report(run_dir: str) -> None:

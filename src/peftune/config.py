@@ -83,6 +83,8 @@ class TrainConfig:
     resume: bool = _help("resume from the last checkpoint in output_dir if there is one", True)
     logging_steps: int = _help("log the loss every N steps", 5)
     report_to: list[str] = _help("trackers for the Trainer (tensorboard, mlflow, ...)", [])
+    run_name: str | None = _help("run name shown in the trackers (default: the output_dir name)",
+                                 None)
 
     def __post_init__(self) -> None:
         for name in ("learning_rate", "batch_size", "micro_batch_size", "epochs"):

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.storages import RDBStorage, RetryFailedTrialCallback
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 from transformers import PreTrainedModel, TrainerCallback
 
@@ -83,7 +83,8 @@ def storage_for(cfg: Config) -> optuna.storages.BaseStorage:
         beat = cfg.search.heartbeat_seconds
         return RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=beat,
                           grace_period=4 * beat,
-                          failed_trial_callback=RetryFailedTrialCallback(max_retry=2))
+                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
+                              max_retry=2))
     except Exception as err:  # SQLAlchemy raises driver-specific errors
         raise ConfigError(f"search.storage: cannot open {url}: {str(err).splitlines()[0]}") \
             from None
@@ -153,7 +154,7 @@ class ReportToTrial(TrainerCallback):
     """
 
     def __init__(self, trial: optuna.Trial, *, sign: float) -> None:
-        self.trial, self.sign, self.pruned = trial, sign, False
+        self.trial, self.sign, self.pruned_at = trial, sign, None
 
     def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict | None = None,
                     **kwargs: Any) -> None:
@@ -162,7 +163,7 @@ class ReportToTrial(TrainerCallback):
             return
         self.trial.report(self.sign * loss, step=state.global_step)
         if self.trial.should_prune():
-            self.pruned = True
+            self.pruned_at = state.global_step
             control.should_training_stop = True
 
 
@@ -215,8 +216,10 @@ class Objective:
             trial.set_user_attr("reason", "interrupted by a signal; queued again")
             trial.study.enqueue_trial(trial.params, skip_if_exists=False)
             raise
-        if reporter.pruned:
-            raise optuna.TrialPruned(f"pruned at step {trial.last_step}")
+        if reporter.pruned_at is not None:
+            reason = f"pruned by {self.cfg.search.pruner} at step {reporter.pruned_at}"
+            trial.set_user_attr("reason", reason)
+            raise optuna.TrialPruned(reason)
         rouge = score(model, self.data.tokenizer, self.eval_ds, cfg.eval, out_dir=None,
                       tag="trial", precision=training.resolve_precision(cfg.train.precision))
         values = {**rouge, "eval_loss": metrics.get("eval_loss", math.nan),

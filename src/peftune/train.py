@@ -9,6 +9,7 @@ import dataclasses
 import errno
 import logging
 import math
+import os
 import signal
 import threading
 from collections.abc import Callable
@@ -85,11 +86,24 @@ def resolve_precision(precision: str) -> str:
     return "fp16" if torch.cuda.is_available() else "fp32"
 
 
+def world_size() -> int:
+    """Processes training together. Launchers (``accelerate launch``, ``torchrun``) set
+    ``WORLD_SIZE`` before any process group exists, which is when TrainingArguments is built."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    """Global rank 0: the one process that writes run files and prints summaries."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def training_args(cfg: Config, *, output_dir: Path, has_eval: bool) -> TrainingArguments:
     t = cfg.train
-    world = max(1, torch.distributed.get_world_size() if torch.distributed.is_initialized()
-                else 1)
-    accumulation = max(1, t.batch_size // (t.micro_batch_size * world))
+    world = world_size()
+    if t.batch_size % (t.micro_batch_size * world):
+        raise ConfigError(f"train.batch_size ({t.batch_size}) must be a multiple of "
+                          f"train.micro_batch_size ({t.micro_batch_size}) x {world} processes")
+    accumulation = t.batch_size // (t.micro_batch_size * world)
     precision = resolve_precision(t.precision)
     save = "no" if not t.save_checkpoints else "epoch" if t.save_steps is None else "steps"
     evaluate = "no" if not has_eval else "steps" if t.eval_steps else \
@@ -115,6 +129,7 @@ def training_args(cfg: Config, *, output_dir: Path, has_eval: bool) -> TrainingA
         save_total_limit=t.save_total_limit,
         logging_steps=t.logging_steps,
         report_to=t.report_to or "none",
+        run_name=t.run_name or Path(cfg.output_dir).resolve().name,
         seed=cfg.seed,
         data_seed=cfg.seed,
         remove_unused_columns=False,
@@ -295,9 +310,12 @@ class StopOnSignal(TrainerCallback):
 
 
 def fit(cfg: Config, model: PeftModel, data: Prepared, *, output_dir: Path,
-        callbacks: list[Any] | None = None, resume: bool = False) -> dict[str, Any]:
+        callbacks: list[Any] | None = None, resume: bool = False,
+        save_to: Path | None = None) -> dict[str, Any]:
     """Train an already wrapped model; return the Trainer's metrics plus the last eval loss.
 
+    With ``save_to``, the adapter (PEFT format) and tokenizer are saved there through the
+    Trainer, which gathers FSDP/DeepSpeed shards and writes from the main process only.
     Out of memory, the micro-batch is halved (accumulation doubles, so the effective batch
     stays) and training restarts from the last checkpoint, or from the initial adapter.
     """
@@ -305,7 +323,7 @@ def fit(cfg: Config, model: PeftModel, data: Prepared, *, output_dir: Path,
     while True:
         try:
             return _fit_once(cfg, model, data, output_dir=output_dir, callbacks=callbacks,
-                             resume=resume)
+                             resume=resume, save_to=save_to)
         except RuntimeError as err:
             micro = cfg.train.micro_batch_size
             if not should_reduce_batch_size(err) or micro == 1:
@@ -324,7 +342,8 @@ def fit(cfg: Config, model: PeftModel, data: Prepared, *, output_dir: Path,
 
 
 def _fit_once(cfg: Config, model: PeftModel, data: Prepared, *, output_dir: Path,
-              callbacks: list[Any] | None, resume: bool) -> dict[str, Any]:
+              callbacks: list[Any] | None, resume: bool,
+              save_to: Path | None) -> dict[str, Any]:
     guard, stop = StopOnDivergence(), StopOnSignal()
     trainer = build_trainer(cfg, model, data, output_dir=output_dir,
                             callbacks=[guard, stop, *(callbacks or [])])
@@ -355,15 +374,22 @@ def _fit_once(cfg: Config, model: PeftModel, data: Prepared, *, output_dir: Path
     evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
     if evals:
         metrics["eval_loss"] = evals[-1]
+    if save_to is not None:
+        trainer.save_model(str(save_to))
     return metrics
 
 
 def run(cfg: Config, *, base: PreTrainedModel | None = None, data: Prepared | None = None,
         callbacks: list[Any] | None = None) -> TrainResult:
-    """Train ``cfg.method`` on ``cfg.data`` and save the adapter under ``cfg.output_dir``."""
+    """Train ``cfg.method`` on ``cfg.data`` and save the adapter under ``cfg.output_dir``.
+
+    ``adapter/`` holds the adapter in plain PEFT format, its tokenizer and the run config
+    (``peftune.yaml``). Under ``accelerate launch`` every process trains; only rank 0 writes.
+    """
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_yaml(cfg, out / "config.yaml")
+    if is_main_process():
+        save_yaml(cfg, out / "config.yaml")
     if data is None:  # data first: a bad file fails before the model load
         tokenizer = models.load_tokenizer(cfg.model)
         data = prepare(cfg, tokenizer, seq2seq=models.is_seq2seq(cfg.model))
@@ -373,17 +399,10 @@ def run(cfg: Config, *, base: PreTrainedModel | None = None, data: Prepared | No
     trainable, total = model.get_nb_trainable_parameters()
     log.info("%s: %s trainable parameters of %s (%.3f%%)", cfg.method, f"{trainable:,}",
              f"{total:,}", 100 * trainable / total)
+    adapter_dir = out / "adapter"
     metrics = fit(cfg, model, data, output_dir=out / "checkpoints", callbacks=callbacks,
-                  resume=cfg.train.resume)
-    adapter_dir = save_adapter(model, data.tokenizer, cfg, out / "adapter")
-    update_metrics(out, "train", metrics)
+                  resume=cfg.train.resume, save_to=adapter_dir)
+    if is_main_process():
+        save_yaml(cfg, adapter_dir / "peftune.yaml")
+        update_metrics(out, "train", metrics)
     return TrainResult(model=model, adapter_dir=adapter_dir, metrics=metrics)
-
-
-def save_adapter(model: PeftModel, tokenizer: PreTrainedTokenizerBase, cfg: Config,
-                 path: Path) -> Path:
-    """Adapter in plain PEFT format, plus the tokenizer and the run config beside it."""
-    model.save_pretrained(str(path), safe_serialization=True)
-    tokenizer.save_pretrained(str(path))
-    save_yaml(cfg, path / "peftune.yaml")
-    return path

@@ -1,0 +1,293 @@
+"""Export a trained adapter for serving: as is, merged into its base, or as a GGUF file.
+
+Run it with ``peftune export runs/x --format merged --out exports/x``:
+
+- ``adapter``: the PEFT adapter as is, pointing at its base; ``peft.PeftModel.from_pretrained``
+  and ``AutoModelForCausalLM.from_pretrained(out)`` both load it.
+- ``merged``: the adapter folded into the base weights (safetensors, tokenizer and generation
+  config); plain ``AutoModelForCausalLM.from_pretrained(out)`` loads it. A quantized base is
+  merged into a 16-bit copy, never into its quantized weights.
+- ``gguf``: the merged model as one LLaMA-architecture GGUF file (f32, f16 or bf16), with its
+  tokenizer, for llama.cpp and for ``from_pretrained(out, gguf_file=...)``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+from peft import PeftConfig, PeftModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from peftune import models
+from peftune.config import Config, config_from_dict, load_yaml
+from peftune.errors import ModelError, PeftuneError
+from peftune.methods import get_method
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("adapter", "merged", "gguf")
+MERGED_DTYPES = ("auto", "float32", "bfloat16", "float16")
+GGUF_DTYPES = {
+    "f32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
+    "f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
+    "bf16": (gguf.GGMLQuantizationType.BF16, gguf.LlamaFileType.MOSTLY_BF16),
+}
+
+
+@dataclass
+class Exported:
+    path: Path
+    """The exported folder (adapter, merged) or file (gguf)."""
+    load: str
+    """One line of Python that loads it."""
+
+
+def run_config(adapter: Path) -> Config:
+    meta = adapter / "peftune.yaml"
+    if not meta.is_file():
+        raise ModelError(f"{adapter} has no peftune.yaml: export needs an adapter saved by "
+                         "`peftune train`")
+    return config_from_dict(load_yaml(meta))
+
+
+def base_path(cfg: Config) -> str:
+    """Where the base loads from: a hub id, or an absolute local folder."""
+    name = str(models.load_config(cfg.model).name_or_path)
+    return str(Path(name).resolve()) if Path(name).exists() else name
+
+
+# ---------------------------------------------------------------- adapter
+
+def export_adapter(adapter: Path, out: Path) -> Exported:
+    """Copy the adapter, with ``base_model_name_or_path`` set to a base that loads anywhere
+    this machine's paths do (transformers follows it to load base + adapter in one call)."""
+    cfg = run_config(adapter)
+    # training_args.bin is the Trainer's pickled arguments: nothing a server needs
+    shutil.copytree(adapter, out, ignore=shutil.ignore_patterns("training_args.bin"),
+                    dirs_exist_ok=True)
+    meta = json.loads((out / "adapter_config.json").read_text())
+    meta["base_model_name_or_path"] = base_path(cfg)
+    (out / "adapter_config.json").write_text(json.dumps(meta, indent=2))
+    return Exported(out, f'AutoModelForCausalLM.from_pretrained("{out}")')
+
+
+# ---------------------------------------------------------------- merged
+
+def check_mergeable(adapter: Path, cfg: Config) -> None:
+    peft_config = PeftConfig.from_pretrained(str(adapter))
+    if peft_config.is_prompt_learning:
+        raise PeftuneError(
+            f"{peft_config.peft_type.value} adapters cannot be merged: they add learned virtual "
+            "tokens to the input instead of changing weights; use --format adapter")
+    if not get_method(cfg.method).mergeable:
+        raise PeftuneError(f"method '{cfg.method}' cannot be merged: its modules compute "
+                           "something the base weights cannot hold; use --format adapter")
+
+
+def is_quantized(cfg: Config) -> bool:
+    """A quantized GGUF source or a checkpoint stored quantized (bitsandbytes, GPTQ, ...)."""
+    path, gguf_file = models.resolve(cfg.model)
+    if gguf_file:
+        reader = gguf.GGUFReader(str(Path(path) / gguf_file))
+        plain = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16,
+                 gguf.GGMLQuantizationType.BF16}
+        return any(t.tensor_type not in plain for t in reader.tensors)
+    return getattr(models.load_config(cfg.model), "quantization_config", None) is not None
+
+
+def merged_dtype(cfg: Config, dtype: str) -> str:
+    """``auto``: bfloat16 for a quantized base (a 16-bit copy to merge into), else the dtype
+    the base checkpoint stores."""
+    if dtype != "auto":
+        return dtype
+    if is_quantized(cfg):
+        return "bfloat16"
+    stored = getattr(models.load_config(cfg.model), "dtype", None)
+    name = str(stored).replace("torch.", "") if stored is not None else "float32"
+    return name if name in MERGED_DTYPES else "float32"
+
+
+def merge(adapter: Path, *, dtype: str = "auto") -> tuple[PreTrainedModel,
+                                                           PreTrainedTokenizerBase, Config]:
+    """The base at ``dtype`` with the adapter folded into its weights."""
+    cfg = run_config(adapter)
+    check_mergeable(adapter, cfg)
+    chosen = merged_dtype(cfg, dtype)
+    base, tokenizer = models.load_base(replace(cfg.model, dtype=chosen))
+    if getattr(base, "hf_quantizer", None) is not None:
+        base = base.dequantize(dtype=getattr(torch, chosen))
+    model = PeftModel.from_pretrained(base, str(adapter))
+    try:
+        merged = model.merge_and_unload()
+    except (ValueError, NotImplementedError, AttributeError) as err:
+        raise PeftuneError(f"cannot merge {adapter}: {err}; use --format adapter") from None
+    log.info("merged %s into %s (%s)", adapter, cfg.model.name, chosen)
+    return merged, tokenizer, cfg
+
+
+def export_merged(adapter: Path, out: Path, *, dtype: str = "auto") -> Exported:
+    model, tokenizer, _ = merge(adapter, dtype=dtype)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(str(out), safe_serialization=True)
+    tokenizer.save_pretrained(str(out))
+    return Exported(out, f'AutoModelForCausalLM.from_pretrained("{out}")')
+
+
+# ---------------------------------------------------------------- gguf
+
+def export_gguf(adapter: Path, out: Path, *, dtype: str = "f16") -> Exported:
+    """Merge in float32, then write ``out/<run>-<dtype>.gguf`` with ``gguf.GGUFWriter``."""
+    model, tokenizer, cfg = merge(adapter, dtype="float32")
+    check_llama(model.config)
+    pre = pre_tokenizer_name(tokenizer)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{Path(cfg.output_dir).name}-{dtype}.gguf"
+    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    write_llama_metadata(writer, model.config, name=Path(cfg.output_dir).name,
+                         file_type=GGUF_DTYPES[dtype][1])
+    write_tokenizer(writer, tokenizer, vocab_size=model.config.vocab_size,
+                    pre=source_pre_tokenizer(cfg) or pre)
+    write_llama_tensors(writer, model, qtype=GGUF_DTYPES[dtype][0])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file(progress=True)
+    writer.close()
+    return Exported(path, f'AutoModelForCausalLM.from_pretrained("{out}", '
+                          f'gguf_file="{path.name}")')
+
+
+def check_llama(config: Any) -> None:
+    if config.model_type != "llama":
+        raise ModelError(f"GGUF export writes the LLaMA architecture; this base is "
+                         f"'{config.model_type}': export --format merged and convert it with "
+                         "llama.cpp's convert_hf_to_gguf.py")
+    rope = getattr(config, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") != "default":
+        raise ModelError(f"GGUF export supports plain RoPE; this base uses "
+                         f"'{rope['rope_type']}' RoPE scaling: export --format merged instead")
+
+
+def write_llama_metadata(writer: gguf.GGUFWriter, config: Any, *, name: str,
+                         file_type: int) -> None:
+    """The ``llama.*`` keys that llama.cpp and transformers' GGUF loader read."""
+    head_dim = getattr(config, "head_dim", None) or \
+        config.hidden_size // config.num_attention_heads
+    rope = getattr(config, "rope_parameters", None) or {}
+    writer.add_name(name)
+    writer.add_file_type(int(file_type))
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta",
+                                                                     10000.0))))
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+
+
+def permute_qk(weights: np.ndarray, n_head: int) -> np.ndarray:
+    """HF stores Q/K rows as two rotary halves per head; GGUF (llama.cpp) interleaves them.
+    The inverse of transformers' ``LlamaTensorProcessor._reverse_permute_weights``."""
+    return (weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
+            .swapaxes(1, 2).reshape(weights.shape))
+
+
+def write_llama_tensors(writer: gguf.GGUFWriter, model: PreTrainedModel, *,
+                        qtype: gguf.GGMLQuantizationType) -> None:
+    config = model.config
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    for hf_name, tensor in model.state_dict().items():
+        if hf_name == "lm_head.weight" and config.tie_word_embeddings:
+            continue  # a GGUF without output.weight ties it to token_embd
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise ModelError(f"GGUF export: no LLaMA GGUF name for tensor '{hf_name}'")
+        data = tensor.detach().float().cpu().numpy()
+        if ".attn_q." in name:
+            data = permute_qk(data, config.num_attention_heads)
+        elif ".attn_k." in name:
+            data = permute_qk(data, config.num_key_value_heads)
+        # llama.cpp keeps norms and other 1-D tensors in f32 whatever the file type
+        kind = gguf.GGMLQuantizationType.F32 if data.ndim == 1 else qtype
+        writer.add_tensor(name, gguf.quants.quantize(data, kind), raw_dtype=kind)
+
+
+def source_pre_tokenizer(cfg: Config) -> str | None:
+    """A GGUF base names its pre-tokenizer for llama.cpp; keep that name."""
+    path, gguf_file = models.resolve(cfg.model)
+    if not gguf_file:
+        return None
+    field = gguf.GGUFReader(str(Path(path) / gguf_file)).get_field("tokenizer.ggml.pre")
+    return field.contents() if field is not None else None
+
+
+def pre_tokenizer_name(tokenizer: PreTrainedTokenizerBase) -> str:
+    """The llama.cpp pre-tokenizer name of a GPT-2 style byte-level BPE tokenizer; other
+    tokenizers (WordLevel, SentencePiece) are refused with the reason."""
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    model, pre = spec["model"], spec.get("pre_tokenizer") or {}
+    if model.get("type") != "BPE" or pre.get("type") != "ByteLevel" or \
+            not pre.get("use_regex", True):
+        kind = pre.get("type") if model.get("type") == "BPE" else model.get("type")
+        raise ModelError(f"GGUF export needs a GPT-2 style byte-level BPE tokenizer (as "
+                         f"SmolLM2 and LLaMA-3 have); this one is {kind}: export --format "
+                         "merged and convert it with llama.cpp's convert_hf_to_gguf.py")
+    return "gpt-2"
+
+
+def write_tokenizer(writer: gguf.GGUFWriter, tokenizer: PreTrainedTokenizerBase, *,
+                    vocab_size: int, pre: str) -> None:
+    """``tokenizer.ggml.*`` keys: vocabulary, merges, token types and special ids."""
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    by_id = {i: tok for tok, i in tokenizer.get_vocab().items()}
+    if len(by_id) > vocab_size or set(by_id) != set(range(len(by_id))):
+        raise ModelError(f"GGUF export: the tokenizer's {len(by_id)} ids do not fit the "
+                         f"model's {vocab_size} embeddings")
+    special = set(tokenizer.all_special_ids)
+    added = {i for i, tok in tokenizer.added_tokens_decoder.items() if not tok.special}
+    tokens, types = [], []
+    for i in range(vocab_size):  # ids past the tokenizer pad the embedding matrix
+        tokens.append(by_id.get(i, f"[PAD{i}]"))
+        types.append(gguf.TokenType.UNUSED if i not in by_id else gguf.TokenType.CONTROL
+                     if i in special else gguf.TokenType.USER_DEFINED if i in added
+                     else gguf.TokenType.NORMAL)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    for key, token_id in (("bos", tokenizer.bos_token_id), ("eos", tokenizer.eos_token_id),
+                          ("unk", tokenizer.unk_token_id), ("pad", tokenizer.pad_token_id)):
+        if token_id is not None:
+            getattr(writer, f"add_{key}_token_id")(token_id)
+    probe = tokenizer("a")["input_ids"]
+    writer.add_add_bos_token(bool(probe) and probe[0] == tokenizer.bos_token_id)
+    writer.add_add_eos_token(bool(probe) and probe[-1] == tokenizer.eos_token_id)
+    if isinstance(tokenizer.chat_template, str):
+        writer.add_chat_template(tokenizer.chat_template)
+
+
+def export(adapter: Path, out: Path, *, fmt: str, dtype: str | None = None) -> Exported:
+    if fmt == "adapter":
+        return export_adapter(adapter, out)
+    if fmt == "merged":
+        return export_merged(adapter, out, dtype=dtype or "auto")
+    return export_gguf(adapter, out, dtype=dtype or "f16")
+
+
+__all__ = ["FORMATS", "GGUF_DTYPES", "MERGED_DTYPES", "Exported", "export", "export_adapter",
+           "export_gguf", "export_merged", "merge"]

@@ -1,0 +1,160 @@
+"""Every export format round-trips: the exported model generates the adapter's greedy text."""
+
+import importlib.metadata
+import json
+
+import pytest
+import torch
+from packaging import version
+from peft import PeftModel, PromptTuningConfig, TaskType, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.integrations.peft import MIN_PEFT_VERSION
+
+from peftune import config_from_dict
+from peftune.cli import main
+from peftune.config import EvalConfig
+from peftune.errors import ModelError, PeftuneError
+from peftune.evaluate import generate, prompts_of
+from peftune.export import export
+from peftune.train import prepare, run
+from tests.conftest import make_llama, make_tokenizer
+
+N_NEW = 8
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_bpe_model_dir, tiny_data_dir, tmp_path_factory):
+    """One trained adapter on the byte-level BPE tiny LLaMA, its prompts and greedy text."""
+    out = tmp_path_factory.mktemp("export-run")
+    cfg = config_from_dict({
+        "output_dir": str(out / "run"), "data": {"source": str(tiny_data_dir),
+                                                 "max_source_tokens": 24},
+        "model": {"name": str(tiny_bpe_model_dir)}, "lora": {"target_modules": ["all-linear"]},
+        "train": {"max_steps": 3, "batch_size": 4, "micro_batch_size": 2, "learning_rate": 5e-2,
+                  "precision": "fp32", "eval_each_epoch": False}})
+    result = run(cfg)
+    data = prepare(cfg, _tokenizer(result.adapter_dir), seq2seq=False, roles=("test",))
+    prompts = prompts_of(data.splits["test"])
+    texts = _greedy(result.model, data.tokenizer, prompts)
+    with result.model.disable_adapter():
+        assert _greedy(result.model, data.tokenizer, prompts) != texts, "adapter had no effect"
+    return result.adapter_dir, prompts, texts, out
+
+
+def _tokenizer(path, **kw):
+    return AutoTokenizer.from_pretrained(str(path), **kw)
+
+
+def _greedy(model, tokenizer, prompts):
+    settings = EvalConfig(batch_size=4, max_new_tokens=N_NEW, no_repeat_ngram_size=0)
+    return generate(model, tokenizer, prompts, settings, progress=False)
+
+
+def test_adapter_export_loads_in_plain_peft(trained, tiny_bpe_model_dir):
+    adapter, prompts, texts, out = trained
+    exported = export(adapter, out / "adapter", fmt="adapter")
+    files = {p.name for p in exported.path.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "peftune.yaml",
+            "tokenizer.json"} <= files and "training_args.bin" not in files
+    meta = json.loads((exported.path / "adapter_config.json").read_text())
+    assert meta["base_model_name_or_path"] == str(tiny_bpe_model_dir.resolve())
+    tok = _tokenizer(exported.path)
+    base = AutoModelForCausalLM.from_pretrained(tiny_bpe_model_dir)
+    assert _greedy(PeftModel.from_pretrained(base, str(exported.path)), tok, prompts) == texts
+
+
+@pytest.mark.skipif(
+    version.parse(importlib.metadata.version("peft")) < version.parse(MIN_PEFT_VERSION),
+    reason=f"transformers' adapter loading needs peft>={MIN_PEFT_VERSION}, not yet released")
+def test_adapter_export_loads_in_transformers(trained):
+    adapter, prompts, texts, out = trained
+    exported = export(adapter, out / "adapter-hf", fmt="adapter")
+    # transformers follows base_model_name_or_path and attaches the adapter itself
+    direct = AutoModelForCausalLM.from_pretrained(exported.path)
+    assert direct.active_adapters() and _greedy(direct, _tokenizer(exported.path), prompts) == texts
+
+
+def test_merged_export_is_a_plain_model_with_the_same_greedy_text(trained, capsys):
+    adapter, prompts, texts, out = trained
+    target = out / "merged"
+    assert main(["-q", "export", str(adapter.parent), "--out", str(target)]) == 0
+    printed = capsys.readouterr().out
+    assert "exported merged" in printed and f'from_pretrained("{target}")' in printed
+    files = {p.name for p in target.iterdir()}
+    assert {"model.safetensors", "config.json", "generation_config.json",
+            "tokenizer.json"} <= files and "adapter_config.json" not in files
+    model = AutoModelForCausalLM.from_pretrained(target)
+    assert not hasattr(model, "peft_config")
+    assert _greedy(model, _tokenizer(target), prompts) == texts
+    assert main(["-q", "export", str(adapter), "--format", "adapter", "--dtype", "f16"]) == 2
+    assert "--dtype f16 does not apply to --format adapter" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16", "bf16"])
+def test_gguf_export_reads_back_in_transformers(trained, dtype):
+    adapter, prompts, texts, out = trained
+    exported = export(adapter, out / f"gguf-{dtype}", fmt="gguf", dtype=dtype)
+    folder, name = str(exported.path.parent), exported.path.name
+    tok = _tokenizer(folder, gguf_file=name)
+    original = _tokenizer(adapter)
+    sample = "alpha beta gamma delta . Summarize the following text."
+    assert tok(sample)["input_ids"] == original(sample)["input_ids"]
+    assert tok.apply_chat_template([{"role": "user", "content": "mu nu"}], tokenize=False) == \
+        original.apply_chat_template([{"role": "user", "content": "mu nu"}], tokenize=False)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    merged = export(adapter, out / "merged-ref", fmt="merged").path
+    reference = AutoModelForCausalLM.from_pretrained(merged).state_dict()
+    cast = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    for key, value in loaded.state_dict().items():
+        want = reference[key] if value.ndim == 1 else reference[key].to(cast).float()
+        torch.testing.assert_close(value, want, atol=0, rtol=0, msg=key)
+    if dtype == "f32":  # rounded weights may flip a near-tie of the random model
+        assert _greedy(loaded, tok, prompts) == texts
+
+
+def test_prompt_tuning_cannot_merge_and_says_why(tmp_path, tiny_model_dir, tiny_cfg):
+    tok = make_tokenizer()
+    model = get_peft_model(make_llama(len(tok)), PromptTuningConfig(
+        task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4))
+    model.save_pretrained(tmp_path / "pt")
+    (tmp_path / "pt" / "peftune.yaml").write_text(json.dumps(tiny_cfg))
+    with pytest.raises(PeftuneError, match="virtual tokens"):
+        export(tmp_path / "pt", tmp_path / "out", fmt="merged")
+
+
+def test_wordlevel_tokenizer_has_no_gguf_form(tiny_cfg, tmp_path, capsys):
+    run(config_from_dict(tiny_cfg))
+    with pytest.raises(ModelError, match="byte-level BPE"):
+        export(tmp_path / "run" / "adapter", tmp_path / "g", fmt="gguf")
+    assert main(["-q", "export", str(tmp_path / "run"), "--format", "gguf"]) == 2
+    assert "byte-level BPE" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_smollm2_adapter_exports_to_gguf_with_the_same_greedy_text(tmp_path):
+    """The embedded model is a quantized GGUF: merging goes into a 16-bit copy, and the GGUF
+    written from it keeps SmolLM2's tokenizer and llama.cpp pre-tokenizer name."""
+    import gguf
+    from peft import LoraConfig
+
+    from peftune import models
+    from peftune.config import ModelConfig
+    from peftune.export import merged_dtype
+
+    cfg = config_from_dict({"output_dir": str(tmp_path / "run")})
+    base, tok = models.load_base(ModelConfig())
+    torch.manual_seed(0)
+    model = get_peft_model(base, LoraConfig(task_type=TaskType.CAUSAL_LM, r=4,
+                                            init_lora_weights=False))
+    model.save_pretrained(tmp_path / "adapter")
+    (tmp_path / "adapter" / "peftune.yaml").write_text(json.dumps(cfg.to_dict()))
+    assert merged_dtype(cfg, "auto") == "bfloat16"
+    prompts = [tok.apply_chat_template([{"role": "user", "content": text}],
+                                       add_generation_prompt=True, return_dict=True)["input_ids"]
+               for text in ("Summarize: the cat sat on the mat.", "What is 2 + 2?")]
+    texts = _greedy(model, tok, prompts)
+    path = export(tmp_path / "adapter", tmp_path / "gguf", fmt="gguf", dtype="f32").path
+    assert gguf.GGUFReader(str(path)).get_field("tokenizer.ggml.pre").contents() == "smollm"
+    loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name)
+    gguf_tok = _tokenizer(path.parent, gguf_file=path.name)
+    assert _greedy(loaded, gguf_tok, prompts) == texts

@@ -1,0 +1,43 @@
+import os
+
+from peftune import config_from_dict, tracking
+from peftune.train import run
+
+
+def _losses(history):
+    return [h["loss"] for h in history if "loss" in h]
+
+
+def test_tensorboard_event_files_hold_the_training_loss(tiny_cfg, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tiny_cfg["train"]["report_to"] = ["tensorboard"]
+    result = run(config_from_dict(tiny_cfg))
+    (log_dir,) = (tmp_path / "run" / "checkpoints" / "runs").iterdir()
+    events = EventAccumulator(str(log_dir)).Reload()
+    logged = [e.value for e in events.Scalars("train/loss")]
+    assert len(logged) == tiny_cfg["train"]["max_steps"]
+    assert logged[-1] > 0 and abs(sum(logged) / len(logged) - result.metrics["train_loss"]) < 1e-3
+
+
+def test_mlflow_trial_run_is_named_tagged_and_holds_the_loss(tiny_cfg, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    cfg = config_from_dict(tiny_cfg)
+    cfg.train.report_to = ["mlflow"]
+    with tracking.trial_run(cfg.train, "lr-study", 3) as train_cfg:
+        cfg.train = train_cfg
+        result = run(cfg)
+    assert "MLFLOW_TAGS" not in os.environ and "MLFLOW_EXPERIMENT_NAME" not in os.environ
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("lr-study")
+    (mlrun,) = client.search_runs([experiment.experiment_id])
+    assert mlrun.info.run_name == "lr-study-trial-0003"
+    assert mlrun.data.tags[tracking.STUDY_TAG] == "lr-study"
+    assert mlrun.data.tags[tracking.TRIAL_TAG] == "3"
+    history = client.get_metric_history(mlrun.info.run_id, "loss")
+    assert len(history) == tiny_cfg["train"]["max_steps"]
+    assert abs(mlrun.data.metrics["train_loss"] - result.metrics["train_loss"]) < 1e-6
