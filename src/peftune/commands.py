@@ -13,7 +13,7 @@ from peftune import models
 from peftune import train as training
 from peftune.config import Config, config_from_dict, load_yaml
 from peftune.errors import ModelError, PeftuneError
-from peftune.evaluate import generate, prompts_of, score
+from peftune.evaluate import generate, kv_cache_compat, prompts_of, score
 from peftune.methods import registry
 
 
@@ -47,7 +47,8 @@ def evaluate(cfg: Config, *, adapter: Path | None, split: str = "test") -> dict[
     out_dir = Path(cfg.output_dir)
     if adapter is None and (out_dir / "adapter" / "adapter_config.json").is_file():
         adapter = out_dir / "adapter"
-    base, tokenizer = models.load_base(cfg.model)
+    tokenizer = models.load_tokenizer(cfg.model)
+    base = training.load_base(cfg, tokenizer)
     data = training.prepare(cfg, tokenizer, seq2seq=base.config.is_encoder_decoder,
                             roles=(split,))
     ds = data.splits[split]
@@ -106,10 +107,10 @@ def summarize(adapter_path: str, *, text: str | None = None, input_file: str | N
     docs = [d for d in _read_documents(text, input_file) if d.strip()]
     if not docs:
         raise PeftuneError("nothing to summarize: the input is empty")
-    base, tokenizer = models.load_base(cfg.model)
-    model = PeftModel.from_pretrained(base, str(adapter))
+    tokenizer = models.load_tokenizer(cfg.model)
+    model = PeftModel.from_pretrained(training.load_base(cfg, tokenizer), str(adapter))
     fmt = training.PromptFormat.for_tokenizer(
-        tokenizer, cfg.data.instruction, seq2seq=base.config.is_encoder_decoder)
+        tokenizer, cfg.data.instruction, seq2seq=model.config.is_encoder_decoder)
     ids = tokenizer(docs, add_special_tokens=False)["input_ids"]
     prompts = [fmt.prompt(doc, cfg.data.max_source_tokens) for doc in ids]
     precision = training.resolve_precision(cfg.train.precision)
@@ -128,7 +129,7 @@ def _stream(model: PeftModel, tokenizer, prompt: list[int], max_new_tokens: int)
 
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     model.eval()
-    with torch.inference_mode():
+    with torch.inference_mode(), kv_cache_compat(model):
         out = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=max_new_tokens,
                              do_sample=False, streamer=streamer,
                              pad_token_id=tokenizer.pad_token_id)
@@ -141,11 +142,13 @@ def methods() -> None:
 
     specs = flag_specs()
     for name, method in registry().items():
-        merge = "mergeable" if method.mergeable else "not mergeable"
-        print(f"{name:<14} {method.summary} [{merge}]")
+        notes = ["mergeable" if method.mergeable else "not mergeable",
+                 "causal and encoder-decoder" if method.seq2seq else "causal LMs only",
+                 f"suggested --train.learning_rate {method.learning_rate:g}"]
+        print(f"{name:<14} {method.summary} [{'; '.join(notes)}]")
         for key, _, text, default in specs:
             if key.startswith(f"{name}."):
-                print(f"    --{key:<24} {default!s:<10} {text}")
+                print(f"    --{key:<38} {default!s:<10} {text}")
 
 
 __all__ = ["evaluate", "find_adapter", "methods", "prompts_of", "summarize", "train"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from peftune import models
 from peftune.config import Config, save_yaml
 from peftune.data import Collator, PromptFormat, load_splits, tokenize
+from peftune.errors import ConfigError, PeftuneError
 from peftune.methods import get_method
 from peftune.rundir import update_metrics
 
@@ -48,16 +49,23 @@ def prepare(cfg: Config, tokenizer: PreTrainedTokenizerBase, *, seq2seq: bool,
     return Prepared(tokenizer=tokenizer, fmt=fmt, splits=splits)
 
 
+def load_base(cfg: Config, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """The base model as ``cfg.method`` needs it (quantized for the k-bit methods)."""
+    method = get_method(cfg.method)
+    return models.load_model(cfg.model, pad_token_id=tokenizer.pad_token_id,
+                             extra=method.load_kwargs(cfg.method_options))
+
+
 def wrap(base: PreTrainedModel, cfg: Config) -> PeftModel:
     """A fresh adapter of the configured method around ``base`` (seeded)."""
     method = get_method(cfg.method)
-    info = models.model_info(base)
+    info = replace(models.model_info(base), instruction=cfg.data.instruction)
     if info.is_encoder_decoder and not method.seq2seq:
-        from peftune.errors import ConfigError
-
-        raise ConfigError(f"method '{method.name}' does not support encoder-decoder models")
+        raise ConfigError(f"method '{method.name}' does not support encoder-decoder models "
+                          f"('{info.model_type}'); pick another --method")
+    peft_config = method.build(cfg.method_options, info)
     torch.manual_seed(cfg.seed)
-    return get_peft_model(base, method.build(cfg.method_options, info))
+    return get_peft_model(method.prepare(base, cfg.method_options), peft_config)
 
 
 def resolve_precision(precision: str) -> str:
@@ -100,6 +108,7 @@ def training_args(cfg: Config, *, output_dir: Path, has_eval: bool) -> TrainingA
         remove_unused_columns=False,
         dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(),
+        include_num_input_tokens_seen="non_padding",  # for tokens/s in `peftune compare`
     )
 
 
@@ -138,7 +147,7 @@ def run(cfg: Config, *, base: PreTrainedModel | None = None, data: Prepared | No
         tokenizer = models.load_tokenizer(cfg.model)
         data = prepare(cfg, tokenizer, seq2seq=models.is_seq2seq(cfg.model))
     if base is None:
-        base = models.load_model(cfg.model, pad_token_id=data.tokenizer.pad_token_id)
+        base = load_base(cfg, data.tokenizer)
     model = wrap(base, cfg)
     trainable, total = model.get_nb_trainable_parameters()
     log.info("%s: %s trainable parameters of %s (%.3f%%)", cfg.method, f"{trainable:,}",
@@ -152,12 +161,11 @@ def run(cfg: Config, *, base: PreTrainedModel | None = None, data: Prepared | No
     result = trainer.train(resume_from_checkpoint=resume)
     metrics: dict[str, Any] = dict(result.metrics)
     metrics["trainable_parameters"] = trainable
+    metrics["train_tokens"] = int(trainer.state.num_input_tokens_seen)
     evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
     if evals:
         metrics["eval_loss"] = evals[-1]
     if not math.isfinite(metrics.get("train_loss", 0.0)):
-        from peftune.errors import PeftuneError
-
         raise PeftuneError(f"training diverged (loss {metrics['train_loss']}); no adapter saved")
     adapter_dir = save_adapter(model, data.tokenizer, cfg, out / "adapter")
     update_metrics(out, "train", metrics)
