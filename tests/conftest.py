@@ -9,7 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    T5Config,
+    T5ForConditionalGeneration,
+)
+
+# Tiny matrices gain nothing from a second thread, and on a busy machine OpenMP threads
+# waiting for each other make every op hundreds of times slower.
+torch.set_num_threads(1)
 
 WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi "
          "rho sigma tau upsilon phi chi psi omega the a of and model data result method").split()
@@ -42,6 +52,15 @@ def make_llama(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
     return LlamaForCausalLM(config)
 
 
+def make_t5(vocab_size: int, seed: int = 0) -> T5ForConditionalGeneration:
+    """Pad (1) starts the decoder, as in T5; no dropout, so losses are comparable."""
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=vocab_size, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                      num_decoder_layers=2, num_heads=4, dropout_rate=0.0, pad_token_id=1,
+                      eos_token_id=3, decoder_start_token_id=1)
+    return T5ForConditionalGeneration(config)
+
+
 def make_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
     rng = random.Random(seed)
     rows = []
@@ -63,6 +82,16 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("tiny-llama")
     tok = make_tokenizer(chat=True, pad_is_eos=True)
     make_llama(len(tok)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_t5_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved tiny T5 (encoder-decoder) + tokenizer folder, usable as --model.name."""
+    path = tmp_path_factory.mktemp("tiny-t5")
+    tok = make_tokenizer()
+    make_t5(len(tok)).save_pretrained(path)
     tok.save_pretrained(path)
     return path
 

@@ -6,8 +6,15 @@
 16
 """
 
-from peftune.config import Config, config_from_dict, load_yaml
-from peftune.errors import PeftuneError
+import logging
+
+# bitsandbytes (imported by peft) warns on import that an optional CPU kernel, fetched from
+# the hub by the `kernels` package, is missing; its own CPU kernels work without it.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: "kernels-community" not in record.getMessage())
+
+from peftune.config import Config, config_from_dict, load_yaml  # noqa: E402
+from peftune.errors import PeftuneError  # noqa: E402
 
 __all__ = ["Config", "PeftuneError", "config_from_dict", "load_yaml"]
 __version__ = "0.1.0"

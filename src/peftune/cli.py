@@ -80,10 +80,18 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="HTML report and plots of a search run",
                        description="HTML report and plots of a search run")
     p.add_argument("run_dir", help="the search's output_dir")
+    text = "train and score several methods on the same data, budget and seed; write a table"
+    p = sub.add_parser("compare", help=text, description=text)
+    add_config_flags(p)
+    p.add_argument("--methods", help="comma-separated methods (default: all)")
+    p.add_argument("--split", default="test", choices=("validation", "test"),
+                   help="split to score (default: test)")
+    p.add_argument("--shared-lr", action="store_true", help="use train.learning_rate for every "
+                   "method instead of each method's suggested rate")
     return top
 
 
-def _setup_logging(quiet: bool) -> None:
+def setup_logging(quiet: bool) -> None:
     import datasets
     import transformers
 
@@ -103,7 +111,7 @@ def _setup_logging(quiet: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ns = parser().parse_args(argv)
-    _setup_logging(ns.quiet)
+    setup_logging(ns.quiet)
     try:
         if ns.command == "train":
             commands.train(build_config(ns))
@@ -123,6 +131,12 @@ def main(argv: list[str] | None = None) -> int:
             commands.report(ns.run_dir)
         elif ns.command == "methods":
             commands.methods()
+        elif ns.command == "compare":
+            from peftune import compare
+
+            compare.run(build_config(ns), split=ns.split, shared_lr=ns.shared_lr,
+                        quiet=ns.quiet, methods=[m.strip() for m in (ns.methods or "").split(",")
+                                                 if m.strip()] or None)
     except Interrupted as err:
         print(f"peftune: {err}", file=sys.stderr)
         return 130

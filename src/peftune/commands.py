@@ -15,7 +15,7 @@ from peftune import models
 from peftune import train as training
 from peftune.config import Config, EvalConfig, config_from_dict, load_yaml
 from peftune.errors import ModelError, PeftuneError
-from peftune.evaluate import generate, generation_config, score
+from peftune.evaluate import generate, generation_config, kv_cache_compat, score
 from peftune.methods import registry
 
 
@@ -51,7 +51,8 @@ def evaluate(cfg: Config, *, adapter: Path | None, split: str = "test") -> dict[
     out_dir = Path(cfg.output_dir)
     if adapter is None and (out_dir / "adapter" / "adapter_config.json").is_file():
         adapter = out_dir / "adapter"
-    base, tokenizer = models.load_base(cfg.model)
+    tokenizer = models.load_tokenizer(cfg.model)
+    base = training.load_base(cfg, tokenizer)
     data = training.prepare(cfg, tokenizer, seq2seq=base.config.is_encoder_decoder,
                             roles=(split,))
     ds = data.splits[split]
@@ -112,10 +113,10 @@ def summarize(adapter_path: str, *, text: str | None = None, input_file: str | N
     docs = [d for d in _read_documents(text, input_file) if d.strip()]
     if not docs:
         raise PeftuneError("nothing to summarize: the input is empty")
-    base, tokenizer = models.load_base(cfg.model)
-    model = models.load_adapter(base, adapter)
+    tokenizer = models.load_tokenizer(cfg.model)
+    model = models.load_adapter(training.load_base(cfg, tokenizer), adapter)
     fmt = training.PromptFormat.for_tokenizer(
-        tokenizer, cfg.data.instruction, seq2seq=base.config.is_encoder_decoder)
+        tokenizer, cfg.data.instruction, seq2seq=model.config.is_encoder_decoder)
     ids = tokenizer(docs, add_special_tokens=False)["input_ids"]
     prompts = [fmt.prompt(doc, cfg.data.max_source_tokens) for doc in ids]
     precision = training.resolve_precision(cfg.train.precision)
@@ -134,7 +135,7 @@ def _stream(model: PeftModel, tokenizer: Any, prompt: list[int], settings: EvalC
 
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     model.eval()
-    with torch.inference_mode():
+    with torch.inference_mode(), kv_cache_compat(model):
         out = model.generate(input_ids=torch.tensor([prompt]), streamer=streamer,
                              generation_config=generation_config(settings, tokenizer))
     start = 0 if model.config.is_encoder_decoder else len(prompt)
@@ -146,11 +147,13 @@ def methods() -> None:
 
     specs = flag_specs()
     for name, method in registry().items():
-        merge = "mergeable" if method.mergeable else "not mergeable"
-        print(f"{name:<14} {method.summary} [{merge}]")
+        notes = ["mergeable" if method.mergeable else "not mergeable",
+                 "causal and encoder-decoder" if method.seq2seq else "causal LMs only",
+                 f"suggested --train.learning_rate {method.learning_rate:g}"]
+        print(f"{name:<14} {method.summary} [{'; '.join(notes)}]")
         for key, _, text, default in specs:
             if key.startswith(f"{name}."):
-                print(f"    --{key:<24} {default!s:<10} {text}")
+                print(f"    --{key:<38} {default!s:<10} {text}")
 
 
 

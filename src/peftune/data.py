@@ -5,6 +5,8 @@ Every example becomes one sequence for a decoder-only model::
     [prompt: template + truncated document] [summary] [EOS]
      labels: -100 ...                        summary   EOS
 
+An encoder-decoder model gets ``[prompt]`` as encoder input and ``[summary] [EOS]`` as labels.
+
 Labels are masked by position, never by token id: SmolLM2's pad token *is* its EOS, and
 masking pad ids would erase the one EOS the model must learn to emit.
 """

@@ -63,6 +63,32 @@ def generation_config(settings: EvalConfig, tokenizer: PreTrainedTokenizerBase
         no_repeat_ngram_size=settings.no_repeat_ngram_size,
         repetition_penalty=settings.repetition_penalty,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+@contextlib.contextmanager
+def kv_cache_compat(model: Any) -> Iterator[None]:
+    """Let peft's prompt-learning generation find the KV cache of transformers 5.
+
+    peft 0.21 looks for the cache under ``past_key_values``; transformers 5 calls it
+    ``cache``. Unseen, prefix tuning is never put into the cache and prompt/p-tuning re-insert
+    their virtual tokens at every decoding step: outputs silently differ from the model's own
+    forward pass. Renaming the key on the way in is all it takes.
+    """
+    config = getattr(model, "active_peft_config", None)
+    if config is None or not config.is_prompt_learning:
+        yield
+        return
+    prepare = model.base_model_prepare_inputs_for_generation
+
+    def renamed(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        inputs = prepare(*args, **kwargs)
+        if "cache" in inputs:
+            inputs["past_key_values"] = inputs.pop("cache")
+        return inputs
+
+    model.base_model_prepare_inputs_for_generation = renamed
+    try:
+        yield
+    finally:
+        model.base_model_prepare_inputs_for_generation = prepare
 
 
 @torch.inference_mode()
@@ -73,15 +99,18 @@ def generate(model: Any, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[l
     settings = settings or EvalConfig()
     model.eval()
     device = next(model.parameters()).device
-    collate = Collator(pad_id=tokenizer.pad_token_id, padding_side="left")
+    encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+    # A decoder continues after the last prompt token, so prompts are left-padded; an encoder
+    # reads its input as it was trained, right-padded (virtual tokens stay next to the text).
+    collate = Collator(pad_id=tokenizer.pad_token_id,
+                       padding_side="right" if encoder_decoder else "left")
     gen_config = generation_config(settings, tokenizer)
     outputs: list[str] = [""] * len(prompts)
-    encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
     bar = tqdm(total=len(prompts), desc="generating", disable=not progress, leave=False)
     for idx in _batches(prompts, settings.batch_size):
         batch = collate([{"input_ids": prompts[i]} for i in idx])
         batch = {k: v.to(device) for k, v in batch.items()}
-        with autocast(precision, device):
+        with autocast(precision, device), kv_cache_compat(model):
             out = model.generate(**batch, generation_config=gen_config)
         new = out if encoder_decoder else out[:, batch["input_ids"].shape[1]:]
         texts = tokenizer.batch_decode(new, skip_special_tokens=True)

@@ -134,20 +134,34 @@ def is_seq2seq(cfg: ModelConfig) -> bool:
     return bool(load_config(cfg).is_encoder_decoder)
 
 
-def load_model(cfg: ModelConfig, *, pad_token_id: int | None = None) -> PreTrainedModel:
+def load_model(cfg: ModelConfig, *, pad_token_id: int | None = None,
+               extra: dict[str, Any] | None = None) -> PreTrainedModel:
+    """Causal or encoder-decoder LM, as its config says; ``extra`` goes to ``from_pretrained``
+    (a method's quantization config)."""
     config = load_config(cfg)
     auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
     try:
         model = auto.from_pretrained(_local_path(cfg), dtype=_dtype(cfg.dtype),
-                                     **_hub_kwargs(cfg))
+                                     **_hub_kwargs(cfg), **(extra or {}))
     except (OSError, ValueError) as err:
         raise ModelError(f"cannot load model '{cfg.name}': {_first_line(err)}") from None
+    _keep_4bit_weights_trainable(model)
     if pad_token_id is not None:
         # keep model, generation config and tokenizer in agreement about padding
         model.config.pad_token_id = pad_token_id
         if model.generation_config is not None:
             model.generation_config.pad_token_id = pad_token_id
     return model
+
+
+def _keep_4bit_weights_trainable(model: PreTrainedModel) -> None:
+    # On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a 4-bit layer's weights for a faster
+    # kernel on its first no-grad eval forward. Repacked layers pass no gradient back, so any
+    # later training step silently learns nothing (a Trainer evaluation between epochs is
+    # enough), and repacking fails on layers narrower than a quantization block.
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
 
 
 def load_base(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -171,6 +185,7 @@ def model_info(model: torch.nn.Module) -> ModelInfo:
         linear_names=tuple(sorted(linear)),
         num_layers=int(getattr(config, "num_hidden_layers", getattr(config, "num_layers", 0))),
         hidden_size=int(getattr(config, "hidden_size", getattr(config, "d_model", 0))),
+        name_or_path=str(getattr(config, "_name_or_path", "") or ""),
     )
 
 

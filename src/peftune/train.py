@@ -13,7 +13,7 @@ import os
 import signal
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -68,14 +68,23 @@ def prepare(cfg: Config, tokenizer: PreTrainedTokenizerBase, *, seq2seq: bool,
     return Prepared(tokenizer=tokenizer, fmt=fmt, splits=splits)
 
 
+def load_base(cfg: Config, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """The base model as ``cfg.method`` needs it (quantized for the k-bit methods)."""
+    method = get_method(cfg.method)
+    return models.load_model(cfg.model, pad_token_id=tokenizer.pad_token_id,
+                             extra=method.load_kwargs(cfg.method_options))
+
+
 def wrap(base: PreTrainedModel, cfg: Config) -> PeftModel:
     """A fresh adapter of the configured method around ``base`` (seeded)."""
     method = get_method(cfg.method)
-    info = models.model_info(base)
+    info = replace(models.model_info(base), instruction=cfg.data.instruction)
     if info.is_encoder_decoder and not method.seq2seq:
-        raise ConfigError(f"method '{method.name}' does not support encoder-decoder models")
+        raise ConfigError(f"method '{method.name}' does not support encoder-decoder models "
+                          f"('{info.model_type}'); pick another --method")
+    peft_config = method.build(cfg.method_options, info)
     torch.manual_seed(cfg.seed)
-    return get_peft_model(base, method.build(cfg.method_options, info))
+    return get_peft_model(method.prepare(base, cfg.method_options), peft_config)
 
 
 def resolve_precision(precision: str) -> str:
@@ -136,6 +145,7 @@ def training_args(cfg: Config, *, output_dir: Path, has_eval: bool) -> TrainingA
         prediction_loss_only=True,
         dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(),
+        include_num_input_tokens_seen="non_padding",  # for tokens/s in `peftune compare`
     )
 
 
@@ -371,6 +381,7 @@ def _fit_once(cfg: Config, model: PeftModel, data: Prepared, *, output_dir: Path
         raise Diverged(f"training diverged ({guard.reason or 'non-finite loss'}); lower "
                        "train.learning_rate; no adapter was saved")
     metrics["trainable_parameters"] = model.get_nb_trainable_parameters()[0]
+    metrics["train_tokens"] = int(trainer.state.num_input_tokens_seen)
     evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
     if evals:
         metrics["eval_loss"] = evals[-1]
@@ -394,7 +405,7 @@ def run(cfg: Config, *, base: PreTrainedModel | None = None, data: Prepared | No
         tokenizer = models.load_tokenizer(cfg.model)
         data = prepare(cfg, tokenizer, seq2seq=models.is_seq2seq(cfg.model))
     if base is None:
-        base = models.load_model(cfg.model, pad_token_id=data.tokenizer.pad_token_id)
+        base = load_base(cfg, data.tokenizer)
     model = wrap(base, cfg)
     trainable, total = model.get_nb_trainable_parameters()
     log.info("%s: %s trainable parameters of %s (%.3f%%)", cfg.method, f"{trainable:,}",

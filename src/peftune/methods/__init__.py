@@ -1,7 +1,8 @@
 """PEFT method registry: one module per method, each registering a :class:`Method`.
 
 A method contributes everything method-specific (its options, the ``peft`` config it builds,
-its search space, its training callbacks) so that training and search never branch on names.
+its search space, its training callbacks, how the base model must be loaded) so that
+training, evaluation and search never branch on names.
 """
 
 from __future__ import annotations
@@ -17,13 +18,29 @@ from peftune.errors import ConfigError
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """What a method needs to know about the base model to configure itself."""
+    """What a method needs to know about the base model (and its prompt) to configure itself."""
 
     model_type: str
     is_encoder_decoder: bool
     linear_names: tuple[str, ...]
     num_layers: int
     hidden_size: int
+    name_or_path: str = ""
+    """Where the model and its tokenizer were loaded from."""
+    instruction: str = ""
+    """The instruction every prompt starts with (text-initialised prompts start from it)."""
+
+
+def _no_callbacks(model: Any, options: Any) -> list[Any]:
+    return []
+
+
+def _no_load_kwargs(options: Any) -> dict[str, Any]:
+    return {}
+
+
+def _unchanged(model: Any, options: Any) -> Any:
+    return model
 
 
 @dataclass(frozen=True)
@@ -35,10 +52,24 @@ class Method:
     """(options, model info) -> a ``peft.PeftConfig``."""
     search_space: Callable[[Any], dict[str, Any]]
     """An Optuna trial -> options for this method (keys of ``options``)."""
-    callbacks: Callable[[Any, Any], list[Any]] = field(default=lambda model, options: [])
+    learning_rate: float = 2e-4
+    """A learning rate that trains this method well (``peftune compare`` uses it)."""
+    callbacks: Callable[[Any, Any], list[Any]] = field(default=_no_callbacks)
     """(peft model, options) -> extra ``transformers.TrainerCallback`` instances."""
+    load_kwargs: Callable[[Any], dict[str, Any]] = field(default=_no_load_kwargs)
+    """options -> extra ``from_pretrained`` arguments for the base model (quantization)."""
+    prepare: Callable[[Any, Any], Any] = field(default=_unchanged)
+    """(base model, options) -> the base model made ready for this method's adapter."""
     mergeable: bool = True
     seq2seq: bool = True
+
+    def merge(self, model: Any) -> Any:
+        """The base model with the adapter folded into its weights."""
+        if not self.mergeable:
+            raise ConfigError(f"method '{self.name}' cannot be merged into the base weights "
+                              "(it adds virtual tokens or attention, not weight deltas); "
+                              "use the adapter as it is")
+        return model.merge_and_unload()
 
 
 _REGISTRY: dict[str, Method] = {}
@@ -50,9 +81,10 @@ def register(method: Method) -> Method:
 
 
 def registry() -> dict[str, Method]:
-    if not _REGISTRY:
-        for mod in pkgutil.iter_modules(__path__):
-            importlib.import_module(f"{__name__}.{mod.name}")
+    # import every method module, even when one was imported directly before (it registered
+    # itself then, but not the others); imports after the first are dictionary look-ups
+    for mod in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{mod.name}")
     return dict(sorted(_REGISTRY.items()))
 
 
@@ -63,4 +95,17 @@ def get_method(name: str) -> Method:
     return methods[name]
 
 
-__all__ = ["Method", "ModelInfo", "get_method", "register", "registry"]
+def task_type(info: ModelInfo) -> Any:
+    from peft import TaskType
+
+    return TaskType.SEQ_2_SEQ_LM if info.is_encoder_decoder else TaskType.CAUSAL_LM
+
+
+def choice(value: str, choices: tuple[str, ...], key: str) -> str:
+    """``value`` upper-cased if it is one of ``choices``, else a ConfigError naming ``key``."""
+    if value.upper() not in choices:
+        raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
+    return value.upper()
+
+
+__all__ = ["Method", "ModelInfo", "choice", "get_method", "register", "registry", "task_type"]

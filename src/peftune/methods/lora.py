@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from peft import LoraConfig, TaskType
+from peft import LoraConfig
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
 from peftune.config import _help
-from peftune.methods import Method, ModelInfo, register
+from peftune.methods import Method, ModelInfo, register, task_type
 
 TARGET_PRESETS = {
     "attention": ("q_proj", "k_proj", "v_proj", "o_proj", "q", "k", "v", "o"),
@@ -44,7 +44,7 @@ def target_modules(requested: list[str], info: ModelInfo, *, mapping: dict | Non
 
 def build(options: LoraOptions, info: ModelInfo) -> LoraConfig:
     return LoraConfig(
-        task_type=TaskType.SEQ_2_SEQ_LM if info.is_encoder_decoder else TaskType.CAUSAL_LM,
+        task_type=task_type(info),
         r=options.r,
         lora_alpha=options.alpha,
         lora_dropout=options.dropout,
@@ -69,5 +69,5 @@ def _targets(trial: Any) -> list[str]:
     return [] if choice == "default" else [choice]
 
 
-register(Method(name="lora", summary="Low-rank adapters on linear layers (mergeable)",
-                options=LoraOptions, build=build, search_space=search_space))
+register(Method(name="lora", summary="LoRA: low-rank updates of linear layers",
+                options=LoraOptions, build=build, search_space=search_space, learning_rate=1e-3))

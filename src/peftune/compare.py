@@ -1,0 +1,197 @@
+"""Side-by-side comparison of PEFT methods: same data, budget and seed; one table.
+
+    peftune compare --config configs/aclsum-smollm2-lora.yaml --train.max_steps 8
+
+Each method trains and is scored in its own process, so its peak memory is its own and one
+method's failure (say, llama-adapter on a non-LLaMA model) becomes a row, not a crash. Each
+uses its suggested learning rate (``peftune methods``) unless ``--shared-lr`` is given.
+Writes ``compare.md``, ``compare.csv`` and ``compare.png`` to ``output_dir``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from peftune.config import Config, config_from_dict, load_yaml, save_yaml
+from peftune.errors import PeftuneError
+from peftune.methods import registry
+from peftune.rundir import atomic_write
+
+log = logging.getLogger(__name__)
+
+COLUMNS = [  # (key, Markdown header, format)
+    ("method", "method", "{}"),
+    ("learning_rate", "lr", "{:g}"),
+    ("rouge1", "ROUGE-1", "{:.2f}"),
+    ("rouge2", "ROUGE-2", "{:.2f}"),
+    ("rougeL", "ROUGE-L", "{:.2f}"),
+    ("trainable_parameters", "trainable params", "{:,}"),
+    ("adapter_mib", "adapter MiB", "{:.2f}"),
+    ("train_tokens_per_s", "train tokens/s", "{:.0f}"),
+    ("peak_memory_mib", "peak MiB", "{:.0f}"),
+    ("wall_s", "wall s", "{:.0f}"),
+]
+
+
+def run(cfg: Config, *, methods: list[str] | None = None, split: str = "test",
+        shared_lr: bool = False, quiet: bool = False) -> list[dict[str, Any]]:
+    """Train and score every method in ``methods`` (default: all); write the table."""
+    names = methods or list(registry())
+    unknown = sorted(set(names) - set(registry()))
+    if unknown:
+        raise PeftuneError(f"--methods: unknown {', '.join(unknown)} (valid: "
+                           f"{', '.join(registry())})")
+    out = Path(cfg.output_dir)
+    rows = []
+    for i, name in enumerate(names, 1):
+        print(f"[{i}/{len(names)}] {name}", file=sys.stderr, flush=True)
+        rows.append(_run_one(_method_config(cfg, name, shared_lr), split=split, quiet=quiet))
+    write_table(rows, out, title=f"{cfg.model.name} on {cfg.data.source} ({split} split)")
+    return rows
+
+
+def _method_config(cfg: Config, name: str, shared_lr: bool) -> Config:
+    data = cfg.to_dict()
+    data.update(method=name, output_dir=str(Path(cfg.output_dir) / name))
+    data["train"]["resume"] = False  # a comparison measures a whole run
+    if not shared_lr:
+        data["train"]["learning_rate"] = registry()[name].learning_rate
+    return config_from_dict(data)
+
+
+def _run_one(cfg: Config, *, split: str, quiet: bool) -> dict[str, Any]:
+    run_dir = Path(cfg.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_yaml(cfg, run_dir / "compare-config.yaml")
+    result = run_dir / "compare.json"
+    result.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "peftune.compare", str(run_dir), split, *(["-q"] * quiet)]
+    code = subprocess.call(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if result.is_file():
+        return json.loads(result.read_text())
+    return {"method": cfg.method, "learning_rate": cfg.train.learning_rate,
+            "error": f"failed with exit status {code}"}
+
+
+def measure(run_dir: Path, split: str) -> dict[str, Any]:
+    """Train and score one method (in this process); the row of the table."""
+    import torch
+
+    from peftune import models, train
+    from peftune.evaluate import score
+
+    cfg = config_from_dict(load_yaml(run_dir / "compare-config.yaml"))
+    row: dict[str, Any] = {"method": cfg.method, "learning_rate": cfg.train.learning_rate}
+    start = time.perf_counter()
+    tokenizer = models.load_tokenizer(cfg.model)
+    data = train.prepare(cfg, tokenizer, seq2seq=models.is_seq2seq(cfg.model),
+                         roles=("train", "validation", split))
+    result = train.run(cfg, data=data)
+    scores = score(result.model, tokenizer, data.splits[split], cfg.eval, out_dir=run_dir,
+                   tag=split, precision=train.resolve_precision(cfg.train.precision))
+    m = result.metrics
+    adapter_bytes = sum(f.stat().st_size for f in result.adapter_dir.glob("adapter_model.*"))
+    row.update({key: scores[key] for key in ("rouge1", "rouge2", "rougeL")})
+    row.update(
+        trainable_parameters=m["trainable_parameters"],
+        adapter_mib=adapter_bytes / 2**20,
+        train_tokens_per_s=m["train_tokens"] / max(m["train_runtime"], 1e-9),
+        peak_memory_mib=_peak_memory_mib(torch),
+        wall_s=time.perf_counter() - start,
+    )
+    return row
+
+
+def _peak_memory_mib(torch: Any) -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    # ru_maxrss is KiB on Linux, bytes on macOS
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (2**20 if sys.platform == "darwin" else 2**10)
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    head = "| " + " | ".join(h for _, h, _ in COLUMNS) + " |"
+    lines = [head, "|" + "|".join("---" for _ in COLUMNS) + "|"]
+    for row in rows:
+        if "error" in row:
+            cells = [row["method"], f"{row['learning_rate']:g}", f"not run: {row['error']}"]
+            cells += [""] * (len(COLUMNS) - len(cells))
+        else:
+            cells = [fmt.format(row[key]) for key, _, fmt in COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_table(rows: list[dict[str, Any]], out: Path, *, title: str) -> None:
+    memory = "peak CUDA memory allocated" if _has_cuda() else "peak process RSS"
+    text = (f"# {title}\n\n{markdown(rows)}\npeak MiB: {memory}; tokens/s: non-padding input "
+            "tokens per second of training; wall s: load, train and score.\n")
+    atomic_write(out / "compare.md", text)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=[k for k, _, _ in COLUMNS] + ["error"],
+                            extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(out / "compare.csv", buffer.getvalue())
+    plot(rows, out / "compare.png", title=title)
+    print(f"\n{text}\ntables: {out / 'compare.md'}, {out / 'compare.csv'}, {out / 'compare.png'}")
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def plot(rows: list[dict[str, Any]], path: Path, *, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in rows if "error" not in r]
+    keys = ("rouge1", "rouge2", "rougeL")
+    width = 0.8 / len(keys)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(done) + 2), 4))
+    for k, key in enumerate(keys):
+        ax.bar([i + (k - 1) * width for i in range(len(done))], [r[key] for r in done],
+               width, label=key.replace("rouge", "ROUGE-"))
+    ax.set_xticks(range(len(done)), [r["method"] for r in done], rotation=30, ha="right")
+    ax.set_ylabel("F1 x 100")
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _worker(argv: list[str]) -> int:
+    from peftune.cli import setup_logging
+
+    run_dir, split = Path(argv[0]), argv[1]
+    setup_logging("-q" in argv)
+    try:
+        row = measure(run_dir, split)
+    except PeftuneError as err:
+        row = {"method": run_dir.name, "error": str(err),
+               "learning_rate": config_from_dict(load_yaml(run_dir / "compare-config.yaml"))
+               .train.learning_rate}
+        print(f"peftune: error: {err}", file=sys.stderr)
+    atomic_write(run_dir / "compare.json", json.dumps(row, indent=2))
+    return 2 if "error" in row else 0
+
+
+if __name__ == "__main__":
+    sys.exit(_worker(sys.argv[1:]))

@@ -1,0 +1,124 @@
+"""AdaLoRA (Zhang et al., 2023) through ``peft.AdaLoraConfig``: LoRA whose rank budget is
+pruned from ``init_r`` towards ``target_r`` per module while training.
+
+The pruning only happens if ``update_and_allocate`` runs after every optimizer step, while
+the gradients are still there; the Hugging Face Trainer never calls it, so
+:class:`RankBudget` does, and sets ``total_step`` from the run's real number of steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from peft import AdaLoraConfig
+from peft.utils.constants import TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING
+from transformers import TrainerCallback
+
+from peftune.config import _help
+from peftune.errors import ConfigError
+from peftune.methods import Method, ModelInfo, register, task_type
+from peftune.methods.lora import target_modules
+
+
+@dataclass
+class AdaLoraOptions:
+    init_r: int = _help("rank every module starts with", 12)
+    target_r: int = _help("average rank per module once the budget is spent", 4)
+    tinit: float = _help("steps before pruning starts; below 1: a fraction of total_step", 0.1)
+    tfinal: float = _help("steps at the end with the final ranks fixed; below 1: a fraction "
+                          "of total_step", 0.2)
+    deltaT: int = _help("prune every deltaT optimizer steps", 1)
+    total_step: int | None = _help("optimizer steps of the schedule (default: the run's real "
+                                   "number of optimizer steps)", None)
+    alpha: int = _help("scaling numerator of the update", 32)
+    dropout: float = _help("dropout on the adapter input", 0.1)
+    beta1: float = _help("EMA factor of the weight sensitivity", 0.85)
+    beta2: float = _help("EMA factor of the sensitivity uncertainty", 0.85)
+    orth_reg_weight: float = _help("weight of the orthogonality penalty on P and Q", 0.5)
+    target_modules: list[str] = _help(
+        "module names to adapt; empty: the architecture's default; 'attention' or "
+        "'all-linear' for presets", [])
+
+    def __post_init__(self) -> None:
+        if not 0 < self.target_r <= self.init_r:
+            raise ConfigError(f"adalora.target_r must be in [1, adalora.init_r={self.init_r}], "
+                              f"got {self.target_r}")
+        for name in ("tinit", "tfinal"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"adalora.{name} must be >= 0, got {getattr(self, name)}")
+        if self.deltaT < 1:
+            raise ConfigError(f"adalora.deltaT must be >= 1, got {self.deltaT}")
+
+
+def schedule(options: AdaLoraOptions, total_step: int) -> dict[str, int]:
+    """``tinit``/``tfinal``/``total_step`` in steps, checked to leave a pruning phase."""
+    def steps(value: float) -> int:
+        return int(value * total_step) if value < 1 else int(value)
+
+    tinit, tfinal = steps(options.tinit), steps(options.tfinal)
+    if tinit >= total_step - tfinal:
+        raise ConfigError(f"adalora.tinit ({tinit} steps) + adalora.tfinal ({tfinal} steps) "
+                          f"leave no pruning phase in {total_step} steps; lower them or train "
+                          "longer")
+    return {"tinit": tinit, "tfinal": tfinal, "total_step": total_step}
+
+
+def build(options: AdaLoraOptions, info: ModelInfo) -> AdaLoraConfig:
+    # Without an explicit total_step the schedule is a placeholder that RankBudget replaces
+    # with the real one when training starts (peft insists on a valid one now).
+    planned = schedule(options, options.total_step) if options.total_step else \
+        {"tinit": 0, "tfinal": 0, "total_step": 1}
+    return AdaLoraConfig(
+        task_type=task_type(info),
+        init_r=options.init_r,
+        target_r=options.target_r,
+        deltaT=options.deltaT,
+        beta1=options.beta1,
+        beta2=options.beta2,
+        orth_reg_weight=options.orth_reg_weight,
+        lora_alpha=options.alpha,
+        lora_dropout=options.dropout,
+        target_modules=target_modules(options.target_modules, info,
+                                      mapping=TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING),
+        **planned,
+    )
+
+
+class RankBudget(TrainerCallback):
+    """Runs AdaLoRA's budget schedule inside the Hugging Face Trainer."""
+
+    def __init__(self, model: Any, options: AdaLoraOptions) -> None:
+        self.model = model
+        self.options = options
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.options.total_step is None:
+            config = self.model.peft_config[self.model.active_adapter]
+            for key, value in schedule(self.options, state.max_steps).items():
+                setattr(config, key, value)
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # after optimizer.step(), before zero_grad(): the sensitivities need the gradients;
+        # global_step is incremented after this hook, so +1 counts the step just taken
+        self.model.base_model.update_and_allocate(state.global_step + 1)
+
+
+def callbacks(model: Any, options: AdaLoraOptions) -> list[Any]:
+    return [RankBudget(model, options)]
+
+
+def search_space(trial: Any) -> dict[str, Any]:
+    init_r = trial.suggest_categorical("adalora.init_r", [8, 12, 16])
+    return {
+        "init_r": init_r,
+        "target_r": init_r // trial.suggest_categorical("adalora.shrink", [2, 3, 4]),
+        "tinit": trial.suggest_float("adalora.tinit", 0.0, 0.3),
+        "tfinal": trial.suggest_float("adalora.tfinal", 0.0, 0.3),
+        "dropout": trial.suggest_float("adalora.dropout", 0.0, 0.2),
+    }
+
+
+register(Method(name="adalora", summary="LoRA with a rank budget pruned during training",
+                options=AdaLoraOptions, build=build, search_space=search_space,
+                learning_rate=1e-3, callbacks=callbacks))

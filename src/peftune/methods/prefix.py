@@ -1,0 +1,45 @@
+"""Prefix tuning (Li & Liang, 2021) through ``peft.PrefixTuningConfig``: learned key/value
+vectors prepended to every attention layer. Not mergeable.
+
+Generation goes through the KV cache; :func:`peftune.evaluate.kv_cache_compat` makes peft's
+prefix reach the cache of current transformers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from peft import PrefixTuningConfig
+
+from peftune.config import _help
+from peftune.methods import Method, ModelInfo, register, task_type
+
+
+@dataclass
+class PrefixOptions:
+    num_virtual_tokens: int = _help("length of the learned prefix in every layer", 16)
+    prefix_projection: bool = _help("reparameterise the prefix through a two-layer MLP "
+                                    "(more stable, more parameters while training)", False)
+    encoder_hidden_size: int = _help("hidden size of that MLP", 256)
+
+
+def build(options: PrefixOptions, info: ModelInfo) -> PrefixTuningConfig:
+    return PrefixTuningConfig(task_type=task_type(info),
+                              num_virtual_tokens=options.num_virtual_tokens,
+                              prefix_projection=options.prefix_projection,
+                              encoder_hidden_size=options.encoder_hidden_size)
+
+
+def search_space(trial: Any) -> dict[str, Any]:
+    return {
+        "num_virtual_tokens": trial.suggest_categorical("prefix.num_virtual_tokens",
+                                                        [8, 16, 32]),
+        "prefix_projection": trial.suggest_categorical("prefix.prefix_projection",
+                                                       [False, True]),
+    }
+
+
+register(Method(name="prefix", summary="Prefix tuning: learned keys/values in every layer",
+                options=PrefixOptions, build=build, search_space=search_space,
+                learning_rate=1e-2, mergeable=False))

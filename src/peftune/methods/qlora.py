@@ -1,0 +1,94 @@
+"""LoRA on a quantized base through ``transformers.BitsAndBytesConfig`` and
+``peft.prepare_model_for_kbit_training``: ``lora-int8`` (LLM.int8() base) and ``qlora``
+(4-bit NF4 base, Dettmers et al., 2023). The adapter itself is plain LoRA.
+
+bitsandbytes 0.50 has CPU kernels, so both train (slowly) without a GPU too. To merge, load the
+adapter onto the full-precision base: merged into quantized weights, the update is rounded.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from peft import prepare_model_for_kbit_training
+from transformers import BitsAndBytesConfig
+
+from peftune.config import _help
+from peftune.errors import ConfigError
+from peftune.methods import Method, register
+from peftune.methods.lora import LoraOptions
+from peftune.methods.lora import build as build_lora
+from peftune.methods.lora import search_space as lora_space
+
+
+@dataclass
+class KbitOptions(LoraOptions):
+    gradient_checkpointing: bool = _help("recompute activations in the backward pass (the "
+                                         "usual memory saving of k-bit training)", True)
+
+
+@dataclass
+class QLoraOptions(KbitOptions):
+    double_quant: bool = _help("quantize the quantization constants too", True)
+
+
+def _require_bitsandbytes(name: str) -> None:
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"method '{name}' needs bitsandbytes: pip install "
+                          "bitsandbytes==0.50.2")
+
+
+def _compute_dtype() -> torch.dtype:
+    from peftune.models import bf16_supported
+
+    return torch.bfloat16 if bf16_supported() else torch.float32
+
+
+def int8_load_kwargs(options: KbitOptions) -> dict[str, Any]:
+    _require_bitsandbytes("lora-int8")
+    return {"quantization_config": BitsAndBytesConfig(load_in_8bit=True)}
+
+
+def nf4_load_kwargs(options: QLoraOptions) -> dict[str, Any]:
+    _require_bitsandbytes("qlora")
+    return {"quantization_config": BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=options.double_quant,
+        bnb_4bit_compute_dtype=_compute_dtype())}
+
+
+def prepare(model: Any, options: KbitOptions) -> Any:
+    return prepare_model_for_kbit_training(
+        model, use_gradient_checkpointing=options.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def search_space_for(name: str) -> Any:
+    def search_space(trial: Any) -> dict[str, Any]:
+        return lora_space(_Prefixed(trial, name))
+    return search_space
+
+
+class _Prefixed:
+    """Renames LoRA's ``lora.*`` parameters to ``<name>.*`` so search spaces never collide."""
+
+    def __init__(self, trial: Any, name: str) -> None:
+        self.trial, self.name = trial, name
+
+    def __getattr__(self, attr: str) -> Any:
+        suggest = getattr(self.trial, attr)
+
+        def renamed(param: str, *args: Any, **kwargs: Any) -> Any:
+            return suggest(param.replace("lora.", f"{self.name}.", 1), *args, **kwargs)
+        return renamed
+
+
+for _name, _options, _load, _summary in (
+        ("lora-int8", KbitOptions, int8_load_kwargs, "LoRA on an 8-bit (LLM.int8) base"),
+        ("qlora", QLoraOptions, nf4_load_kwargs, "QLoRA: LoRA on a 4-bit NF4 base")):
+    register(Method(name=_name, summary=_summary, options=_options, build=build_lora,
+                    search_space=search_space_for(_name), learning_rate=1e-3,
+                    load_kwargs=_load, prepare=prepare))
