@@ -41,3 +41,21 @@ def test_mlflow_trial_run_is_named_tagged_and_holds_the_loss(tiny_cfg, tmp_path,
     history = client.get_metric_history(mlrun.info.run_id, "loss")
     assert len(history) == tiny_cfg["train"]["max_steps"]
     assert abs(mlrun.data.metrics["train_loss"] - result.metrics["train_loss"]) < 1e-6
+
+
+def test_each_search_trial_is_one_tagged_mlflow_run(tiny_cfg, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from peftune import search
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    tiny_cfg["train"]["report_to"] = ["mlflow"]
+    tiny_cfg["search"] = {"n_trials": 2, "final": False, "eval_examples": 2,
+                          "study_name": "tracked", "pruner": "none"}
+    search.run(config_from_dict(tiny_cfg))
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("tracked").experiment_id])
+    assert sorted(r.data.tags[tracking.TRIAL_TAG] for r in runs) == ["0", "1"]
+    assert {r.info.run_name for r in runs} == {"tracked-trial-0000", "tracked-trial-0001"}

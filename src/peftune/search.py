@@ -26,7 +26,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 from transformers import PreTrainedModel, TrainerCallback
 
-from peftune import models
+from peftune import models, tracking
 from peftune import train as training
 from peftune.config import Config, SearchConfig, save_yaml
 from peftune.errors import ConfigError, Diverged, Interrupted
@@ -206,8 +206,10 @@ class Objective:
         reporter = ReportToTrial(trial, sign=-1.0 if directions(search)[0] == "maximize" else 1)
         start = time.perf_counter()
         try:
-            metrics = training.fit(cfg, model, self.data, output_dir=Path(cfg.output_dir),
-                                   callbacks=[] if search.second_objective else [reporter])
+            with tracking.trial_run(cfg.train, trial.study.study_name, trial.number) as tracked:
+                cfg.train = tracked  # one tracked run per trial, tagged with study and number
+                metrics = training.fit(cfg, model, self.data, output_dir=Path(cfg.output_dir),
+                                       callbacks=[] if search.second_objective else [reporter])
         except Diverged as err:
             trial.set_user_attr("reason", str(err))
             raise optuna.TrialPruned(str(err)) from None
