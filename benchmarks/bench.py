@@ -15,6 +15,7 @@ Every part runs in its own process so peak resident memory is its own.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import resource
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = ("A", "B", "peftune")
@@ -43,7 +45,7 @@ def _cfg(variant: str, **train: Any) -> Any:
         "output_dir": f"/tmp/peftune-bench/{variant}",
         "data": {"max_source_tokens": 384, "max_eval_examples": GEN_EXAMPLES},
         "train": {"micro_batch_size": MICRO_BATCH, "batch_size": MICRO_BATCH,
-                  "max_steps": TRAIN_STEPS, "precision": "auto" if fast else "fp32",
+                  "max_steps": TRAIN_STEPS + 1, "precision": "auto" if fast else "fp32",
                   "summary_loss": fast, "group_by_length": fast, "save_checkpoints": False,
                   "eval_each_epoch": False, "logging_steps": 1000, **train},
         "eval": {"max_new_tokens": GEN_TOKENS, "batch_size": 8, "no_repeat_ngram_size": 0},
@@ -93,30 +95,39 @@ def matmul() -> dict[str, float]:
     return out
 
 
+class _StepTimer(TrainerCallback):
+    """Wall time and real tokens of every optimizer step after the first (warm-up)."""
+
+    def __init__(self) -> None:
+        self.start = self.tokens0 = None
+        self.seconds = self.tokens = 0.0
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.start is None:
+            self.start, self.tokens0 = time.perf_counter(), state.num_input_tokens_seen
+            return
+        self.seconds = time.perf_counter() - self.start
+        self.tokens = state.num_input_tokens_seen - self.tokens0
+
+
 def train_speed(variant: str) -> dict[str, float]:
+    """The real training loop (Trainer.train), timed step by step after a warm-up step."""
     from peftune import models, train
 
     cfg = _cfg(variant)
     data = _data(cfg, variant)
     base = models.load_model(cfg.model, pad_token_id=data.tokenizer.pad_token_id)
     model = train.wrap(base, cfg)
-    trainer = train.build_trainer(cfg, model, data, output_dir=Path(cfg.output_dir))
-    loader = trainer.get_train_dataloader()
-    batches = [b for _, b in zip(range(TRAIN_STEPS + 1), loader)]
-    real = sum(int(b["attention_mask"].sum()) for b in batches[1:])
-    padded = sum(b["input_ids"].numel() for b in batches[1:])
-    model.train()
-    trainer.create_optimizer_and_scheduler(num_training_steps=TRAIN_STEPS + 1)
-    trainer.training_step(model, batches[0])  # warm-up
-    start = time.perf_counter()
-    for batch in batches[1:]:
-        trainer.training_step(model, batch)
-        trainer.optimizer.step()
-        trainer.optimizer.zero_grad()
-    seconds = time.perf_counter() - start
+    timer = _StepTimer()
+    trainer = train.build_trainer(cfg, model, data, output_dir=Path(cfg.output_dir),
+                                  callbacks=[timer])
+    padded = sum(b["input_ids"].numel() for b in
+                 itertools.islice(trainer.get_train_dataloader(), 1, TRAIN_STEPS + 1))
+    trainer.train()
     n_params = sum(p.numel() for p in base.parameters())
-    return {"tokens_per_s": real / seconds, "padded_fraction": 1 - real / padded,
-            "flops_per_token": 4 * n_params, "seconds": seconds}
+    return {"tokens_per_s": timer.tokens / timer.seconds,
+            "padding_pct": 100 * (1 - timer.tokens / padded),
+            "flops_per_token": 4 * n_params, "seconds": timer.seconds}
 
 
 def generation_speed(variant: str) -> dict[str, Any]:
@@ -129,8 +140,10 @@ def generation_speed(variant: str) -> dict[str, Any]:
     prompts = prompts_of(data.splits["test"])
     start = time.perf_counter()
     if variant == "peftune":
-        texts = generate(model, data.tokenizer, prompts, cfg.eval, precision="fp32",
-                         progress=False)
+        from peftune.train import resolve_precision
+
+        texts = generate(model, data.tokenizer, prompts, cfg.eval, progress=False,
+                         precision=resolve_precision(cfg.train.precision))
     else:
         texts = _hf_generate(model, data.tokenizer, prompts, cfg.eval.batch_size,
                              left=variant == "B")
@@ -158,7 +171,7 @@ def search_time(variant: str) -> dict[str, Any]:
     """A fixed 6-trial LoRA search on 16 training / 4 validation papers, pruning off."""
     import optuna
 
-    from peftune import models, search, train
+    from peftune import search
 
     cfg = _cfg(variant, max_steps=-1, epochs=1)
     cfg.data.max_train_examples, cfg.data.max_eval_examples = 16, 4
@@ -182,7 +195,6 @@ def search_time(variant: str) -> dict[str, Any]:
             return search.Objective(cfg, base, data)(trial)
 
         study.optimize(objective, n_trials=SEARCH_TRIALS)
-    del models, train
     return {"seconds": time.perf_counter() - start, "best_params": study.best_trial.params}
 
 
@@ -217,10 +229,10 @@ def table(results: dict[str, dict[str, dict]]) -> str:
                      + f" | {ratios[0]:.2f}x | {ratios[1]:.2f}x |")
 
     row("training real tokens/s", "train", "tokens_per_s")
-    for k, r in results["train"].items():
+    for r in results["train"].values():
         r["mfu"] = 100 * r["tokens_per_s"] * r["flops_per_token"] / 1e9 / peak["bfloat16"]
     row("training MFU vs bf16 peak (%)", "train", "mfu")
-    row("training padding (%)", "train", "padded_fraction", "{:.2f}")
+    row("training padding (%)", "train", "padding_pct")
     row("training peak RSS (MB)", "train", "peak_rss_mb", "{:.0f}")
     row("generation new tokens/s", "generate", "new_tokens_per_s")
     row("generation peak RSS (MB)", "generate", "peak_rss_mb", "{:.0f}")
@@ -228,9 +240,9 @@ def table(results: dict[str, dict[str, dict]]) -> str:
     row("search peak RSS (MB)", "search", "peak_rss_mb", "{:.0f}")
     same = sum(a == b for a, b in zip(results["generate"]["B"]["texts"],
                                        results["generate"]["peftune"]["texts"], strict=True))
+    best = {k: results["search"][k]["best_params"] for k in ("B", "peftune")}
     lines += ["", f"greedy texts identical to baseline B: {same}/{GEN_EXAMPLES}",
-              "same best search configuration as B: "
-              f"{results['search']['B']['best_params'] == results['search']['peftune']['best_params']}"]
+              f"same best search configuration as B: {best['B'] == best['peftune']}"]
     return "\n".join(lines)
 
 

@@ -178,14 +178,17 @@ class Objective:
 
     def __init__(self, cfg: Config, base: PreTrainedModel, data: training.Prepared) -> None:
         self.cfg, self.base = cfg, base
-        n = cfg.search.train_examples
-        if n and n < len(data.splits["train"]):
-            subset = data.splits["train"].shuffle(seed=cfg.seed).select(range(n))
-            data = dataclasses.replace(data, splits={**data.splits, "train": subset})
-        self.data = data
         self.keys = set(base.state_dict())
-        self.eval_ds = data.splits["validation"].select(
-            range(min(cfg.search.eval_examples, len(data.splits["validation"]))))
+        # trials see a fixed subset: validation rows for ROUGE and the pruner's loss, and
+        # optionally fewer training rows (a cheaper fidelity than the final model's)
+        val = data.splits["validation"]
+        self.eval_ds = val.select(range(min(cfg.search.eval_examples, len(val))))
+        train = data.splits["train"]
+        n = cfg.search.train_examples
+        if n and n < len(train):
+            train = train.shuffle(seed=cfg.seed).select(range(n))
+        self.data = dataclasses.replace(data, splits={**data.splits, "train": train,
+                                                      "validation": self.eval_ds})
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
         cfg = suggest(trial, self.cfg)

@@ -201,11 +201,13 @@ class PeftuneTrainer(Trainer):
             self.loss_is_scaled_for_ga = None
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         body, lm_head = head
-        hidden = body(input_ids=inputs["input_ids"],
-                      attention_mask=inputs["attention_mask"]).last_hidden_state
         targets = inputs["labels"][:, 1:]
         keep = targets != IGNORE_INDEX
-        logits = lm_head(hidden[:, :-1][keep]).float()
+        # the inner modules bypass the forward that accelerate wrapped in autocast
+        with self.accelerator.autocast():
+            hidden = body(input_ids=inputs["input_ids"],
+                          attention_mask=inputs["attention_mask"]).last_hidden_state
+            logits = lm_head(hidden[:, :-1][keep]).float()
         loss = torch.nn.functional.cross_entropy(logits, targets[keep], reduction="sum")
         # normalised like the model's own loss: over the whole accumulated batch when known
         self.loss_is_scaled_for_ga = num_items_in_batch is not None
