@@ -24,6 +24,7 @@ from typing import Any
 import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
+from sqlalchemy.exc import IntegrityError, OperationalError
 from transformers import PreTrainedModel, TrainerCallback
 
 from peftune import models, tracking
@@ -78,16 +79,27 @@ def storage_for(cfg: Config) -> optuna.storages.BaseStorage:
         return JournalStorage(JournalFileBackend(str(run_dir / "study.journal")))
     url = url or f"sqlite:///{run_dir.resolve() / 'study.db'}"
     kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    try:
-        # Heartbeats let a crashed worker's trial be marked failed and retried.
-        beat = cfg.search.heartbeat_seconds
-        return RDBStorage(url, engine_kwargs=kwargs, heartbeat_interval=beat,
-                          grace_period=4 * beat,
-                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
-                              max_retry=2))
-    except Exception as err:  # SQLAlchemy raises driver-specific errors
-        raise ConfigError(f"search.storage: cannot open {url}: {str(err).splitlines()[0]}") \
-            from None
+    for attempt in range(3):
+        try:
+            return _rdb_storage(url, kwargs, cfg.search.heartbeat_seconds)
+        except (IntegrityError, OperationalError) as err:
+            # Workers that open a fresh database at the same moment race to create its
+            # schema; the loser sees the winner's tables on the next try.
+            last = err
+            time.sleep(0.5 + attempt)
+        except Exception as err:  # SQLAlchemy raises driver-specific errors
+            last = err
+            break
+    raise ConfigError(f"search.storage: cannot open {url}: {str(last).splitlines()[0]}") \
+        from None
+
+
+def _rdb_storage(url: str, engine_kwargs: dict, beat: int) -> RDBStorage:
+    # Heartbeats let a crashed worker's trial be marked failed and retried.
+    return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=beat,
+                      grace_period=4 * beat,
+                      heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
+                          max_retry=2))
 
 
 def directions(search: SearchConfig) -> list[str]:
