@@ -151,7 +151,11 @@ def generation_speed(variant: str) -> dict[str, Any]:
                              seed_style=variant == "A")
     seconds = time.perf_counter() - start
     new = sum(len(data.tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 for t in texts)
-    return {"new_tokens_per_s": new / seconds, "texts": texts, "seconds": seconds}
+    result = {"new_tokens_per_s": new / seconds, "texts": texts, "seconds": seconds}
+    if variant == "peftune":  # the same code path at B's precision, for the text comparison
+        result["texts_fp32"] = generate(model, data.tokenizer, prompts, cfg.eval,
+                                        progress=False, precision="fp32")
+    return result
 
 
 def _hf_generate(model: Any, tok: Any, prompts: list, batch_size: int, *,
@@ -244,10 +248,12 @@ def table(results: dict[str, dict[str, dict]]) -> str:
     row("generation peak RSS (MB)", "generate", "peak_rss_mb", "{:.0f}")
     row("6-trial search wall time (s)", "search", "seconds", "{:.0f}")
     row("search peak RSS (MB)", "search", "peak_rss_mb", "{:.0f}")
-    same = sum(a == b for a, b in zip(results["generate"]["B"]["texts"],
-                                       results["generate"]["peftune"]["texts"], strict=True))
+    gen = results["generate"]
+    same = [sum(a == b for a, b in zip(gen["B"]["texts"], gen["peftune"][key], strict=True))
+            for key in ("texts", "texts_fp32")]
     best = {k: results["search"][k]["best_params"] for k in ("B", "peftune")}
-    lines += ["", f"greedy texts identical to baseline B: {same}/{GEN_EXAMPLES}",
+    lines += ["", f"greedy texts identical to baseline B: {same[0]}/{GEN_EXAMPLES} in bf16, "
+              f"{same[1]}/{GEN_EXAMPLES} with peftune's generation at fp32",
               f"same best search configuration as B: {best['B'] == best['peftune']}"]
     return "\n".join(lines)
 

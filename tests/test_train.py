@@ -109,3 +109,29 @@ def test_summary_only_loss_equals_the_models_own_loss_and_gradients(tiny_cfg, tm
     n = (batch["labels"][:, 1:] != -100).sum()
     scaled = trainer.compute_loss(peft_model, dict(batch), num_items_in_batch=2 * n)
     torch.testing.assert_close(scaled, plain / 2, rtol=1e-5, atol=1e-6)
+
+
+def test_16bit_linear_weights_give_autocasts_numbers_and_are_put_back():
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from peftune.evaluate import linear_weights_in
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=50, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         tie_word_embeddings=True)
+    model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=4, init_lora_weights=False))
+    model.eval()
+    before = {name: p for name, p in model.named_parameters()}
+    ids = torch.randint(0, 50, (2, 7))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = model(input_ids=ids).logits
+        with linear_weights_in(model, "bf16"):
+            assert model.base_model.model.lm_head.weight.dtype == torch.bfloat16
+            assert model.base_model.model.model.embed_tokens.weight.dtype == torch.float32
+            cast_once = model(input_ids=ids).logits
+    assert torch.equal(plain, cast_once)
+    after = dict(model.named_parameters())
+    assert all(after[n] is p and p.dtype == torch.float32 for n, p in before.items())
+    assert model.base_model.model.lm_head.weight is model.base_model.model.model.embed_tokens.weight
