@@ -140,21 +140,24 @@ def generation_speed(variant: str) -> dict[str, Any]:
     data = _data(cfg, "B")
     model = models.load_model(cfg.model, pad_token_id=data.tokenizer.pad_token_id)
     prompts = prompts_of(data.splits["test"])
+    if variant == "peftune":  # the same code path at B's precision, for the text comparison
+        texts_fp32 = generate(model, data.tokenizer, prompts, cfg.eval, progress=False,
+                              precision="fp32")
     start = time.perf_counter()
-    if variant == "peftune":
+    if variant == "peftune":  # as `peftune evaluate` does it
         from peftune.train import resolve_precision
 
         texts = generate(model, data.tokenizer, prompts, cfg.eval, progress=False,
-                         precision=resolve_precision(cfg.train.precision))
+                         precision=resolve_precision(cfg.train.precision),
+                         keep_fp32_weights=False)
     else:
         texts = _hf_generate(model, data.tokenizer, prompts, cfg.eval.batch_size,
                              seed_style=variant == "A")
     seconds = time.perf_counter() - start
     new = sum(len(data.tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 for t in texts)
     result = {"new_tokens_per_s": new / seconds, "texts": texts, "seconds": seconds}
-    if variant == "peftune":  # the same code path at B's precision, for the text comparison
-        result["texts_fp32"] = generate(model, data.tokenizer, prompts, cfg.eval,
-                                        progress=False, precision="fp32")
+    if variant == "peftune":
+        result["texts_fp32"] = texts_fp32
     return result
 
 

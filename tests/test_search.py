@@ -212,8 +212,12 @@ def _children(pid):
     return [int(c) for c in path.read_text().split()] if path.exists() else []
 
 
-def test_a_killed_worker_trial_is_retried_and_the_study_completes(search_cfg, tmp_path):
+@pytest.mark.parametrize("storage", ["sqlite", "journal"])
+def test_a_killed_worker_trial_is_retried_and_the_study_completes(search_cfg, tmp_path, storage):
     search_cfg["search"].update(n_trials=4, final=False)
+    if storage == "journal":
+        search_cfg["search"]["storage"] = "journal"
+    study_file = tmp_path / "run" / ("study.journal" if storage == "journal" else "study.db")
     search_cfg["train"]["max_steps"] = 8
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(search_cfg))
@@ -222,7 +226,7 @@ def test_a_killed_worker_trial_is_retried_and_the_study_completes(search_cfg, tm
     deadline, victim = time.time() + 240, None
     while victim is None and time.time() < deadline:
         time.sleep(0.2)
-        if (tmp_path / "run" / "study.db").exists() and len(_children(parent.pid)) == 2:
+        if study_file.exists() and len(_children(parent.pid)) == 2:
             if len(_study(search_cfg).get_trials(states=(TrialState.RUNNING,))) == 2:
                 victim = _children(parent.pid)[0]  # both workers are mid-trial
     assert victim is not None, "no trial started"

@@ -135,3 +135,8 @@ def test_16bit_linear_weights_give_autocasts_numbers_and_are_put_back():
     after = dict(model.named_parameters())
     assert all(after[n] is p and p.dtype == torch.float32 for n, p in before.items())
     assert model.base_model.model.lm_head.weight is model.base_model.model.model.embed_tokens.weight
+    with linear_weights_in(model, "bf16", restore=False):  # a model done training keeps them
+        pass
+    assert model.base_model.model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(plain, model(input_ids=ids).logits)

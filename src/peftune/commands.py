@@ -56,7 +56,9 @@ def evaluate(cfg: Config, *, adapter: Path | None, split: str = "test") -> dict[
     data = training.prepare(cfg, tokenizer, seq2seq=base.config.is_encoder_decoder,
                             roles=(split,))
     ds = data.splits[split]
-    kw = dict(precision=training.resolve_precision(cfg.train.precision))
+    # the base only generates from here on: it may keep 16-bit weights
+    kw = {"precision": training.resolve_precision(cfg.train.precision),
+          "keep_fp32_weights": False}
     results: dict[str, dict] = {}
     if cfg.eval.zero_shot or adapter is None:
         tag = f"zero_shot_{split}" if adapter else split
@@ -123,7 +125,8 @@ def summarize(adapter_path: str, *, text: str | None = None, input_file: str | N
     settings = replace(cfg.eval, max_new_tokens=max_new_tokens)
     if len(prompts) == 1:
         return [_stream(model, tokenizer, prompts[0], settings)]
-    outputs = generate(model, tokenizer, prompts, settings, precision=precision)
+    outputs = generate(model, tokenizer, prompts, settings, precision=precision,
+                       keep_fp32_weights=False)
     for out in outputs:
         print(out)
     return outputs

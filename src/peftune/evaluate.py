@@ -57,14 +57,17 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
 
 
 @contextlib.contextmanager
-def linear_weights_in(model: torch.nn.Module, precision: str) -> Iterator[None]:
+def linear_weights_in(model: torch.nn.Module, precision: str, *,
+                      restore: bool = True) -> Iterator[None]:
     """Give every full-precision ``nn.Linear`` a 16-bit copy of its weights for a while.
 
     Under autocast a linear layer casts its fp32 weight to bf16 on every call; while decoding
     (a few tokens per call) those copies cost about as much as the matmuls. Casting once
     gives the same numbers, because autocast rounds the weight the same way, while norms,
     embeddings and the residual stream stay in fp32. The original parameters (shared with
-    the optimizer, tied to the embeddings) are put back afterwards.
+    the optimizer, tied to the embeddings) are put back afterwards, unless ``restore`` is
+    false: then the model keeps the 16-bit copies and the fp32 weights are freed (for a
+    model that will only generate from now on).
     """
     if precision not in ("bf16", "fp16"):
         yield
@@ -76,7 +79,8 @@ def linear_weights_in(model: torch.nn.Module, precision: str) -> Iterator[None]:
             for name in ("weight", "bias"):
                 param = getattr(module, name)
                 if param is not None:
-                    swapped.append((module, name, param))
+                    if restore:
+                        swapped.append((module, name, param))
                     setattr(module, name, torch.nn.Parameter(param.detach().to(dtype),
                                                              requires_grad=False))
     try:
@@ -124,8 +128,12 @@ def kv_cache_compat(model: Any) -> Iterator[None]:
 @torch.inference_mode()
 def generate(model: Any, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[list[int]],
              settings: EvalConfig | None = None, *, precision: str = "fp32",
-             progress: bool = True) -> list[str]:
-    """Greedy (or beam) continuations of token-id prompts, decoded without the prompt."""
+             progress: bool = True, keep_fp32_weights: bool = True) -> list[str]:
+    """Greedy (or beam) continuations of token-id prompts, decoded without the prompt.
+
+    ``keep_fp32_weights=False`` leaves a model that is done training with 16-bit linear
+    weights (see ``linear_weights_in``), which saves the memory of a second copy.
+    """
     settings = settings or EvalConfig()
     model.eval()
     device = next(model.parameters()).device
@@ -137,7 +145,7 @@ def generate(model: Any, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[l
     gen_config = generation_config(settings, tokenizer)
     outputs: list[str] = [""] * len(prompts)
     bar = tqdm(total=len(prompts), desc="generating", disable=not progress, leave=False)
-    with linear_weights_in(model, precision):
+    with linear_weights_in(model, precision, restore=keep_fp32_weights):
         for idx in _batches(prompts, settings.batch_size):
             batch = collate([{"input_ids": prompts[i]} for i in idx])
             batch = {k: v.to(device) for k, v in batch.items()}
@@ -158,9 +166,11 @@ def prompts_of(ds: Any) -> list[list[int]]:
 
 
 def score(model: Any, tokenizer: PreTrainedTokenizerBase, ds: Any, settings: EvalConfig, *,
-          out_dir: Path | None, tag: str, precision: str = "fp32") -> dict[str, float]:
+          out_dir: Path | None, tag: str, precision: str = "fp32",
+          keep_fp32_weights: bool = True) -> dict[str, float]:
     """Generate for every row of a tokenized split, score it, and write the outputs."""
-    preds = generate(model, tokenizer, prompts_of(ds), settings, precision=precision)
+    preds = generate(model, tokenizer, prompts_of(ds), settings, precision=precision,
+                     keep_fp32_weights=keep_fp32_weights)
     metrics: dict[str, float] = {**rouge(preds, ds["summary"]), "num_examples": len(preds)}
     metrics["mean_prediction_words"] = round(
         sum(len(p.split()) for p in preds) / max(1, len(preds)), 2)

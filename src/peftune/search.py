@@ -23,6 +23,8 @@ from typing import Any
 
 import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages._heartbeat import BaseHeartbeat  # optuna 5.0 exports it nowhere else
+from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState
 from sqlalchemy.exc import IntegrityError, OperationalError
 from transformers import PreTrainedModel, TrainerCallback
@@ -73,15 +75,14 @@ def storage_for(cfg: Config) -> optuna.storages.BaseStorage:
     url = cfg.search.storage
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    beat = cfg.search.heartbeat_seconds
     if url == "journal":
-        from optuna.storages.journal import JournalFileBackend, JournalStorage
-
-        return JournalStorage(JournalFileBackend(str(run_dir / "study.journal")))
+        return JournalWithHeartbeat(JournalFileBackend(str(run_dir / "study.journal")), beat)
     url = url or f"sqlite:///{run_dir.resolve() / 'study.db'}"
     kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
     for attempt in range(3):
         try:
-            return _rdb_storage(url, kwargs, cfg.search.heartbeat_seconds)
+            return _rdb_storage(url, kwargs, beat)
         except (IntegrityError, OperationalError) as err:
             # Workers that open a fresh database at the same moment race to create its
             # schema; the loser sees the winner's tables on the next try.
@@ -100,6 +101,41 @@ def _rdb_storage(url: str, engine_kwargs: dict, beat: int) -> RDBStorage:
                       grace_period=4 * beat,
                       heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
                           max_retry=2))
+
+
+class JournalWithHeartbeat(JournalStorage, BaseHeartbeat):
+    """Optuna's journal file with the heartbeats its RDB storages have.
+
+    Each running trial's worker stamps the time into a system attribute named after the
+    trial; Optuna's own loop then fails a trial silent for four beats and the retry callback
+    queues it again, exactly as with SQLite or PostgreSQL.
+    """
+
+    def __init__(self, backend: JournalFileBackend, beat: int) -> None:
+        super().__init__(backend)
+        self._beat = beat
+        self._retry = RetryHeartbeatStaleTrialCallback(max_retry=2)
+
+    @staticmethod
+    def _key(trial_id: int) -> str:
+        # per trial id: a retried trial inherits its predecessor's system attributes
+        return f"peftune:heartbeat:{trial_id}"
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        self.set_trial_system_attr(trial_id, self._key(trial_id), time.time())
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        now = time.time()
+        running = self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
+        return [t._trial_id for t in running
+                if now - t.system_attrs.get(self._key(t._trial_id),
+                                            t.datetime_start.timestamp()) > 4 * self._beat]
+
+    def get_heartbeat_interval(self) -> int:
+        return self._beat
+
+    def get_heartbeat_stale_trial_callback(self) -> RetryHeartbeatStaleTrialCallback:
+        return self._retry
 
 
 def directions(search: SearchConfig) -> list[str]:
