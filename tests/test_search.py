@@ -134,6 +134,39 @@ def test_resuming_with_another_metric_refuses(search_cfg):
     search_cfg["search"]["metric"] = "rouge2"
     with pytest.raises(ConfigError, match="different metric"):
         searching.create_study(config_from_dict(search_cfg))
+    search_cfg["search"]["metric"] = "eval_loss"  # another direction too
+    with pytest.raises(ConfigError, match="different metric"):
+        searching.create_study(config_from_dict(search_cfg))
+    search_cfg["search"]["metric"] = "rougeL"
+    search_cfg["search"].setdefault("space", {})["learning_rate"] = [1e-4, 1e-2]
+    with pytest.raises(ConfigError, match="different space"):
+        searching.create_study(config_from_dict(search_cfg))
+
+
+def test_sigterm_in_a_search_queues_the_running_trial_again(search_cfg, tmp_path):
+    search_cfg["search"].update(n_trials=2, final=False)
+    search_cfg["train"]["max_steps"] = 200
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(search_cfg))
+    cmd, env = _cli(path)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    deadline, running = time.time() + 240, []
+    while not running and time.time() < deadline:
+        time.sleep(0.5)
+        if (tmp_path / "run" / "study.db").exists():
+            running = _study(search_cfg).get_trials(states=(TrialState.RUNNING,))
+    assert running, "no trial started"
+    time.sleep(2)  # inside the training loop
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-1000:]
+    trials = _study(search_cfg).trials
+    stopped = trials[running[0].number]
+    assert stopped.state != TrialState.RUNNING
+    assert stopped.user_attrs["reason"] == "interrupted by a signal; queued again"
+    queued = [t for t in trials if t.state == TrialState.WAITING]
+    assert queued and queued[0].system_attrs["fixed_params"] == stopped.params
 
 
 def _cli(cfg_path, *extra):
