@@ -91,6 +91,9 @@ def test_search_writes_best_config_final_adapter_and_report(search_cfg, tmp_path
     assert best.train.learning_rate == pytest.approx(study.best_trial.params["learning_rate"])
     assert (run / "final" / "adapter" / "adapter_model.safetensors").is_file()
     assert 0 <= final["test"]["rougeL"] <= 100
+    # trial folders are named from trial numbers only, inside the run directory
+    made = {p.name for p in (run / "trials").iterdir()} if (run / "trials").exists() else set()
+    assert made <= {f"trial-{t.number:04d}" for t in study.trials}
     from peftune import report
 
     page = report.write(run).read_text()
