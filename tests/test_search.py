@@ -154,11 +154,7 @@ def test_sigterm_in_a_search_queues_the_running_trial_again(search_cfg, tmp_path
     cmd, env = _cli(path)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
-    deadline, running = time.time() + 240, []
-    while not running and time.time() < deadline:
-        time.sleep(0.5)
-        if (tmp_path / "run" / "study.db").exists():
-            running = _study(search_cfg).get_trials(states=(TrialState.RUNNING,))
+    running = _wait_for_trials(search_cfg, tmp_path, TrialState.RUNNING, 1)
     assert running, "no trial started"
     time.sleep(2)  # inside the training loop
     proc.send_signal(signal.SIGTERM)
@@ -183,6 +179,18 @@ def _study(cfg_dict):
     return searching.create_study(cfg)
 
 
+def _wait_for_trials(cfg_dict, tmp_path, state, n, timeout=240):
+    """The study's trials in ``state`` once there are ``n`` of them ([] on timeout)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        time.sleep(0.5)
+        if (tmp_path / "run" / "study.db").exists():
+            trials = _study(cfg_dict).get_trials(states=(state,))
+            if len(trials) >= n:
+                return trials
+    return []
+
+
 def test_two_workers_share_one_study_without_duplicates(search_cfg, tmp_path):
     search_cfg["search"].update(n_trials=4, final=False)
     path = tmp_path / "cfg.yaml"
@@ -203,13 +211,7 @@ def test_killed_search_resumes_without_redoing_trials(search_cfg, tmp_path):
     path.write_text(yaml.safe_dump(search_cfg))
     cmd, env = _cli(path)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        time.sleep(0.5)
-        if (tmp_path / "run" / "study.db").exists():
-            done = _study(search_cfg).get_trials(states=(TrialState.COMPLETE,))
-            if len(done) >= 2:
-                break
+    _wait_for_trials(search_cfg, tmp_path, TrialState.COMPLETE, 2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     before = {t.number: t.values for t in _study(search_cfg).get_trials(

@@ -49,10 +49,12 @@ def _batches(prompts: Sequence[list[int]], batch_size: int) -> Iterator[list[int
         yield order[start:start + batch_size]
 
 
+HALF_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    if precision in ("bf16", "fp16"):
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-        return torch.autocast(device.type, dtype=dtype)
+    if precision in HALF_DTYPES:
+        return torch.autocast(device.type, dtype=HALF_DTYPES[precision])
     return contextlib.nullcontext()
 
 
@@ -69,10 +71,10 @@ def linear_weights_in(model: torch.nn.Module, precision: str, *,
     false: then the model keeps the 16-bit copies and the fp32 weights are freed (for a
     model that will only generate from now on).
     """
-    if precision not in ("bf16", "fp16"):
+    if precision not in HALF_DTYPES:
         yield
         return
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    dtype = HALF_DTYPES[precision]
     swapped = []
     for module in model.modules():
         if isinstance(module, torch.nn.Linear) and module.weight.dtype == torch.float32:

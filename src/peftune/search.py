@@ -80,14 +80,16 @@ def storage_for(cfg: Config) -> optuna.storages.BaseStorage:
         return JournalWithHeartbeat(JournalFileBackend(str(run_dir / "study.journal")), beat)
     url = url or f"sqlite:///{run_dir.resolve() / 'study.db'}"
     kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    for attempt in range(3):
+    attempts = 3
+    for attempt in range(attempts):
         try:
             return _rdb_storage(url, kwargs, beat)
         except (IntegrityError, OperationalError) as err:
             # Workers that open a fresh database at the same moment race to create its
             # schema; the loser sees the winner's tables on the next try.
             last = err
-            time.sleep(0.5 + attempt)
+            if attempt + 1 < attempts:
+                time.sleep(0.5 + attempt)
         except Exception as err:  # SQLAlchemy raises driver-specific errors
             last = err
             break
@@ -95,26 +97,33 @@ def storage_for(cfg: Config) -> optuna.storages.BaseStorage:
         from None
 
 
+# Heartbeats let a crashed worker's trial be marked failed and retried: a trial silent for
+# this many beats is stale, and a stale trial is queued again at most twice.
+STALE_AFTER_BEATS = 4
+
+
+def _retry_stale() -> RetryHeartbeatStaleTrialCallback:
+    return RetryHeartbeatStaleTrialCallback(max_retry=2)
+
+
 def _rdb_storage(url: str, engine_kwargs: dict, beat: int) -> RDBStorage:
-    # Heartbeats let a crashed worker's trial be marked failed and retried.
     return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=beat,
-                      grace_period=4 * beat,
-                      heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
-                          max_retry=2))
+                      grace_period=STALE_AFTER_BEATS * beat,
+                      heartbeat_stale_trial_callback=_retry_stale())
 
 
 class JournalWithHeartbeat(JournalStorage, BaseHeartbeat):
     """Optuna's journal file with the heartbeats its RDB storages have.
 
     Each running trial's worker stamps the time into a system attribute named after the
-    trial; Optuna's own loop then fails a trial silent for four beats and the retry callback
-    queues it again, exactly as with SQLite or PostgreSQL.
+    trial; Optuna's own loop then fails a trial silent for ``STALE_AFTER_BEATS`` beats and
+    the retry callback queues it again, exactly as with SQLite or PostgreSQL.
     """
 
     def __init__(self, backend: JournalFileBackend, beat: int) -> None:
         super().__init__(backend)
         self._beat = beat
-        self._retry = RetryHeartbeatStaleTrialCallback(max_retry=2)
+        self._retry = _retry_stale()
 
     @staticmethod
     def _key(trial_id: int) -> str:
@@ -124,12 +133,14 @@ class JournalWithHeartbeat(JournalStorage, BaseHeartbeat):
     def record_heartbeat(self, trial_id: int) -> None:
         self.set_trial_system_attr(trial_id, self._key(trial_id), time.time())
 
+    def _last_beat(self, trial: optuna.trial.FrozenTrial) -> float:
+        return trial.system_attrs.get(self._key(trial._trial_id),
+                                      trial.datetime_start.timestamp())
+
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
-        now = time.time()
+        silent_since = time.time() - STALE_AFTER_BEATS * self._beat
         running = self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
-        return [t._trial_id for t in running
-                if now - t.system_attrs.get(self._key(t._trial_id),
-                                            t.datetime_start.timestamp()) > 4 * self._beat]
+        return [t._trial_id for t in running if self._last_beat(t) < silent_since]
 
     def get_heartbeat_interval(self) -> int:
         return self._beat
