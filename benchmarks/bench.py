@@ -50,7 +50,9 @@ def _cfg(variant: str, **train: Any) -> Any:
                   "max_steps": TRAIN_STEPS + 1, "precision": "auto" if fast else "fp32",
                   "summary_loss": fast, "group_by_length": fast, "save_checkpoints": False,
                   "eval_each_epoch": False, "logging_steps": 1000, **train},
-        "eval": {"max_new_tokens": GEN_TOKENS, "batch_size": 8, "no_repeat_ngram_size": 0},
+        # peftune generates with its default batch size (16); the baselines with 8
+        "eval": {"max_new_tokens": GEN_TOKENS, "no_repeat_ngram_size": 0,
+                 **({} if fast else {"batch_size": 8})},
     })
 
 
@@ -134,15 +136,12 @@ def train_speed(variant: str) -> dict[str, float]:
 
 def generation_speed(variant: str) -> dict[str, Any]:
     from peftune import models
-    from peftune.evaluate import generate, prompts_of
+    from peftune.evaluate import generate, prompts_of, rouge
 
     cfg = _cfg(variant)
     data = _data(cfg, "B")
     model = models.load_model(cfg.model, pad_token_id=data.tokenizer.pad_token_id)
     prompts = prompts_of(data.splits["test"])
-    if variant == "peftune":  # the same code path at B's precision, for the text comparison
-        texts_fp32 = generate(model, data.tokenizer, prompts, cfg.eval, progress=False,
-                              precision="fp32")
     start = time.perf_counter()
     if variant == "peftune":  # as `peftune evaluate` does it
         from peftune.train import resolve_precision
@@ -155,9 +154,14 @@ def generation_speed(variant: str) -> dict[str, Any]:
                              seed_style=variant == "A")
     seconds = time.perf_counter() - start
     new = sum(len(data.tokenizer(t, add_special_tokens=False)["input_ids"]) + 1 for t in texts)
-    result = {"new_tokens_per_s": new / seconds, "texts": texts, "seconds": seconds}
-    if variant == "peftune":
-        result["texts_fp32"] = texts_fp32
+    result = {"new_tokens_per_s": new / seconds, "texts": texts, "seconds": seconds,
+              "rougeL": rouge(texts, data.splits["test"]["summary"])["rougeL"],
+              "peak_rss_mb": _peak_rss_mb()}
+    if variant == "peftune":  # the same code path at B's precision, for the text comparison
+        del model
+        model = models.load_model(cfg.model, pad_token_id=data.tokenizer.pad_token_id)
+        result["texts_fp32"] = generate(model, data.tokenizer, prompts, cfg.eval,
+                                        progress=False, precision="fp32")
     return result
 
 
@@ -215,8 +219,12 @@ def measure(part: str, variant: str) -> dict[str, Any]:
     torch.manual_seed(0)
     result = {"matmul": lambda _: matmul(), "train": train_speed, "generate": generation_speed,
               "search": search_time}[part](variant)
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result.setdefault("peak_rss_mb", _peak_rss_mb())
     return result
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_part(part: str, variant: str) -> dict[str, Any]:
@@ -248,6 +256,7 @@ def table(results: dict[str, dict[str, dict]]) -> str:
     row("training padding (%)", "train", "padding_pct")
     row("training peak RSS (MB)", "train", "peak_rss_mb", "{:.0f}")
     row("generation new tokens/s", "generate", "new_tokens_per_s")
+    row("generation ROUGE-L of those texts", "generate", "rougeL", "{:.2f}")
     row("generation peak RSS (MB)", "generate", "peak_rss_mb", "{:.0f}")
     row("6-trial search wall time (s)", "search", "seconds", "{:.0f}")
     row("search peak RSS (MB)", "search", "peak_rss_mb", "{:.0f}")

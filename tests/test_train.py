@@ -111,32 +111,108 @@ def test_summary_only_loss_equals_the_models_own_loss_and_gradients(tiny_cfg, tm
     torch.testing.assert_close(scaled, plain / 2, rtol=1e-5, atol=1e-6)
 
 
-def test_16bit_linear_weights_give_autocasts_numbers_and_are_put_back():
+def _tiny_lora_llama():
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from peftune.evaluate import linear_weights_in
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=50, hidden_size=64, intermediate_size=128,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         tie_word_embeddings=True)
-    model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=4, init_lora_weights=False))
-    model.eval()
-    before = {name: p for name, p in model.named_parameters()}
-    ids = torch.randint(0, 50, (2, 7))
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        plain = model(input_ids=ids).logits
-        with linear_weights_in(model, "bf16"):
-            assert model.base_model.model.lm_head.weight.dtype == torch.bfloat16
-            assert model.base_model.model.model.embed_tokens.weight.dtype == torch.float32
-            cast_once = model(input_ids=ids).logits
-    assert torch.equal(plain, cast_once)
+                         tie_word_embeddings=True, pad_token_id=0, eos_token_id=1)
+    return get_peft_model(LlamaForCausalLM(config), LoraConfig(r=4, init_lora_weights=False))
+
+
+def test_half_precision_matches_a_bf16_copy_and_puts_the_fp32_weights_back():
+    import copy
+
+    from peftune.inference import half_precision
+
+    model = _tiny_lora_llama().eval()
+    inner = model.base_model.model
+    reference = copy.deepcopy(model)  # the plain 16-bit model (buffers stay fp32)
+    for param in reference.parameters():
+        param.data = param.data.to(torch.bfloat16)
+    before = dict(model.named_parameters())
+    ids = torch.randint(2, 50, (2, 7))
+    with torch.inference_mode():
+        expected = reference(input_ids=ids).logits
+        with half_precision(model, "bf16"):
+            assert inner.lm_head.weight is inner.model.embed_tokens.weight  # still tied
+            assert inner.lm_head.weight.dtype == torch.bfloat16
+            assert "forward" in vars(inner.model.layers[0].mlp.up_proj)  # packed for oneDNN
+            fast = model(input_ids=ids).logits
+    assert torch.equal(fast, expected)
     after = dict(model.named_parameters())
     assert all(after[n] is p and p.dtype == torch.float32 for n, p in before.items())
-    assert model.base_model.model.lm_head.weight is model.base_model.model.model.embed_tokens.weight
-    with linear_weights_in(model, "bf16", restore=False):  # a model done training keeps them
+    assert "forward" not in vars(inner.model.layers[0].mlp.up_proj)
+    assert inner.model.rotary_emb.inv_freq.dtype == torch.float32
+    with half_precision(model, "bf16", restore=False):  # a model done training keeps them
         pass
-    assert model.base_model.model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        assert torch.equal(plain, model(input_ids=ids).logits)
+    assert inner.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    with torch.inference_mode():
+        assert torch.equal(model(input_ids=ids).logits, expected)
+
+
+def test_packed_linear_falls_back_where_it_cannot_apply():
+    from peftune.inference import half_precision
+
+    layer = torch.nn.Linear(8, 4)
+    with half_precision(layer, "bf16"):
+        assert "forward" in vars(layer)
+        x = torch.randn(3, 8, dtype=torch.bfloat16)
+        plain = torch.nn.functional.linear(x, layer.weight, layer.bias)
+        with torch.inference_mode():
+            assert torch.equal(layer(x), plain)
+        assert torch.equal(layer(x), plain)  # grad enabled: the plain forward
+
+
+def test_growing_cache_gives_the_default_caches_keys_and_texts():
+    from transformers import DynamicCache
+
+    from peftune.inference import growing_cache
+
+    model = _tiny_lora_llama().eval()
+    ids = torch.randint(2, 50, (3, 6))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # left padding
+    kwargs = {"input_ids": ids, "attention_mask": mask, "max_new_tokens": 150,
+              "do_sample": False, "return_dict_in_generate": True}
+    with torch.inference_mode():
+        plain = model.generate(**kwargs, cache=DynamicCache())
+        grown = model.generate(**kwargs, cache=growing_cache())
+    assert torch.equal(plain.sequences, grown.sequences)  # 156 tokens: the room grew once
+    for a, b in zip(plain.cache.layers, grown.cache.layers, strict=True):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+    layer = grown.cache.layers[0]
+    assert type(layer).__name__ == "GrowingLayer"
+    with torch.inference_mode():
+        layer.crop(-5)
+        keys = layer.keys.clone()
+        layer.update(torch.ones(3, 2, 1, 16), torch.ones(3, 2, 1, 16))
+        assert torch.equal(layer.keys[:, :, :-1], keys)
+        assert layer.keys.shape[-2] == keys.shape[-2] + 1
+        layer.batch_select_indices(torch.tensor([2, 0]))  # a new tensor: a new buffer from it
+        layer.update(torch.zeros(2, 2, 1, 16), torch.zeros(2, 2, 1, 16))
+    assert torch.equal(layer.keys[:, :, :-2], keys[[2, 0]]) and layer.keys.shape[0] == 2
+
+
+def test_prompts_prefilled_one_by_one_continue_like_a_padded_batch():
+    from peftune.inference import prefilled_cache
+
+    model = _tiny_lora_llama().eval()
+    prompts = [torch.randint(2, 50, (n,)) for n in (9, 4, 6)]
+    ids = torch.zeros(3, 9, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, 9 - len(prompt):], mask[row, 9 - len(prompt):] = prompt, 1
+    kwargs = {"input_ids": ids, "attention_mask": mask, "max_new_tokens": 8,
+              "do_sample": False, "output_logits": True, "return_dict_in_generate": True}
+    with torch.inference_mode():
+        padded = model.generate(**kwargs)
+        cache = prefilled_cache(model, prompts, width=9)
+        assert cache.get_seq_length() == 8
+        prefilled = model.generate(**kwargs, cache=cache)
+        assert prefilled_cache(model, [torch.tensor([5]), prompts[0]], width=9) is None
+    assert torch.equal(padded.sequences, prefilled.sequences)
+    for a, b in zip(padded.logits, prefilled.logits, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

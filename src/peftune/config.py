@@ -103,7 +103,7 @@ class TrainConfig:
 class EvalConfig:
     max_new_tokens: int = _help("generation length bound", 128)
     num_beams: int = _help("1 is greedy; more is beam search", 1)
-    batch_size: int = _help("prompts per generation batch", 8)
+    batch_size: int = _help("prompts per generation batch", 16)
     no_repeat_ngram_size: int = _help("never repeat an n-gram of this size (0: off); stops "
                                       "greedy loops in small models", 3)
     repetition_penalty: float = _help("penalty for repeated tokens (1.0: off)", 1.0)

@@ -20,6 +20,7 @@ from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from peftune.config import EvalConfig
 from peftune.data import Collator
+from peftune.inference import growing_cache, half_precision, prefilled_cache
 from peftune.rundir import atomic_write, update_metrics
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
@@ -49,49 +50,6 @@ def _batches(prompts: Sequence[list[int]], batch_size: int) -> Iterator[list[int
         yield order[start:start + batch_size]
 
 
-HALF_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    if precision in HALF_DTYPES:
-        return torch.autocast(device.type, dtype=HALF_DTYPES[precision])
-    return contextlib.nullcontext()
-
-
-@contextlib.contextmanager
-def linear_weights_in(model: torch.nn.Module, precision: str, *,
-                      restore: bool = True) -> Iterator[None]:
-    """Give every full-precision ``nn.Linear`` a 16-bit copy of its weights for a while.
-
-    Under autocast a linear layer casts its fp32 weight to bf16 on every call; while decoding
-    (a few tokens per call) those copies cost about as much as the matmuls. Casting once
-    gives the same numbers, because autocast rounds the weight the same way, while norms,
-    embeddings and the residual stream stay in fp32. The original parameters (shared with
-    the optimizer, tied to the embeddings) are put back afterwards, unless ``restore`` is
-    false: then the model keeps the 16-bit copies and the fp32 weights are freed (for a
-    model that will only generate from now on).
-    """
-    if precision not in HALF_DTYPES:
-        yield
-        return
-    dtype = HALF_DTYPES[precision]
-    swapped = []
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear) and module.weight.dtype == torch.float32:
-            for name in ("weight", "bias"):
-                param = getattr(module, name)
-                if param is not None:
-                    if restore:
-                        swapped.append((module, name, param))
-                    setattr(module, name, torch.nn.Parameter(param.detach().to(dtype),
-                                                             requires_grad=False))
-    try:
-        yield
-    finally:
-        for module, name, param in swapped:
-            setattr(module, name, param)
-
-
 def generation_config(settings: EvalConfig, tokenizer: PreTrainedTokenizerBase
                       ) -> GenerationConfig:
     return GenerationConfig(
@@ -99,6 +57,8 @@ def generation_config(settings: EvalConfig, tokenizer: PreTrainedTokenizerBase
         no_repeat_ngram_size=settings.no_repeat_ngram_size,
         repetition_penalty=settings.repetition_penalty,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+
+
 @contextlib.contextmanager
 def kv_cache_compat(model: Any) -> Iterator[None]:
     """Let peft's prompt-learning generation find the KV cache of transformers 5.
@@ -133,8 +93,9 @@ def generate(model: Any, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[l
              progress: bool = True, keep_fp32_weights: bool = True) -> list[str]:
     """Greedy (or beam) continuations of token-id prompts, decoded without the prompt.
 
-    ``keep_fp32_weights=False`` leaves a model that is done training with 16-bit linear
-    weights (see ``linear_weights_in``), which saves the memory of a second copy.
+    In 16-bit precision the model runs with its weights cast once (``half_precision``);
+    ``keep_fp32_weights=False`` leaves a model that is done training with those, which
+    saves the memory of a second copy.
     """
     settings = settings or EvalConfig()
     model.eval()
@@ -147,12 +108,13 @@ def generate(model: Any, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[l
     gen_config = generation_config(settings, tokenizer)
     outputs: list[str] = [""] * len(prompts)
     bar = tqdm(total=len(prompts), desc="generating", disable=not progress, leave=False)
-    with linear_weights_in(model, precision, restore=keep_fp32_weights):
+    with half_precision(model, precision, restore=keep_fp32_weights):
         for idx in _batches(prompts, settings.batch_size):
             batch = collate([{"input_ids": prompts[i]} for i in idx])
             batch = {k: v.to(device) for k, v in batch.items()}
-            with autocast(precision, device), kv_cache_compat(model):
-                out = model.generate(**batch, generation_config=gen_config)
+            with kv_cache_compat(model):
+                out = model.generate(**batch, **_cache(model, encoder_decoder, prompts, idx),
+                                     generation_config=gen_config)
             new = out if encoder_decoder else out[:, batch["input_ids"].shape[1]:]
             texts = tokenizer.batch_decode(new, skip_special_tokens=True)
             for i, text in zip(idx, texts, strict=True):
@@ -160,6 +122,18 @@ def generate(model: Any, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[l
             bar.update(len(idx))
     bar.close()
     return outputs
+
+
+def _cache(model: Any, encoder_decoder: bool, prompts: Sequence[list[int]],
+           idx: list[int]) -> dict[str, Any]:
+    # Prompt learning builds its own cache from the virtual tokens; encoder-decoders keep two.
+    config = getattr(model, "active_peft_config", None)
+    if encoder_decoder or (config is not None and config.is_prompt_learning):
+        return {}
+    device = next(model.parameters()).device
+    rows = [torch.tensor(prompts[i], device=device) for i in idx]
+    cache = prefilled_cache(model, rows, max(len(prompts[i]) for i in idx))
+    return {"cache": cache if cache is not None else growing_cache()}
 
 
 def prompts_of(ds: Any) -> list[list[int]]:
