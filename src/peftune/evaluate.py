@@ -131,7 +131,9 @@ def _cache(model: Any, encoder_decoder: bool, prompts: Sequence[list[int]],
     if encoder_decoder or (config is not None and config.is_prompt_learning):
         return {}
     device = next(model.parameters()).device
-    rows = [torch.tensor(prompts[i], device=device) for i in idx]
+    if device.type != "cpu":  # an accelerator prefills a padded batch faster than one by one
+        return {"cache": growing_cache()}
+    rows = [torch.tensor(prompts[i]) for i in idx]
     cache = prefilled_cache(model, rows, max(len(prompts[i]) for i in idx))
     return {"cache": cache if cache is not None else growing_cache()}
 
