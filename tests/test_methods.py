@@ -214,3 +214,24 @@ def test_search_spaces_are_valid_options_with_prefixed_names():
             options = from_dict(method.options, method.search_space(trial), name)
             assert isinstance(options, method.options)
             assert all(key.startswith(f"{name}.") for key in trial.params)
+
+
+@pytest.mark.parametrize("name,arch", CASES)
+def test_method_generates_in_bf16_and_gets_its_fp32_weights_back(name, arch, tiny_cfg,
+                                                                 model_dirs):
+    from peftune.inference import half_precision
+
+    cfg = _config(tiny_cfg, model_dirs[arch], name)
+    tokenizer = models.load_tokenizer(cfg.model)
+    data = prepare(cfg, tokenizer, seq2seq=arch == "t5", roles=("test",))
+    model = wrap(load_base(cfg, tokenizer), cfg)
+    before = {n: p for n, p in model.named_parameters() if p.dtype == torch.float32}
+    prompts = prompts_of(data.splits["test"])[:3]
+    settings = EvalConfig(batch_size=3, max_new_tokens=4, no_repeat_ngram_size=0)
+    generated = generate(model, tokenizer, prompts, settings, progress=False,
+                         precision="bf16")
+    after = dict(model.named_parameters())
+    assert all(after[n] is p and p.dtype == torch.float32 for n, p in before.items())
+    with half_precision(model, "bf16"):
+        expected = [_greedy_by_forward(model, tokenizer, p, 4) for p in prompts]
+    assert generated == expected
