@@ -113,8 +113,9 @@ def generate(model: Any, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[l
             batch = collate([{"input_ids": prompts[i]} for i in idx])
             batch = {k: v.to(device) for k, v in batch.items()}
             with kv_cache_compat(model):
-                out = model.generate(**batch, **_cache(model, encoder_decoder, prompts, idx),
-                                     generation_config=gen_config)
+                cache = _cache(model, encoder_decoder, device, [prompts[i] for i in idx],
+                               width=batch["input_ids"].shape[1])
+                out = model.generate(**batch, **cache, generation_config=gen_config)
             new = out if encoder_decoder else out[:, batch["input_ids"].shape[1]:]
             texts = tokenizer.batch_decode(new, skip_special_tokens=True)
             for i, text in zip(idx, texts, strict=True):
@@ -124,17 +125,15 @@ def generate(model: Any, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[l
     return outputs
 
 
-def _cache(model: Any, encoder_decoder: bool, prompts: Sequence[list[int]],
-           idx: list[int]) -> dict[str, Any]:
+def _cache(model: Any, encoder_decoder: bool, device: torch.device,
+           prompts: list[list[int]], width: int) -> dict[str, Any]:
     # Prompt learning builds its own cache from the virtual tokens; encoder-decoders keep two.
     config = getattr(model, "active_peft_config", None)
     if encoder_decoder or (config is not None and config.is_prompt_learning):
         return {}
-    device = next(model.parameters()).device
     if device.type != "cpu":  # an accelerator prefills a padded batch faster than one by one
         return {"cache": growing_cache()}
-    rows = [torch.tensor(prompts[i]) for i in idx]
-    cache = prefilled_cache(model, rows, max(len(prompts[i]) for i in idx))
+    cache = prefilled_cache(model, [torch.tensor(ids) for ids in prompts], width)
     return {"cache": cache if cache is not None else growing_cache()}
 
 

@@ -19,12 +19,6 @@ from transformers.cache_utils import DynamicLayer
 HALF_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    if precision in HALF_DTYPES:
-        return torch.autocast(device.type, dtype=HALF_DTYPES[precision])
-    return contextlib.nullcontext()
-
-
 @contextlib.contextmanager
 def half_precision(model: torch.nn.Module, precision: str, *,
                    restore: bool = True) -> Iterator[None]:
@@ -78,9 +72,8 @@ def _pack_linears(model: torch.nn.Module) -> list[torch.nn.Module]:
         return []
     packed = []
     for module in model.modules():
-        weight = getattr(module, "weight", None)
-        if (type(module) is torch.nn.Linear and weight.dtype == torch.bfloat16
-                and weight.device.type == "cpu"):
+        if (type(module) is torch.nn.Linear and module.weight.dtype == torch.bfloat16
+                and module.weight.device.type == "cpu"):
             try:
                 module.forward = _packed_forward(module)
             except RuntimeError:  # oneDNN without bf16 support on this build
