@@ -57,10 +57,10 @@ def _cfg(variant: str, **train: Any) -> Any:
 
 
 def _data(cfg: Any, variant: str) -> Any:
-    from peftune import models, train
+    from peftune import assembly, models
 
     tok = models.load_tokenizer(cfg.model)
-    data = train.prepare(cfg, tok, seq2seq=False, roles=("train", "validation", "test"))
+    data = assembly.prepare(cfg, tok, roles=("train", "validation", "test"))
     if variant == "A":  # the seed pads every example to 1024 + 128 tokens
         data = _PaddedTo(data, 1024 + 128)
     return data
@@ -149,7 +149,7 @@ def generation_speed(variant: str) -> dict[str, Any]:
     prompts = prompts_of(data.splits["test"])
     start = time.perf_counter()
     if variant == "peftune":  # as `peftune evaluate` does it
-        from peftune.train import resolve_precision
+        from peftune.devices import resolve_precision
 
         texts = generate(model, data.tokenizer, prompts, cfg.eval, progress=False,
                          precision=resolve_precision(cfg.train.precision),
@@ -206,15 +206,15 @@ def search_time(variant: str) -> dict[str, Any]:
     if variant == "peftune":
         cfg.output_dir = f"/tmp/peftune-bench/search-{os.getpid()}"
         study = search.create_study(cfg)
-        base, data = search.load_for_search(cfg)
-        search.optimize(cfg, study, search.Objective(cfg, base, data))
+        bases, data = search.load_for_search(cfg)
+        search.optimize(cfg, study, search.Objective(cfg, bases, data))
     else:  # B: plain Optuna around the same objective, fp32, whole-sequence loss
         study = optuna.create_study(direction="maximize",
                                     sampler=optuna.samplers.TPESampler(seed=cfg.seed,
                                                                        multivariate=True,
                                                                        group=True))
-        base, data = search.load_for_search(cfg)
-        study.optimize(search.Objective(cfg, base, data), n_trials=SEARCH_TRIALS)
+        bases, data = search.load_for_search(cfg)
+        study.optimize(search.Objective(cfg, bases, data), n_trials=SEARCH_TRIALS)
     return {"seconds": time.perf_counter() - start, "best_params": study.best_trial.params}
 
 

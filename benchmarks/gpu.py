@@ -81,11 +81,11 @@ def _llama(args: argparse.Namespace, vocab: int) -> Any:
 
 def _measure(args: argparse.Namespace, variant: str, method: str, folder: Path,
              data: Any) -> dict[str, Any]:
-    from peftune import train
+    from peftune import assembly, train
 
     cfg = _cfg(args, variant, method)
     cfg.model.name, cfg.model.dtype = str(folder), "bfloat16"
-    base = train.load_base(cfg, data.tokenizer)
+    base = assembly.load_base(cfg, data.tokenizer)
     if torch.cuda.is_available() and method == "lora":
         base = base.to("cuda")
     model = train.wrap(base, cfg)
@@ -128,11 +128,11 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model (CPU smoke run)")
     args = parser.parse_args()
 
-    from peftune import models, train
+    from peftune import assembly, models
 
     cfg = _cfg(args, "B")
     tok = models.load_tokenizer(cfg.model)
-    data = train.prepare(cfg, tok, seq2seq=False, roles=("train",))
+    data = assembly.prepare(cfg, tok, roles=("train",))
     folder = Path(tempfile.mkdtemp(prefix="peftune-gpu-llama-"))
     _llama(args, len(tok)).save_pretrained(folder)
     tok.save_pretrained(folder)

@@ -49,7 +49,9 @@ def test_truncation_cuts_the_document_never_the_summary(caplog):
     for i, row in enumerate(rows):
         summary = tok(row["summary"], add_special_tokens=False)["input_ids"]
         ids, n_prompt = ds[i]["input_ids"], ds[i]["prompt_len"]
-        assert n_prompt == len(fmt.prefix) + 5 + len(fmt.suffix)
+        cut = tok.decode(tok(row["document"], add_special_tokens=False)["input_ids"][:5])
+        assert cut.split() == row["document"].split()[:5]
+        assert ids[:n_prompt] == fmt.encode([cut])[0]
         assert ids[n_prompt:] == summary + [tok.eos_token_id]
 
 

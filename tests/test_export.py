@@ -11,12 +11,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.integrations.peft import MIN_PEFT_VERSION
 
 from peftune import config_from_dict
+from peftune.assembly import prepare
 from peftune.cli import main
 from peftune.config import EvalConfig
 from peftune.errors import ModelError, PeftuneError
 from peftune.evaluate import generate, prompts_of
 from peftune.export import export
-from peftune.train import prepare, run
+from peftune.train import run
 from tests.conftest import make_llama, make_tokenizer
 
 N_NEW = 8
@@ -33,7 +34,7 @@ def trained(tiny_bpe_model_dir, tiny_data_dir, tmp_path_factory):
         "train": {"max_steps": 3, "batch_size": 4, "micro_batch_size": 2, "learning_rate": 5e-2,
                   "precision": "fp32", "eval_each_epoch": False}})
     result = run(cfg)
-    data = prepare(cfg, _tokenizer(result.adapter_dir), seq2seq=False, roles=("test",))
+    data = prepare(cfg, _tokenizer(result.adapter_dir), roles=("test",))
     prompts = prompts_of(data.splits["test"])
     texts = _greedy(result.model, data.tokenizer, prompts)
     with result.model.disable_adapter():

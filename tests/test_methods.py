@@ -7,12 +7,13 @@ from peft import PeftModel
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from peftune import config_from_dict, models
+from peftune.assembly import load_base, prepare
 from peftune.config import EvalConfig
 from peftune.errors import ConfigError
 from peftune.evaluate import generate, prompts_of
 from peftune.methods import get_method, registry
 from peftune.methods.adalora import RankBudget
-from peftune.train import build_trainer, load_base, prepare, run, wrap
+from peftune.train import build_trainer, run, wrap
 
 CASES = [pytest.param(name, arch, id=f"{name}-{arch}") for name, method in registry().items()
          for arch in ("llama", "t5") if arch == "llama" or method.seq2seq]
@@ -72,7 +73,7 @@ def test_method_trains_saves_loads_merges_and_generates(name, arch, tiny_cfg, mo
     cfg = _config(tiny_cfg, model_dirs[arch], name)
     method = get_method(name)
     tokenizer = models.load_tokenizer(cfg.model)
-    data = prepare(cfg, tokenizer, seq2seq=arch == "t5", roles=("train", "test"))
+    data = prepare(cfg, tokenizer, roles=("train", "test"))
     batch = data.collator([data.splits["train"][i] for i in range(4)])
     model = wrap(load_base(cfg, tokenizer), cfg)
 
@@ -120,7 +121,7 @@ def test_adalora_prunes_the_rank_budget_under_the_trainer(tiny_cfg, tiny_model_d
     # the pruned adapter loads at its pruned ranks and gives the same outputs
     cfg = config_from_dict(tiny_cfg)
     tokenizer = models.load_tokenizer(cfg.model)
-    batch = prepare(cfg, tokenizer, seq2seq=False).collator(
+    batch = prepare(cfg, tokenizer).collator(
         [{"input_ids": [5, 6, 7, 8, 9], "labels": [5, 6, 7, 8, 9]}])
     loaded = PeftModel.from_pretrained(load_base(cfg, tokenizer), str(result.adapter_dir))
     torch.testing.assert_close(_logits(loaded, batch), _logits(result.model, batch))
@@ -128,7 +129,7 @@ def test_adalora_prunes_the_rank_budget_under_the_trainer(tiny_cfg, tiny_model_d
     # control: the same run without the callback never prunes anything
     tiny_cfg["output_dir"] = str(tmp_path / "control")
     cfg = config_from_dict(tiny_cfg)
-    data = prepare(cfg, tokenizer, seq2seq=False)
+    data = prepare(cfg, tokenizer)
     model = wrap(load_base(cfg, tokenizer), cfg)
     trainer = build_trainer(cfg, model, data, output_dir=tmp_path / "control")
     trainer.remove_callback(RankBudget)
@@ -223,7 +224,7 @@ def test_method_generates_in_bf16_and_gets_its_fp32_weights_back(name, arch, tin
 
     cfg = _config(tiny_cfg, model_dirs[arch], name)
     tokenizer = models.load_tokenizer(cfg.model)
-    data = prepare(cfg, tokenizer, seq2seq=arch == "t5", roles=("test",))
+    data = prepare(cfg, tokenizer, roles=("test",))
     model = wrap(load_base(cfg, tokenizer), cfg)
     before = {n: p for n, p in model.named_parameters() if p.dtype == torch.float32}
     prompts = prompts_of(data.splits["test"])[:3]

@@ -140,12 +140,13 @@ class _OutOfMemoryAbove:
 
 def test_out_of_memory_halves_the_micro_batch_and_keeps_the_batch(tiny_cfg, caplog):
     from peftune import models
-    from peftune.train import fit, prepare, wrap
+    from peftune.assembly import prepare
+    from peftune.train import fit, wrap
 
     tiny_cfg["train"].update(batch_size=4, micro_batch_size=4, max_steps=2)
     cfg = config_from_dict(tiny_cfg)
     base, tok = models.load_base(cfg.model)
-    data = prepare(cfg, tok, seq2seq=False)
+    data = prepare(cfg, tok)
     model = wrap(base, cfg)
     oom = _OutOfMemoryAbove(2)
     base.model.register_forward_pre_hook(oom, with_kwargs=True)

@@ -52,12 +52,12 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tiny_cfg, tmp_path):
 
 def test_generation_strips_prompt_and_sorts_by_length(tiny_cfg):
     from peftune import models
+    from peftune.assembly import prepare
     from peftune.config import ModelConfig
-    from peftune.train import prepare
 
     cfg = config_from_dict(tiny_cfg)
     model, tok = models.load_base(ModelConfig(name=tiny_cfg["model"]["name"]))
-    data = prepare(cfg, tok, seq2seq=False, roles=("test",))
+    data = prepare(cfg, tok, roles=("test",))
     prompts = prompts_of(data.splits["test"])
     settings = EvalConfig(batch_size=3, max_new_tokens=5)
     batched = generate(model, tok, prompts, settings, progress=False)
@@ -81,11 +81,12 @@ def test_rouge_scale_stemming_and_lsum():
 
 def test_summary_only_loss_equals_the_models_own_loss_and_gradients(tiny_cfg, tmp_path):
     from peftune import models
-    from peftune.train import PeftuneTrainer, build_trainer, prepare, wrap
+    from peftune.assembly import prepare
+    from peftune.train import PeftuneTrainer, build_trainer, wrap
 
     cfg = config_from_dict(tiny_cfg)
     model, tok = models.load_base(cfg.model)
-    data = prepare(cfg, tok, seq2seq=False)
+    data = prepare(cfg, tok)
     peft_model = wrap(model, cfg)
     torch.nn.init.normal_(peft_model.base_model.model.model.layers[0].self_attn.q_proj
                           .lora_B["default"].weight)  # non-zero adapter: gradients flow to A

@@ -61,11 +61,14 @@ def parser() -> argparse.ArgumentParser:
             p.add_argument("--split", default="test", choices=("validation", "test"),
                            help="split to score (default: test)")
     p = sub.add_parser("summarize", help="summarize text with a trained adapter",
-                       description="summarize text with a trained adapter")
+                       description="summarize text with a trained adapter, with the run's "
+                       "prompt and decoding settings (flags override them)")
     p.add_argument("adapter", help="adapter folder or run folder")
     p.add_argument("text", nargs="?", help="text to summarize (else --input or stdin)")
     p.add_argument("--input", help="a text file, or a .jsonl file with a 'document' field")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="(default: 128)")
+    p.add_argument("--max-new-tokens", type=int, dest="cfg:eval.max_new_tokens",
+                   default=argparse.SUPPRESS, help="same as --eval.max_new_tokens")
+    add_config_flags(p)
     sub.add_parser("methods", help="list the PEFT methods and their default options")
     p = sub.add_parser("export", help="export an adapter: as is, merged, or as GGUF",
                        description="export a trained adapter for serving: the PEFT adapter as "
@@ -74,6 +77,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="merged", choices=("adapter", "merged", "gguf"),
                    help="what to write (default: merged)")
     p.add_argument("--out", help="output folder (default: RUN/export-FORMAT)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the base model's "
+                   "own code from the hub (never taken from the adapter folder)")
     p.add_argument("--dtype", help="merged: auto, float32, bfloat16 or float16 (default: auto, "
                    "the base's own dtype; bfloat16 for a quantized base); gguf: f32, f16 or "
                    "bf16 (default: f16)")
@@ -109,34 +114,52 @@ def setup_logging(quiet: bool) -> None:
         datasets.disable_progress_bars()
 
 
+def _adapter_and_config(ns: argparse.Namespace) -> tuple[Any, Config]:
+    adapter = commands.find_adapter(ns.adapter)
+    return adapter, build_config(ns, commands.adapter_settings(adapter))
+
+
+def _evaluate(ns: argparse.Namespace, argv: list[str]) -> None:
+    if not ns.adapter:
+        commands.evaluate(build_config(ns), adapter=None, split=ns.split)
+        return
+    adapter, cfg = _adapter_and_config(ns)
+    commands.evaluate(cfg, adapter=adapter, split=ns.split)
+
+
+def _summarize(ns: argparse.Namespace, argv: list[str]) -> None:
+    adapter, cfg = _adapter_and_config(ns)
+    commands.summarize(adapter, cfg, text=ns.text, input_file=ns.input)
+
+
+def _compare(ns: argparse.Namespace, argv: list[str]) -> None:
+    from peftune import compare
+
+    methods = [m.strip() for m in (ns.methods or "").split(",") if m.strip()] or None
+    compare.run(build_config(ns), split=ns.split, shared_lr=ns.shared_lr, quiet=ns.quiet,
+                methods=methods)
+
+
+COMMANDS = {
+    "train": lambda ns, argv: commands.train(build_config(ns)),
+    "evaluate": _evaluate,
+    "summarize": _summarize,
+    "search": lambda ns, argv: commands.search(build_config(ns), argv=argv),
+    "export": lambda ns, argv: commands.export(ns.adapter, fmt=ns.format, out=ns.out,
+                                               dtype=ns.dtype,
+                                               trust_remote_code=ns.trust_remote_code),
+    "report": lambda ns, argv: commands.report(ns.run_dir),
+    "methods": lambda ns, argv: commands.methods(),
+    "compare": _compare,
+}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(argv if argv is not None else sys.argv[1:])
     ns = parser().parse_args(argv)
     setup_logging(ns.quiet)
     try:
-        if ns.command == "train":
-            commands.train(build_config(ns))
-        elif ns.command == "evaluate":
-            adapter = commands.find_adapter(ns.adapter) if ns.adapter else None
-            base = commands.adapter_config(adapter) if adapter else None
-            commands.evaluate(build_config(ns, base), adapter=adapter, split=ns.split)
-        elif ns.command == "summarize":
-            commands.summarize(ns.adapter, text=ns.text, input_file=ns.input,
-                               max_new_tokens=ns.max_new_tokens)
-        elif ns.command == "search":
-            commands.search(build_config(ns), argv=list(argv if argv is not None
-                                                        else sys.argv[1:]))
-        elif ns.command == "export":
-            commands.export(ns.adapter, fmt=ns.format, out=ns.out, dtype=ns.dtype)
-        elif ns.command == "report":
-            commands.report(ns.run_dir)
-        elif ns.command == "methods":
-            commands.methods()
-        elif ns.command == "compare":
-            from peftune import compare
-
-            compare.run(build_config(ns), split=ns.split, shared_lr=ns.shared_lr,
-                        quiet=ns.quiet, methods=[m.strip() for m in (ns.methods or "").split(",")
-                                                 if m.strip()] or None)
+        COMMANDS[ns.command](ns, argv)
     except Interrupted as err:
         print(f"peftune: {err}", file=sys.stderr)
         return 130

@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from peft import PeftModel
-from transformers import TextStreamer
-
-from peftune import models
+from peftune import assembly, devices, models
 from peftune import train as training
-from peftune.config import Config, EvalConfig, config_from_dict, load_yaml
+from peftune.config import Config
 from peftune.errors import ModelError, PeftuneError
-from peftune.evaluate import generate, generation_config, kv_cache_compat, score
+from peftune.evaluate import generate, score
 from peftune.methods import registry
 
 
@@ -29,9 +25,11 @@ def find_adapter(path: str | Path) -> Path:
                      f"{path / 'adapter'})")
 
 
-def adapter_config(adapter: Path) -> dict:
-    meta = adapter / "peftune.yaml"
-    return load_yaml(meta) if meta.is_file() else {}
+def adapter_settings(adapter: Path) -> dict[str, Any]:
+    """The run settings saved with an adapter, checked first: nothing in the folder is read
+    as settings, and no tokenizer or model is loaded, before the adapter passes its checks."""
+    models.check_adapter_dir(adapter)
+    return assembly.folder_settings(adapter / "peftune.yaml")
 
 
 def train(cfg: Config) -> training.TrainResult:
@@ -51,23 +49,22 @@ def evaluate(cfg: Config, *, adapter: Path | None, split: str = "test") -> dict[
     out_dir = Path(cfg.output_dir)
     if adapter is None and (out_dir / "adapter" / "adapter_config.json").is_file():
         adapter = out_dir / "adapter"
-    tokenizer = models.load_tokenizer(cfg.model)
-    base = training.load_base(cfg, tokenizer)
-    data = training.prepare(cfg, tokenizer, seq2seq=base.config.is_encoder_decoder,
-                            roles=(split,))
+    if adapter is not None:
+        models.check_adapter_dir(adapter)
+    data = assembly.prepare(cfg, roles=(split,))
     ds = data.splits[split]
+    base = devices.place(assembly.load_base(cfg, data.tokenizer))
     # the base only generates from here on: it may keep 16-bit weights
-    kw = {"precision": training.resolve_precision(cfg.train.precision),
-          "keep_fp32_weights": False}
+    kw = {"precision": assembly.precision(cfg), "keep_fp32_weights": False}
     results: dict[str, dict] = {}
     if cfg.eval.zero_shot or adapter is None:
         tag = f"zero_shot_{split}" if adapter else split
-        results["zero-shot"] = score(base, tokenizer, ds, cfg.eval, out_dir=out_dir, tag=tag,
-                                     **kw)
+        results["zero-shot"] = score(base, data.tokenizer, ds, cfg.eval, out_dir=out_dir,
+                                     tag=tag, **kw)
     if adapter is not None:
         model = models.load_adapter(base, adapter)
-        results[cfg.method] = score(model, tokenizer, ds, cfg.eval, out_dir=out_dir, tag=split,
-                                    **kw)
+        results[cfg.method] = score(model, data.tokenizer, ds, cfg.eval, out_dir=out_dir,
+                                    tag=split, **kw)
     print_rouge(results, title=f"ROUGE on {len(ds)} {split} examples of {cfg.data.source}")
     print(f"predictions and metrics: {out_dir}")
     if adapter is not None:
@@ -108,41 +105,22 @@ def _read_documents(text: str | None, input_file: str | None) -> list[str]:
     return docs
 
 
-def summarize(adapter_path: str, *, text: str | None = None, input_file: str | None = None,
-              max_new_tokens: int = 128) -> list[str]:
-    adapter = find_adapter(adapter_path)
-    cfg = config_from_dict(adapter_config(adapter))
+def summarize(adapter: Path, cfg: Config, *, text: str | None = None,
+              input_file: str | None = None) -> list[str]:
+    """Summaries of ``text``, of each document of ``input_file`` or of stdin, with the run's
+    prompt, decoding settings and precision: the texts ``evaluate`` would score. One
+    document or many take the same path (batched generation)."""
     docs = [d for d in _read_documents(text, input_file) if d.strip()]
     if not docs:
         raise PeftuneError("nothing to summarize: the input is empty")
     tokenizer = models.load_tokenizer(cfg.model)
-    model = models.load_adapter(training.load_base(cfg, tokenizer), adapter)
-    fmt = training.PromptFormat.for_tokenizer(
-        tokenizer, cfg.data.instruction, seq2seq=model.config.is_encoder_decoder)
-    ids = tokenizer(docs, add_special_tokens=False)["input_ids"]
-    prompts = [fmt.prompt(doc, cfg.data.max_source_tokens) for doc in ids]
-    precision = training.resolve_precision(cfg.train.precision)
-    settings = replace(cfg.eval, max_new_tokens=max_new_tokens)
-    if len(prompts) == 1:
-        return [_stream(model, tokenizer, prompts[0], settings)]
-    outputs = generate(model, tokenizer, prompts, settings, precision=precision,
-                       keep_fp32_weights=False)
+    prompts, _ = assembly.prompt_format(cfg, tokenizer).prompts(docs, cfg.data.max_source_tokens)
+    model = models.load_adapter(devices.place(assembly.load_base(cfg, tokenizer)), adapter)
+    outputs = generate(model, tokenizer, prompts, cfg.eval, precision=assembly.precision(cfg),
+                       keep_fp32_weights=False, progress=len(prompts) > 1)
     for out in outputs:
         print(out)
     return outputs
-
-
-def _stream(model: PeftModel, tokenizer: Any, prompt: list[int], settings: EvalConfig) -> str:
-    """Print tokens as they are generated (one document)."""
-    import torch
-
-    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    model.eval()
-    with torch.inference_mode(), kv_cache_compat(model):
-        out = model.generate(input_ids=torch.tensor([prompt]), streamer=streamer,
-                             generation_config=generation_config(settings, tokenizer))
-    start = 0 if model.config.is_encoder_decoder else len(prompt)
-    return tokenizer.decode(out[0, start:], skip_special_tokens=True).strip()
 
 
 def methods() -> None:
@@ -184,7 +162,7 @@ def search(cfg: Config, *, argv: list[str] | None = None) -> None:
 
 
 def export(adapter_path: str, *, fmt: str = "merged", out: str | None = None,
-           dtype: str | None = None) -> Path:
+           dtype: str | None = None, trust_remote_code: bool = False) -> Path:
     from peftune import export as exporting
 
     adapter = find_adapter(adapter_path)
@@ -195,7 +173,8 @@ def export(adapter_path: str, *, fmt: str = "merged", out: str | None = None,
                            f"{', '.join(allowed) or 'none'})")
     run_dir = adapter.parent if adapter.name == "adapter" else adapter
     target = Path(out) if out else run_dir / f"export-{fmt}"
-    done = exporting.export(adapter, target, fmt=fmt, dtype=dtype)
+    done = exporting.export(adapter, target, fmt=fmt, dtype=dtype,
+                            trust_remote_code=trust_remote_code)
     size = sum(p.stat().st_size for p in ([done.path] if done.path.is_file()
                                           else done.path.rglob("*")) if p.is_file())
     print(f"\nexported {fmt} ({size / 2**20:.1f} MiB): {done.path}")

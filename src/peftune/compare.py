@@ -87,18 +87,16 @@ def measure(run_dir: Path, split: str) -> dict[str, Any]:
     """Train and score one method (in this process); the row of the table."""
     import torch
 
-    from peftune import models, train
+    from peftune import assembly, train
     from peftune.evaluate import score
 
     cfg = config_from_dict(load_yaml(run_dir / "compare-config.yaml"))
     row: dict[str, Any] = {"method": cfg.method, "learning_rate": cfg.train.learning_rate}
     start = time.perf_counter()
-    tokenizer = models.load_tokenizer(cfg.model)
-    data = train.prepare(cfg, tokenizer, seq2seq=models.is_seq2seq(cfg.model),
-                         roles=("train", "validation", split))
+    data = assembly.prepare(cfg, roles=("train", "validation", split))
     result = train.run(cfg, data=data)
-    scores = score(result.model, tokenizer, data.splits[split], cfg.eval, out_dir=run_dir,
-                   tag=split, precision=train.resolve_precision(cfg.train.precision))
+    scores = score(result.model, data.tokenizer, data.splits[split], cfg.eval, out_dir=run_dir,
+                   tag=split, precision=assembly.precision(cfg))
     m = result.metrics
     adapter_bytes = sum(f.stat().st_size for f in result.adapter_dir.glob("adapter_model.*"))
     row.update({key: scores[key] for key in ("rouge1", "rouge2", "rougeL")})

@@ -35,7 +35,6 @@ LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "
 SPLIT_ALIASES = {"train": ("train",), "validation": ("validation", "val", "dev", "valid"),
                  "test": ("test",)}
 IGNORE_INDEX = -100
-_SENTINEL = "\u2063DOCUMENT\u2063"
 
 
 # ---------------------------------------------------------------- loading
@@ -182,38 +181,82 @@ def _standardise(ds: datasets.Dataset, role: str, source: str,
 
 @dataclass
 class PromptFormat:
-    """Token ids around the document; the same for training and generation."""
+    """How a document becomes a prompt, the same in training, evaluation and serving.
 
-    prefix: list[int]
-    suffix: list[int]
-    eos: int
+    A chat model gets exactly what ``tokenizer.apply_chat_template([{"role": "user",
+    "content": f"{instruction}\\n\\n{document}"}], add_generation_prompt=True)`` gives, which
+    is what vLLM, TGI, llama.cpp's chat API and transformers pipelines send. A model without
+    a chat template gets the plain text ``f"{instruction}\\n\\n{document}\\n\\nSummary:\\n"``
+    tokenized whole after its BOS token; an encoder-decoder gets ``f"{instruction}\\n{document}"``
+    and EOS. A document longer than ``max_source_tokens`` is cut to that many tokens and
+    decoded back to text first, so the prompt is always the template applied to a text that
+    a client can send as it is (the instruction and template are never cut).
+    """
+
+    tokenizer: PreTrainedTokenizerBase
+    instruction: str
     seq2seq: bool = False
 
     @classmethod
     def for_tokenizer(cls, tokenizer: PreTrainedTokenizerBase, instruction: str, *,
                       seq2seq: bool = False) -> PromptFormat:
-        eos = tokenizer.eos_token_id
-        if eos is None:
+        if tokenizer.eos_token_id is None:
             raise DataError("the tokenizer has no EOS token; a summary could never end")
-        if seq2seq:
-            prefix = tokenizer(f"{instruction}\n", add_special_tokens=False)["input_ids"]
-            return cls(prefix=prefix, suffix=[eos], eos=eos, seq2seq=True)
-        if tokenizer.chat_template:
-            text = tokenizer.apply_chat_template(
-                [{"role": "user", "content": f"{instruction}\n\n{_SENTINEL}"}],
-                tokenize=False, add_generation_prompt=True)
-        else:
-            text = f"{instruction}\n\n{_SENTINEL}\n\nSummary:\n"
-        head, tail = text.split(_SENTINEL)
-        prefix = tokenizer(head, add_special_tokens=False)["input_ids"]
-        bos = tokenizer.bos_token_id
-        if not tokenizer.chat_template and bos is not None and bos != eos:
-            prefix = [bos, *prefix]
-        suffix = tokenizer(tail, add_special_tokens=False)["input_ids"]
-        return cls(prefix=prefix, suffix=suffix, eos=eos)
+        return cls(tokenizer=tokenizer, instruction=instruction, seq2seq=seq2seq)
 
-    def prompt(self, doc_ids: list[int], max_source_tokens: int) -> list[int]:
-        return [*self.prefix, *doc_ids[:max_source_tokens], *self.suffix]
+    @property
+    def eos(self) -> int:
+        return int(self.tokenizer.eos_token_id)
+
+    @property
+    def chat(self) -> bool:
+        return bool(self.tokenizer.chat_template) and not self.seq2seq
+
+    def messages(self, document: str) -> list[dict[str, str]]:
+        """The chat messages a client sends for ``document``."""
+        return [{"role": "user", "content": f"{self.instruction}\n\n{document}"}]
+
+    def text(self, document: str) -> str:
+        """The whole prompt as text (what a completion API is sent)."""
+        if self.chat:
+            return self.tokenizer.apply_chat_template(
+                self.messages(document), tokenize=False, add_generation_prompt=True)
+        if self.seq2seq:
+            return f"{self.instruction}\n{document}"
+        return f"{self.instruction}\n\n{document}\n\nSummary:\n"
+
+    def truncate(self, documents: list[str], max_source_tokens: int
+                 ) -> tuple[list[str], list[bool]]:
+        """Documents cut to ``max_source_tokens`` tokens, and which ones were cut."""
+        documents = list(documents)
+        ids = self.tokenizer(documents, add_special_tokens=False)["input_ids"]
+        cut = [len(doc) > max_source_tokens for doc in ids]
+        texts = [self.tokenizer.decode(doc[:max_source_tokens]) if c else text
+                 for text, doc, c in zip(documents, ids, cut, strict=True)]
+        return texts, cut
+
+    def encode(self, documents: list[str]) -> list[list[int]]:
+        """Prompt token ids of already truncated documents."""
+        if not documents:
+            return []
+        if self.chat:
+            out = self.tokenizer.apply_chat_template(
+                [self.messages(d) for d in documents], tokenize=True,
+                add_generation_prompt=True)
+            return [list(ids) for ids in out["input_ids"]]
+        ids = self.tokenizer([self.text(d) for d in documents],
+                             add_special_tokens=False)["input_ids"]
+        if self.seq2seq:
+            return [[*row, self.eos] for row in ids]
+        bos = self.tokenizer.bos_token_id
+        lead = [bos] if bos is not None and bos != self.eos else []
+        return [[*lead, *row] for row in ids]
+
+    def prompts(self, documents: list[str], max_source_tokens: int
+                ) -> tuple[list[list[int]], list[bool]]:
+        """Prompt token ids of raw documents, and which documents were truncated."""
+        texts, cut = self.truncate(documents, max_source_tokens)
+        return self.encode(texts), cut
 
 
 def tokenize(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, fmt: PromptFormat,
@@ -221,12 +264,11 @@ def tokenize(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, fmt: Prom
     """Add ``input_ids``, ``labels`` and ``prompt_len``; log how many documents were cut."""
 
     def encode(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
-        docs = tokenizer(batch["document"], add_special_tokens=False)["input_ids"]
+        prompts, cut = fmt.prompts(batch["document"], max_source_tokens)
         sums = tokenizer(batch["summary"], add_special_tokens=False)["input_ids"]
         out: dict[str, list[Any]] = {"input_ids": [], "labels": [], "prompt_len": [],
-                                     "truncated": []}
-        for doc, summ in zip(docs, sums, strict=False):
-            prompt = fmt.prompt(doc, max_source_tokens)
+                                     "truncated": cut}
+        for prompt, summ in zip(prompts, sums, strict=True):
             target = [*summ, fmt.eos]
             if fmt.seq2seq:
                 out["input_ids"].append(prompt)
@@ -235,7 +277,6 @@ def tokenize(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, fmt: Prom
                 out["input_ids"].append(prompt + target)
                 out["labels"].append([IGNORE_INDEX] * len(prompt) + target)
             out["prompt_len"].append(len(prompt))
-            out["truncated"].append(len(doc) > max_source_tokens)
         return out
 
     ds = ds.map(encode, batched=True, desc="tokenizing")

@@ -26,8 +26,8 @@ import torch
 from peft import PeftConfig, PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from peftune import models
-from peftune.config import Config, config_from_dict, load_yaml
+from peftune import assembly, models
+from peftune.config import Config, config_from_dict
 from peftune.errors import ModelError, PeftuneError
 from peftune.methods import get_method
 
@@ -50,12 +50,16 @@ class Exported:
     """One line of Python that loads it."""
 
 
-def run_config(adapter: Path) -> Config:
+def run_config(adapter: Path, *, trust_remote_code: bool = False) -> Config:
+    """The adapter's run settings; remote code only if this command allows it."""
     meta = adapter / "peftune.yaml"
     if not meta.is_file():
         raise ModelError(f"{adapter} has no peftune.yaml: export needs an adapter saved by "
                          "`peftune train`")
-    return config_from_dict(load_yaml(meta))
+    models.check_adapter_dir(adapter)
+    settings = assembly.folder_settings(meta)
+    settings.setdefault("model", {})["trust_remote_code"] = trust_remote_code
+    return config_from_dict(settings)
 
 
 def base_path(cfg: Config) -> str:
@@ -66,10 +70,10 @@ def base_path(cfg: Config) -> str:
 
 # ---------------------------------------------------------------- adapter
 
-def export_adapter(adapter: Path, out: Path) -> Exported:
+def export_adapter(adapter: Path, out: Path, *, trust_remote_code: bool = False) -> Exported:
     """Copy the adapter, with ``base_model_name_or_path`` set to a base that loads anywhere
     this machine's paths do (transformers follows it to load base + adapter in one call)."""
-    cfg = run_config(adapter)
+    cfg = run_config(adapter, trust_remote_code=trust_remote_code)
     # training_args.bin is the Trainer's pickled arguments: nothing a server needs
     shutil.copytree(adapter, out, ignore=shutil.ignore_patterns("training_args.bin"),
                     dirs_exist_ok=True)
@@ -103,22 +107,24 @@ def is_quantized(cfg: Config) -> bool:
     return getattr(models.load_config(cfg.model), "quantization_config", None) is not None
 
 
+# the precision a run generates in -> the dtype of the weights that reproduce it
+PRECISION_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
 def merged_dtype(cfg: Config, dtype: str) -> str:
-    """``auto``: bfloat16 for a quantized base (a 16-bit copy to merge into), else the dtype
-    the base checkpoint stores."""
+    """``auto``: the precision the run was evaluated in (its ``train.precision`` resolved on
+    this machine), so the merged model generates what ``evaluate`` scored; bfloat16 at least
+    for a quantized base (a 16-bit copy to merge into)."""
     if dtype != "auto":
         return dtype
-    if is_quantized(cfg):
-        return "bfloat16"
-    stored = getattr(models.load_config(cfg.model), "dtype", None)
-    name = str(stored).replace("torch.", "") if stored is not None else "float32"
-    return name if name in MERGED_DTYPES else "float32"
+    chosen = PRECISION_DTYPES[assembly.precision(cfg)]
+    return "bfloat16" if chosen == "float32" and is_quantized(cfg) else chosen
 
 
-def merge(adapter: Path, *, dtype: str = "auto") -> tuple[PreTrainedModel,
-                                                           PreTrainedTokenizerBase, Config]:
+def merge(adapter: Path, *, dtype: str = "auto", trust_remote_code: bool = False
+          ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, Config]:
     """The base at ``dtype`` with the adapter folded into its weights."""
-    cfg = run_config(adapter)
+    cfg = run_config(adapter, trust_remote_code=trust_remote_code)
     check_mergeable(adapter, cfg)
     chosen = merged_dtype(cfg, dtype)
     base, tokenizer = models.load_base(replace(cfg.model, dtype=chosen))
@@ -133,8 +139,9 @@ def merge(adapter: Path, *, dtype: str = "auto") -> tuple[PreTrainedModel,
     return merged, tokenizer, cfg
 
 
-def export_merged(adapter: Path, out: Path, *, dtype: str = "auto") -> Exported:
-    model, tokenizer, _ = merge(adapter, dtype=dtype)
+def export_merged(adapter: Path, out: Path, *, dtype: str = "auto",
+                  trust_remote_code: bool = False) -> Exported:
+    model, tokenizer, _ = merge(adapter, dtype=dtype, trust_remote_code=trust_remote_code)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
@@ -143,9 +150,10 @@ def export_merged(adapter: Path, out: Path, *, dtype: str = "auto") -> Exported:
 
 # ---------------------------------------------------------------- gguf
 
-def export_gguf(adapter: Path, out: Path, *, dtype: str = "f16") -> Exported:
+def export_gguf(adapter: Path, out: Path, *, dtype: str = "f16",
+                trust_remote_code: bool = False) -> Exported:
     """Merge in float32, then write ``out/<run>-<dtype>.gguf`` with ``gguf.GGUFWriter``."""
-    model, tokenizer, cfg = merge(adapter, dtype="float32")
+    model, tokenizer, cfg = merge(adapter, dtype="float32", trust_remote_code=trust_remote_code)
     check_llama(model.config)
     pre = pre_tokenizer_name(tokenizer)
     out.mkdir(parents=True, exist_ok=True)
@@ -281,12 +289,14 @@ def write_tokenizer(writer: gguf.GGUFWriter, tokenizer: PreTrainedTokenizerBase,
         writer.add_chat_template(tokenizer.chat_template)
 
 
-def export(adapter: Path, out: Path, *, fmt: str, dtype: str | None = None) -> Exported:
+def export(adapter: Path, out: Path, *, fmt: str, dtype: str | None = None,
+           trust_remote_code: bool = False) -> Exported:
+    trust = {"trust_remote_code": trust_remote_code}
     if fmt == "adapter":
-        return export_adapter(adapter, out)
+        return export_adapter(adapter, out, **trust)
     if fmt == "merged":
-        return export_merged(adapter, out, dtype=dtype or "auto")
-    return export_gguf(adapter, out, dtype=dtype or "f16")
+        return export_merged(adapter, out, dtype=dtype or "auto", **trust)
+    return export_gguf(adapter, out, dtype=dtype or "f16", **trust)
 
 
 __all__ = ["FORMATS", "GGUF_DTYPES", "MERGED_DTYPES", "Exported", "export", "export_adapter",

@@ -189,13 +189,6 @@ def model_info(model: torch.nn.Module) -> ModelInfo:
     )
 
 
-def bf16_supported() -> bool:
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-                or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
-
-
 def check_adapter_dir(path: Path) -> dict[str, Any]:
     """Validate an adapter folder before peft reads it; return its parsed config.
 

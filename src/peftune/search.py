@@ -29,7 +29,7 @@ from optuna.trial import TrialState
 from sqlalchemy.exc import IntegrityError, OperationalError
 from transformers import PreTrainedModel, TrainerCallback
 
-from peftune import models, tracking
+from peftune import assembly, tracking
 from peftune import train as training
 from peftune.config import Config, SearchConfig, save_yaml
 from peftune.errors import ConfigError, Diverged, Interrupted
@@ -233,11 +233,12 @@ def unwrap(model: Any) -> PreTrainedModel:
 
 
 class Objective:
-    """Trains and scores one configuration on a base model loaded once per worker."""
+    """Trains and scores one configuration on a base model loaded once per worker (one per
+    load configuration: k-bit methods get their own quantized base)."""
 
-    def __init__(self, cfg: Config, base: PreTrainedModel, data: training.Prepared) -> None:
-        self.cfg, self.base = cfg, base
-        self.keys = set(base.state_dict())
+    def __init__(self, cfg: Config, bases: assembly.Bases, data: assembly.Prepared) -> None:
+        self.cfg, self.bases = cfg, bases
+        self.keys: dict[tuple, set[str]] = {}
         # trials see a fixed subset: validation rows for ROUGE and the pruner's loss, and
         # optionally fewer training rows (a cheaper fidelity than the final model's)
         val = data.splits["validation"]
@@ -255,12 +256,15 @@ class Objective:
         cfg.train = replace(cfg.train, eval_steps=self.cfg.search.intermediate_steps,
                             save_checkpoints=False, report_to=self.cfg.train.report_to)
         trial.set_user_attr("config", cfg.to_dict())
-        model = training.wrap(self.base, cfg)
+        base = self.bases.get(cfg)
+        keys = self.keys.setdefault(assembly.base_key(cfg), set(base.state_dict()))
+        model = training.wrap(base, cfg)
         try:
             return self._train_and_score(trial, cfg, model)
         finally:
-            self.base = unwrap(model)
-            if set(self.base.state_dict()) != self.keys:
+            base = unwrap(model)
+            self.bases.put(cfg, base)
+            if set(base.state_dict()) != keys:
                 raise RuntimeError("adapter removal left modules behind in the base model")
 
     def _train_and_score(self, trial: optuna.Trial, cfg: Config, model: Any) -> Any:
@@ -285,7 +289,7 @@ class Objective:
             trial.set_user_attr("reason", reason)
             raise optuna.TrialPruned(reason)
         rouge = score(model, self.data.tokenizer, self.eval_ds, cfg.eval, out_dir=None,
-                      tag="trial", precision=training.resolve_precision(cfg.train.precision))
+                      tag="trial", precision=assembly.precision(cfg))
         values = {**rouge, "eval_loss": metrics.get("eval_loss", math.nan),
                   "trainable_params": metrics["trainable_parameters"],
                   "train_time": time.perf_counter() - start}
@@ -317,12 +321,10 @@ def optimize(cfg: Config, study: optuna.Study, objective: Objective) -> None:
         study.optimize(objective, n_trials=1, gc_after_trial=True)
 
 
-def load_for_search(cfg: Config) -> tuple[PreTrainedModel, training.Prepared]:
-    tokenizer = models.load_tokenizer(cfg.model)
-    data = training.prepare(cfg, tokenizer, seq2seq=models.is_seq2seq(cfg.model),
-                            roles=("train", "validation", "test"))
-    base = models.load_model(cfg.model, pad_token_id=tokenizer.pad_token_id)
-    return base, data
+def load_for_search(cfg: Config) -> tuple[assembly.Bases, assembly.Prepared]:
+    """The tokenized splits, and the base models (loaded when a trial first needs them)."""
+    data = assembly.prepare(cfg, roles=("train", "validation", "test"))
+    return assembly.Bases(data.tokenizer), data
 
 
 def best_config(cfg: Config, study: optuna.Study) -> Config:
@@ -349,22 +351,23 @@ def spawn_workers(argv: list[str], n: int) -> list[int]:
     return codes
 
 
-def _test_score(cfg: Config, model: Any, data: training.Prepared, out_dir: Path,
+def _test_score(cfg: Config, model: Any, data: assembly.Prepared, out_dir: Path,
                 tag: str = "test") -> dict[str, float]:
     return score(model, data.tokenizer, data.splits["test"], cfg.eval, out_dir=out_dir,
-                 tag=tag, precision=training.resolve_precision(cfg.train.precision))
+                 tag=tag, precision=assembly.precision(cfg))
 
 
-def _train_and_test(cfg: Config, base: PreTrainedModel,
-                    data: training.Prepared) -> tuple[dict[str, float], Path, PreTrainedModel]:
-    """Train on the final data, score on test; return metrics, adapter dir, the bare base."""
-    result = training.run(cfg, base=base, data=data)
+def _train_and_test(cfg: Config, bases: assembly.Bases,
+                    data: assembly.Prepared) -> tuple[dict[str, float], Path]:
+    """Train on the final data and score on test; return the metrics and adapter dir."""
+    result = training.run(cfg, base=bases.get(cfg), data=data)
     metrics = _test_score(cfg, result.model, data, Path(cfg.output_dir))
-    return metrics, result.adapter_dir, unwrap(result.model)
+    bases.put(cfg, unwrap(result.model))
+    return metrics, result.adapter_dir
 
 
-def finalize(cfg: Config, study: optuna.Study, base: PreTrainedModel,
-             data: training.Prepared) -> dict[str, Any]:
+def finalize(cfg: Config, study: optuna.Study, bases: assembly.Bases,
+             data: assembly.Prepared) -> dict[str, Any]:
     """Retrain the best configuration, score it once on the test split, write best.yaml.
 
     With ``search.baselines`` the zero-shot model and the default configuration are scored
@@ -380,11 +383,12 @@ def finalize(cfg: Config, study: optuna.Study, base: PreTrainedModel,
         data = replace(data, splits={**data.splits, "train": joined})
     out: dict[str, Any] = {"config": final, "baselines": {}}
     if cfg.search.baselines:
-        out["baselines"]["zero-shot"] = _test_score(cfg, base, data, run_dir / "zero-shot")
+        out["baselines"]["zero-shot"] = _test_score(cfg, bases.get(cfg), data,
+                                                    run_dir / "zero-shot")
         default = copy.deepcopy(cfg)
         default.output_dir = str(run_dir / "default")
-        out["baselines"]["default"], _, base = _train_and_test(default, base, data)
-    out["test"], out["adapter"], _ = _train_and_test(final, base, data)
+        out["baselines"]["default"], _ = _train_and_test(default, bases, data)
+    out["test"], out["adapter"] = _train_and_test(final, bases, data)
     out["trial"] = study.best_trials[0].number if cfg.search.second_objective \
         else study.best_trial.number
     return out
@@ -400,8 +404,8 @@ def run(cfg: Config, *, argv: list[str] | None = None) -> tuple[optuna.Study, di
         spawn_workers(argv, cfg.search.workers)
     if count(study, FINISHED) >= cfg.search.n_trials and not cfg.search.final:
         return study, None
-    base, data = load_for_search(cfg)
-    optimize(cfg, study, Objective(cfg, base, data))
+    bases, data = load_for_search(cfg)
+    optimize(cfg, study, Objective(cfg, bases, data))
     if not cfg.search.final:
         return study, None
-    return study, finalize(cfg, study, base, data)
+    return study, finalize(cfg, study, bases, data)

@@ -17,62 +17,26 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import datasets
 import torch
 from accelerate.utils.memory import should_reduce_batch_size
 from peft import PeftModel, get_peft_model
 from transformers import (
     PreTrainedModel,
-    PreTrainedTokenizerBase,
     Trainer,
     TrainerCallback,
     TrainingArguments,
 )
 
 from peftune import models
+from peftune.assembly import Prepared, load_base, prepare
 from peftune.config import Config, save_yaml
-from peftune.data import (
-    IGNORE_INDEX,
-    Collator,
-    LengthGroupedSampler,
-    PromptFormat,
-    load_splits,
-    tokenize,
-)
+from peftune.data import IGNORE_INDEX, LengthGroupedSampler
+from peftune.devices import resolve_precision
 from peftune.errors import ConfigError, Diverged, Interrupted, PeftuneError
 from peftune.methods import get_method
 from peftune.rundir import update_metrics
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Prepared:
-    """Tokenizer, prompt format and tokenized splits: built once, shared by every trial."""
-
-    tokenizer: PreTrainedTokenizerBase
-    fmt: PromptFormat
-    splits: dict[str, datasets.Dataset]
-
-    @property
-    def collator(self) -> Collator:
-        return Collator(pad_id=self.tokenizer.pad_token_id, pad_to_multiple_of=8)
-
-
-def prepare(cfg: Config, tokenizer: PreTrainedTokenizerBase, *, seq2seq: bool,
-            roles: tuple[str, ...] = ("train", "validation")) -> Prepared:
-    fmt = PromptFormat.for_tokenizer(tokenizer, cfg.data.instruction, seq2seq=seq2seq)
-    raw = load_splits(cfg.data)
-    splits = {role: tokenize(ds, tokenizer, fmt, cfg.data.max_source_tokens)
-              for role, ds in raw.items() if role in roles}
-    return Prepared(tokenizer=tokenizer, fmt=fmt, splits=splits)
-
-
-def load_base(cfg: Config, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
-    """The base model as ``cfg.method`` needs it (quantized for the k-bit methods)."""
-    method = get_method(cfg.method)
-    return models.load_model(cfg.model, pad_token_id=tokenizer.pad_token_id,
-                             extra=method.load_kwargs(cfg.method_options))
 
 
 def wrap(base: PreTrainedModel, cfg: Config) -> PeftModel:
@@ -85,14 +49,6 @@ def wrap(base: PreTrainedModel, cfg: Config) -> PeftModel:
     peft_config = method.build(cfg.method_options, info)
     torch.manual_seed(cfg.seed)
     return get_peft_model(method.prepare(base, cfg.method_options), peft_config)
-
-
-def resolve_precision(precision: str) -> str:
-    if precision != "auto":
-        return precision
-    if models.bf16_supported():
-        return "bf16"
-    return "fp16" if torch.cuda.is_available() else "fp32"
 
 
 def world_size() -> int:
@@ -404,8 +360,7 @@ def run(cfg: Config, *, base: PreTrainedModel | None = None, data: Prepared | No
     if is_main_process():
         save_yaml(cfg, out / "config.yaml")
     if data is None:  # data first: a bad file fails before the model load
-        tokenizer = models.load_tokenizer(cfg.model)
-        data = prepare(cfg, tokenizer, seq2seq=models.is_seq2seq(cfg.model))
+        data = prepare(cfg)
     if base is None:
         base = load_base(cfg, data.tokenizer)
     model = wrap(base, cfg)

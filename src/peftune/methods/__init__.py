@@ -43,6 +43,10 @@ def _unchanged(model: Any, options: Any) -> Any:
     return model
 
 
+def _plain_base(options: Any) -> tuple[Any, ...]:
+    return ()
+
+
 @dataclass(frozen=True)
 class Method:
     name: str
@@ -60,6 +64,9 @@ class Method:
     """options -> extra ``from_pretrained`` arguments for the base model (quantization)."""
     prepare: Callable[[Any, Any], Any] = field(default=_unchanged)
     """(base model, options) -> the base model made ready for this method's adapter."""
+    base_key: Callable[[Any], tuple[Any, ...]] = field(default=_plain_base)
+    """options -> a key of the loaded (and prepared) base: trials whose keys are equal can
+    share one base model; the plain base's key is ``()``."""
     mergeable: bool = True
     seq2seq: bool = True
 

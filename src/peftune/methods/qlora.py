@@ -17,6 +17,7 @@ from peft import prepare_model_for_kbit_training
 from transformers import BitsAndBytesConfig
 
 from peftune.config import _help
+from peftune.devices import bf16_supported
 from peftune.errors import ConfigError
 from peftune.methods import Method, register
 from peftune.methods.lora import LoraOptions
@@ -42,8 +43,6 @@ def _require_bitsandbytes(name: str) -> None:
 
 
 def _compute_dtype() -> torch.dtype:
-    from peftune.models import bf16_supported
-
     return torch.bfloat16 if bf16_supported() else torch.float32
 
 
@@ -64,6 +63,13 @@ def prepare(model: Any, options: KbitOptions) -> Any:
     return prepare_model_for_kbit_training(
         model, use_gradient_checkpointing=options.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def base_key_for(name: str) -> Any:
+    def base_key(options: KbitOptions) -> tuple[Any, ...]:
+        # what the quantized load and prepare_model_for_kbit_training depend on
+        return (name, getattr(options, "double_quant", None), options.gradient_checkpointing)
+    return base_key
 
 
 def search_space_for(name: str) -> Any:
@@ -91,4 +97,4 @@ for _name, _options, _load, _summary in (
         ("qlora", QLoraOptions, nf4_load_kwargs, "QLoRA: LoRA on a 4-bit NF4 base")):
     register(Method(name=_name, summary=_summary, options=_options, build=build_lora,
                     search_space=search_space_for(_name), learning_rate=1e-3,
-                    load_kwargs=_load, prepare=prepare))
+                    load_kwargs=_load, prepare=prepare, base_key=base_key_for(_name)))
