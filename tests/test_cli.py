@@ -90,3 +90,29 @@ def test_every_subcommand_help_shows_defaults(command, capsys):
     with pytest.raises(SystemExit):
         main([command, "--help"])
     assert "(default: " in capsys.readouterr().out
+
+
+def test_every_key_of_every_shipped_config_is_a_flag():
+    """README: every YAML key is also a flag. Flatten each shipped config to dotted keys and
+    parse them all as flags of the command the config is for."""
+    from pathlib import Path
+
+    from peftune.cli import build_config, parser
+
+    def flat(data, prefix=""):
+        for key, value in data.items():
+            if isinstance(value, dict):
+                yield from flat(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+
+    configs = sorted(Path(__file__).parents[1].glob("configs/*.yaml"))
+    assert configs
+    for path in configs:
+        argv = ["search"]
+        for key, value in flat(yaml.safe_load(path.read_text())):
+            shown = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+            argv += [f"--{key}", shown]
+        ns = parser().parse_args(argv)
+        assert build_config(ns).to_dict() == build_config(
+            parser().parse_args(["search", "--config", str(path)])).to_dict(), path

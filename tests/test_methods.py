@@ -220,7 +220,7 @@ def test_search_spaces_are_valid_options_with_prefixed_names():
 @pytest.mark.parametrize("name,arch", CASES)
 def test_method_generates_in_bf16_and_gets_its_fp32_weights_back(name, arch, tiny_cfg,
                                                                  model_dirs):
-    from peftune.inference import half_precision
+    from peftune.fast_generation import half_precision
 
     cfg = _config(tiny_cfg, model_dirs[arch], name)
     tokenizer = models.load_tokenizer(cfg.model)

@@ -126,7 +126,7 @@ def _tiny_lora_llama():
 def test_half_precision_matches_a_bf16_copy_and_puts_the_fp32_weights_back():
     import copy
 
-    from peftune.inference import half_precision
+    from peftune.fast_generation import half_precision
 
     model = _tiny_lora_llama().eval()
     inner = model.base_model.model
@@ -155,7 +155,7 @@ def test_half_precision_matches_a_bf16_copy_and_puts_the_fp32_weights_back():
 
 
 def test_packed_linear_falls_back_where_it_cannot_apply():
-    from peftune.inference import half_precision
+    from peftune.fast_generation import half_precision
 
     layer = torch.nn.Linear(8, 4)
     with half_precision(layer, "bf16"):
@@ -170,7 +170,7 @@ def test_packed_linear_falls_back_where_it_cannot_apply():
 def test_growing_cache_gives_the_default_caches_keys_and_texts():
     from transformers import DynamicCache
 
-    from peftune.inference import growing_cache
+    from peftune.fast_generation import growing_cache
 
     model = _tiny_lora_llama().eval()
     ids = torch.randint(2, 50, (3, 6))
@@ -198,7 +198,7 @@ def test_growing_cache_gives_the_default_caches_keys_and_texts():
 
 
 def test_prompts_prefilled_one_by_one_continue_like_a_padded_batch():
-    from peftune.inference import prefilled_cache
+    from peftune.fast_generation import prefilled_cache
 
     model = _tiny_lora_llama().eval()
     prompts = [torch.randint(2, 50, (n,)) for n in (9, 4, 6)]

@@ -7,14 +7,13 @@ flag (``train.learning_rate`` <-> ``--train.learning_rate``).
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
-import warnings
 from typing import Any
 
 from peftune import commands
 from peftune.config import Config, config_from_dict, flag_specs, load_yaml, set_dotted
 from peftune.errors import Interrupted, PeftuneError
+from peftune.logs import setup_logging
 
 CONFIG_COMMANDS = {
     "train": "fine-tune a base model with a PEFT method and save the adapter",
@@ -94,24 +93,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--shared-lr", action="store_true", help="use train.learning_rate for every "
                    "method instead of each method's suggested rate")
     return top
-
-
-def setup_logging(quiet: bool) -> None:
-    import datasets
-    import transformers
-
-    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
-    logging.getLogger("peftune").setLevel(logging.WARNING if quiet else logging.INFO)
-    import optuna
-
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    optuna.logging.set_verbosity(optuna.logging.WARNING if quiet else optuna.logging.INFO)
-    transformers.logging.set_verbosity_error()
-    datasets.logging.set_verbosity_error()
-    if quiet:
-        transformers.utils.logging.disable_progress_bar()
-        datasets.disable_progress_bars()
 
 
 def _adapter_and_config(ns: argparse.Namespace) -> tuple[Any, Config]:

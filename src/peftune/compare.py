@@ -10,8 +10,6 @@ Writes ``compare.md``, ``compare.csv`` and ``compare.png`` to ``output_dir``.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import os
@@ -24,24 +22,12 @@ from typing import Any
 
 from peftune.config import Config, config_from_dict, load_yaml, save_yaml
 from peftune.errors import PeftuneError
+from peftune.logs import setup_logging
 from peftune.methods import registry
+from peftune.report import write_compare
 from peftune.rundir import atomic_write
 
 log = logging.getLogger(__name__)
-
-COLUMNS = [  # (key, Markdown header, format)
-    ("method", "method", "{}"),
-    ("learning_rate", "lr", "{:g}"),
-    ("rouge1", "ROUGE-1", "{:.2f}"),
-    ("rouge2", "ROUGE-2", "{:.2f}"),
-    ("rougeL", "ROUGE-L", "{:.2f}"),
-    ("trainable_parameters", "trainable params", "{:,}"),
-    ("adapter_mib", "adapter MiB", "{:.2f}"),
-    ("train_tokens_per_s", "train tokens/s", "{:.0f}"),
-    ("peak_memory_mib", "peak MiB", "{:.0f}"),
-    ("wall_s", "wall s", "{:.0f}"),
-]
-
 
 def run(cfg: Config, *, methods: list[str] | None = None, split: str = "test",
         shared_lr: bool = False, quiet: bool = False) -> list[dict[str, Any]]:
@@ -56,7 +42,7 @@ def run(cfg: Config, *, methods: list[str] | None = None, split: str = "test",
     for i, name in enumerate(names, 1):
         print(f"[{i}/{len(names)}] {name}", file=sys.stderr, flush=True)
         rows.append(_run_one(_method_config(cfg, name, shared_lr), split=split, quiet=quiet))
-    write_table(rows, out, title=f"{cfg.model.name} on {cfg.data.source} ({split} split)")
+    write_compare(rows, out, title=f"{cfg.model.name} on {cfg.data.source} ({split} split)")
     return rows
 
 
@@ -118,66 +104,7 @@ def _peak_memory_mib(torch: Any) -> float:
     return rss / (2**20 if sys.platform == "darwin" else 2**10)
 
 
-def markdown(rows: list[dict[str, Any]]) -> str:
-    head = "| " + " | ".join(h for _, h, _ in COLUMNS) + " |"
-    lines = [head, "|" + "|".join("---" for _ in COLUMNS) + "|"]
-    for row in rows:
-        if "error" in row:
-            cells = [row["method"], f"{row['learning_rate']:g}", f"not run: {row['error']}"]
-            cells += [""] * (len(COLUMNS) - len(cells))
-        else:
-            cells = [fmt.format(row[key]) for key, _, fmt in COLUMNS]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def write_table(rows: list[dict[str, Any]], out: Path, *, title: str) -> None:
-    memory = "peak CUDA memory allocated" if _has_cuda() else "peak process RSS"
-    text = (f"# {title}\n\n{markdown(rows)}\npeak MiB: {memory}; tokens/s: non-padding input "
-            "tokens per second of training; wall s: load, train and score.\n")
-    atomic_write(out / "compare.md", text)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=[k for k, _, _ in COLUMNS] + ["error"],
-                            extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write(out / "compare.csv", buffer.getvalue())
-    plot(rows, out / "compare.png", title=title)
-    print(f"\n{text}\ntables: {out / 'compare.md'}, {out / 'compare.csv'}, {out / 'compare.png'}")
-
-
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def plot(rows: list[dict[str, Any]], path: Path, *, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    done = [r for r in rows if "error" not in r]
-    keys = ("rouge1", "rouge2", "rougeL")
-    width = 0.8 / len(keys)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(done) + 2), 4))
-    for k, key in enumerate(keys):
-        ax.bar([i + (k - 1) * width for i in range(len(done))], [r[key] for r in done],
-               width, label=key.replace("rouge", "ROUGE-"))
-    ax.set_xticks(range(len(done)), [r["method"] for r in done], rotation=30, ha="right")
-    ax.set_ylabel("F1 x 100")
-    ax.set_title(title, fontsize=9)
-    ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def _worker(argv: list[str]) -> int:
-    from peftune.cli import setup_logging
-
     run_dir, split = Path(argv[0]), argv[1]
     setup_logging("-q" in argv)
     try:

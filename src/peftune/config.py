@@ -360,7 +360,7 @@ def flag_specs() -> list[tuple[str, Any, str, Any]]:
     def walk(cls: type, prefix: str) -> None:
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
-            if f.name == "methods":
+            if cls is Config and f.name == "methods":  # method options: walked below
                 continue
             key = f"{prefix}{f.name}"
             if dataclasses.is_dataclass(hints[f.name]):

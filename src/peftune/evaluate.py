@@ -20,7 +20,7 @@ from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from peftune.config import EvalConfig
 from peftune.data import Collator
-from peftune.inference import growing_cache, half_precision, prefilled_cache
+from peftune.fast_generation import growing_cache, half_precision, prefilled_cache
 from peftune.rundir import atomic_write, update_metrics
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")

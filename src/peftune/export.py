@@ -86,14 +86,7 @@ def export_adapter(adapter: Path, out: Path, *, trust_remote_code: bool = False)
 # ---------------------------------------------------------------- merged
 
 def check_mergeable(adapter: Path, cfg: Config) -> None:
-    peft_config = PeftConfig.from_pretrained(str(adapter))
-    if peft_config.is_prompt_learning:
-        raise PeftuneError(
-            f"{peft_config.peft_type.value} adapters cannot be merged: they add learned virtual "
-            "tokens to the input instead of changing weights; use --format adapter")
-    if not get_method(cfg.method).mergeable:
-        raise PeftuneError(f"method '{cfg.method}' cannot be merged: its modules compute "
-                           "something the base weights cannot hold; use --format adapter")
+    get_method(cfg.method).check_mergeable(PeftConfig.from_pretrained(str(adapter)))
 
 
 def is_quantized(cfg: Config) -> bool:

@@ -7,7 +7,9 @@ Run it with ``peftune report runs/NAME``. The study itself stays a plain Optuna 
 from __future__ import annotations
 
 import base64
+import csv
 import html
+import io
 import json
 import warnings
 from collections.abc import Callable
@@ -22,7 +24,7 @@ import optuna  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 from optuna.visualization import matplotlib as ovm  # noqa: E402
 
-from peftune.config import config_from_dict, load_yaml  # noqa: E402
+from peftune.assembly import folder_config  # noqa: E402
 from peftune.errors import PeftuneError  # noqa: E402
 from peftune.rundir import atomic_write  # noqa: E402
 
@@ -32,7 +34,7 @@ def load_study(run_dir: Path) -> tuple[Any, optuna.Study]:
 
     if not (run_dir / "config.yaml").is_file():
         raise PeftuneError(f"{run_dir}: not a run directory (no config.yaml)")
-    cfg = config_from_dict(load_yaml(run_dir / "config.yaml"))
+    cfg = folder_config(run_dir / "config.yaml")
     name = cfg.search.study_name or run_dir.resolve().name
     try:
         return cfg, optuna.load_study(study_name=name, storage=storage_for(cfg))
@@ -136,3 +138,71 @@ img{{max-width:100%}}</style></head><body>
     out = run_dir / "report" / "index.html"
     atomic_write(out, page)
     return out
+
+
+# ---------------------------------------------------------------- peftune compare
+
+COLUMNS = [  # (key, Markdown header, format)
+    ("method", "method", "{}"),
+    ("learning_rate", "lr", "{:g}"),
+    ("rouge1", "ROUGE-1", "{:.2f}"),
+    ("rouge2", "ROUGE-2", "{:.2f}"),
+    ("rougeL", "ROUGE-L", "{:.2f}"),
+    ("trainable_parameters", "trainable params", "{:,}"),
+    ("adapter_mib", "adapter MiB", "{:.2f}"),
+    ("train_tokens_per_s", "train tokens/s", "{:.0f}"),
+    ("peak_memory_mib", "peak MiB", "{:.0f}"),
+    ("wall_s", "wall s", "{:.0f}"),
+]
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    head = "| " + " | ".join(h for _, h, _ in COLUMNS) + " |"
+    lines = [head, "|" + "|".join("---" for _ in COLUMNS) + "|"]
+    for row in rows:
+        if "error" in row:
+            cells = [row["method"], f"{row['learning_rate']:g}", f"not run: {row['error']}"]
+            cells += [""] * (len(COLUMNS) - len(cells))
+        else:
+            cells = [fmt.format(row[key]) for key, _, fmt in COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_compare(rows: list[dict[str, Any]], out: Path, *, title: str) -> None:
+    memory = "peak CUDA memory allocated" if _has_cuda() else "peak process RSS"
+    text = (f"# {title}\n\n{markdown(rows)}\npeak MiB: {memory}; tokens/s: non-padding input "
+            "tokens per second of training; wall s: load, train and score.\n")
+    atomic_write(out / "compare.md", text)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=[k for k, _, _ in COLUMNS] + ["error"],
+                            extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(out / "compare.csv", buffer.getvalue())
+    plot_compare(rows, out / "compare.png", title=title)
+    print(f"\n{text}\ntables: {out / 'compare.md'}, {out / 'compare.csv'}, {out / 'compare.png'}")
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def plot_compare(rows: list[dict[str, Any]], path: Path, *, title: str) -> None:
+    done = [r for r in rows if "error" not in r]
+    keys = ("rouge1", "rouge2", "rougeL")
+    width = 0.8 / len(keys)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(done) + 2), 4))
+    for k, key in enumerate(keys):
+        ax.bar([i + (k - 1) * width for i in range(len(done))], [r[key] for r in done],
+               width, label=key.replace("rouge", "ROUGE-"))
+    ax.set_xticks(range(len(done)), [r["method"] for r in done], rotation=30, ha="right")
+    ax.set_ylabel("F1 x 100")
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

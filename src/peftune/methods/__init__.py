@@ -70,12 +70,21 @@ class Method:
     mergeable: bool = True
     seq2seq: bool = True
 
-    def merge(self, model: Any) -> Any:
-        """The base model with the adapter folded into its weights."""
+    def check_mergeable(self, peft_config: Any) -> None:
+        """The one mergeability rule (``export`` and ``merge`` use it): weight deltas fold
+        into the base; virtual tokens and adapter attention cannot."""
         if not self.mergeable:
             raise ConfigError(f"method '{self.name}' cannot be merged into the base weights "
                               "(it adds virtual tokens or attention, not weight deltas); "
-                              "use the adapter as it is")
+                              "use --format adapter")
+        if peft_config.is_prompt_learning:
+            raise ConfigError(f"{peft_config.peft_type.value} adapters cannot be merged: they "
+                              "add learned virtual tokens to the input instead of changing "
+                              "weights; use --format adapter")
+
+    def merge(self, model: Any) -> Any:
+        """The base model with the adapter folded into its weights."""
+        self.check_mergeable(model.active_peft_config)
         return model.merge_and_unload()
 
 
