@@ -319,7 +319,12 @@ class LengthGroupedSampler(torch.utils.data.Sampler[int]):
 
 @dataclass
 class Collator:
-    """Pads a batch dynamically; labels are padded with -100 by position."""
+    """Pads a batch dynamically; labels are padded with -100 by position.
+
+    Not ``DataCollatorForSeq2Seq``: that one takes the padding side from the tokenizer, and
+    the same tokenizer is padded on the right for training and on the left for a decoder's
+    generation (where changing the shared tokenizer's side would leak into training).
+    """
 
     pad_id: int
     pad_to_multiple_of: int | None = None

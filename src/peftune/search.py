@@ -305,7 +305,9 @@ def optimize(cfg: Config, study: optuna.Study, objective: Objective) -> None:
     """Run trials until the study holds ``n_trials`` finished ones, sharing with other workers.
 
     A trial still RUNNING elsewhere counts; if its worker died, its heartbeat stops, Optuna
-    marks it failed after the grace period and the retry callback queues it again.
+    marks it failed after the grace period and the retry callback queues it again. (Optuna's
+    ``MaxTrialsCallback`` stops a worker once enough trials exist, counting running ones,
+    but cannot wait for them and top the study up when one of them dies.)
     """
     target = cfg.search.n_trials
     while True:
