@@ -1,5 +1,6 @@
 """Faults injected on purpose: kills, signals, partial checkpoints, divergence, unsafe code."""
 
+import json
 import os
 import re
 import shutil
@@ -15,6 +16,7 @@ import yaml
 from safetensors.torch import load_file
 
 from peftune import config_from_dict
+from peftune.cli import main
 from peftune.errors import Diverged
 from peftune.train import COMPLETE_MARKER, last_complete_checkpoint, run
 
@@ -110,6 +112,25 @@ def test_divergence_stops_without_saving_an_adapter(tiny_cfg, tmp_path):
     assert not (tmp_path / "run" / "adapter").exists()
 
 
+def _finite(checkpoint):
+    weights = load_file(str(checkpoint / "adapter_model.safetensors"))
+    return all(bool(torch.isfinite(w).all()) for w in weights.values())
+
+
+def test_weights_gone_nan_between_logs_never_displace_the_last_finite_checkpoint(tiny_cfg,
+                                                                                 tmp_path):
+    # a checkpoint every step, the loss checked every 4: the weights are NaN from step 5 on
+    tiny_cfg["train"].update(learning_rate=1e8, max_grad_norm=1e9, max_steps=8, save_steps=1,
+                             logging_steps=4, eval_each_epoch=False)
+    with pytest.raises(Diverged, match="diverged") as err:
+        run(config_from_dict(tiny_cfg))
+    folder = tmp_path / "run" / "checkpoints"
+    complete = [p for p in folder.glob("checkpoint-*") if (p / COMPLETE_MARKER).is_file()]
+    assert complete and all(_finite(p) for p in complete)
+    assert f"the last finite checkpoint, {last_complete_checkpoint(folder)}, is kept" in \
+        str(err.value)
+
+
 def test_no_pickle_loading_in_the_source_tree():
     offenders = []
     for path in SRC.rglob("*.py"):
@@ -176,3 +197,111 @@ def test_disk_full_is_one_clear_error_and_keeps_the_last_checkpoint(tiny_cfg, tm
     with pytest.raises(PeftuneError, match=r"disk full .* \(checkpoint-2\) is kept"):
         run(config_from_dict(tiny_cfg))
     assert last_complete_checkpoint(tmp_path / "run" / "checkpoints").name == "checkpoint-2"
+
+
+def _crash_after(run_dir, step):
+    """What a run killed right after checkpoint ``step`` leaves: no later checkpoint, no adapter."""
+    shutil.rmtree(run_dir / "adapter")
+    for later in (run_dir / "checkpoints").glob("checkpoint-*"):
+        if int(later.name.split("-")[1]) > step:
+            shutil.rmtree(later)
+
+
+def test_resume_from_an_epochs_last_step_is_bitwise_exact(resume_cfg, tmp_path):
+    # 12 rows, 4 per step: step 6 ends epoch 2, and its checkpoint precedes the epoch's eval
+    straight = run(config_from_dict(resume_cfg))
+    expected = {k: v.clone() for k, v in _weights(tmp_path / "run").items()}
+    _crash_after(tmp_path / "run", 6)
+    resumed = run(config_from_dict(resume_cfg))
+    got = _weights(tmp_path / "run")
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    assert resumed.metrics["train_loss"] == pytest.approx(straight.metrics["train_loss"],
+                                                          rel=1e-6)
+
+
+def test_train_loss_after_a_resume_is_the_mean_over_the_whole_run(resume_cfg, tmp_path):
+    # logged at step 5 only: the loss of steps 6 and 7 is in checkpoint-7 but in no log
+    resume_cfg["train"]["logging_steps"] = 5
+    straight = run(config_from_dict(resume_cfg)).metrics["train_loss"]
+    _crash_after(tmp_path / "run", 7)
+    run(config_from_dict(resume_cfg))
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())["train"]
+    assert saved["train_loss"] == pytest.approx(straight, rel=1e-6)
+
+
+@pytest.mark.parametrize("flag,value,change", [
+    ("train.learning_rate", "0.001", "train.learning_rate 0.01 -> 0.001"),
+    ("seed", "7", "seed 42 -> 7"),
+    ("data.max_train_examples", "8", "data.max_train_examples None -> 8"),
+    ("lora.r", "4", "lora.r 8 -> 4"),
+])
+def test_a_rerun_with_other_settings_stops_and_leaves_the_run_as_it_was(tiny_cfg, tmp_path,
+                                                                        capsys, flag, value,
+                                                                        change):
+    tiny_cfg["train"]["save_steps"] = 1
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(tiny_cfg))
+    assert main(["-q", "train", "--config", str(path)]) == 0
+    run_dir = tmp_path / "run"
+    files = [run_dir / "config.yaml", run_dir / "adapter" / "peftune.yaml",
+             run_dir / "metrics.json", *sorted((run_dir / "checkpoints").rglob("*"))]
+    before = {p: p.read_bytes() for p in files if p.is_file()}
+    capsys.readouterr()
+    assert main(["-q", "train", "--config", str(path), f"--{flag}", value]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert change in err and "--train.resume false" in err
+    assert {p: p.read_bytes() for p in files if p.is_file()} == before
+
+
+def test_resume_false_starts_afresh_whatever_checkpoints_are_there(tiny_cfg, tmp_path):
+    tiny_cfg["train"].update(max_steps=6, save_steps=1)
+    run(config_from_dict(tiny_cfg))
+    tiny_cfg["train"].update(max_steps=4, learning_rate=1e-3)
+    fresh = run(config_from_dict(dict(tiny_cfg, output_dir=str(tmp_path / "fresh"))))
+    tiny_cfg["train"]["resume"] = False
+    run(config_from_dict(tiny_cfg))
+    folder = tmp_path / "run" / "checkpoints"
+    # the old run's checkpoint-5 and -6 would otherwise outrank the new ones in rotation
+    assert sorted(p.name for p in folder.iterdir()) == ["checkpoint-3", "checkpoint-4"]
+    _assert_same(_weights(tmp_path / "run"), _weights(fresh.adapter_dir.parent))
+    tiny_cfg["train"]["resume"] = True
+    run(config_from_dict(tiny_cfg))  # the same settings again: resumes, no complaint
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+
+
+def _zero_a_block(path):
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    assert any(data[middle:middle + 64])
+    data[middle:middle + 64] = bytes(64)
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("name,damage", [
+    ("optimizer.pt", _truncate),
+    ("adapter_model.safetensors", _truncate),
+    ("trainer_state.json", _truncate),
+    ("rng_state.pth", _truncate),
+    ("adapter_model.safetensors", _zero_a_block),
+], ids=["optimizer", "adapter", "trainer-state", "rng-state", "adapter-zero-block"])
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tiny_cfg, tmp_path, caplog,
+                                                                   name, damage):
+    tiny_cfg["train"].update(max_steps=8, save_steps=1)  # save_total_limit keeps 7 and 8
+    tiny_cfg["lora"] = {"dropout": 0.1}
+    run(config_from_dict(tiny_cfg))
+    run_dir = tmp_path / "run"
+    straight = _weights(run_dir)
+    shutil.rmtree(run_dir / "adapter")
+    damaged = run_dir / "checkpoints" / "checkpoint-8"
+    damage(damaged / name)
+    with caplog.at_level("INFO", logger="peftune"):
+        run(config_from_dict(tiny_cfg))
+    assert f"resuming from {run_dir / 'checkpoints' / 'checkpoint-7'}" in caplog.text
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(str(damaged) in w and f"damaged: {name}" in w for w in warnings)
+    _assert_same(_weights(run_dir), straight)

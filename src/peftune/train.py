@@ -27,8 +27,9 @@ from transformers import (
     TrainingArguments,
 )
 
-from peftune import models
+from peftune import checkpoints, models
 from peftune.assembly import Prepared, load_base, prepare
+from peftune.checkpoints import COMPLETE_MARKER, last_complete_checkpoint
 from peftune.config import Config, save_yaml
 from peftune.data import IGNORE_INDEX, LengthGroupedSampler
 from peftune.devices import resolve_precision
@@ -131,16 +132,36 @@ class PeftuneTrainer(Trainer):
     """
 
     def __init__(self, *args: Any, summary_loss: bool, group_by_length: bool,
-                 **kwargs: Any) -> None:
+                 fingerprint: dict[str, Any], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.summary_loss, self.group_by_length = summary_loss, group_by_length
+        self.fingerprint = fingerprint
+        self.loss_before_resume = 0.0  # summed over the steps a resumed checkpoint holds
+
+    def loss_sum(self) -> float:
+        """The training loss summed over every step so far, resumed ones included."""
+        # the Trainer keeps what it logged in _total_loss_scalar, the rest in _tr_loss
+        return self.loss_before_resume + self._total_loss_scalar + self._tr_loss.item()
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
-        super()._save_checkpoint(model, trial)
+        if not checkpoints.all_finite(model):
+            # never saved: rotation would delete the last finite checkpoint to make room
+            log.warning("not saving a checkpoint at step %d: the weights are not finite",
+                        self.state.global_step)
+            return
         folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+        (folder / COMPLETE_MARKER).unlink(missing_ok=True)  # from a run this one replaces
+        super()._save_checkpoint(model, trial)
         if folder.is_dir() and self.args.should_save:
             # written last: a checkpoint without it was cut short and is never resumed from
-            (folder / COMPLETE_MARKER).write_text(str(self.state.global_step))
+            checkpoints.mark_complete(folder, fingerprint=self.fingerprint,
+                                      loss_sum=self.loss_sum())
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        # evaluation draws random numbers (each DataLoader seeds itself); a checkpoint saved
+        # just before the epoch-end evaluation would resume on another dropout stream
+        with checkpoints.same_random_numbers():
+            return super().evaluate(*args, **kwargs)
 
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
         dataset = train_dataset if train_dataset is not None else self.train_dataset
@@ -187,6 +208,7 @@ def build_trainer(cfg: Config, model: PeftModel, data: Prepared, *, output_dir: 
         model=model,
         summary_loss=cfg.train.summary_loss,
         group_by_length=cfg.train.group_by_length,
+        fingerprint=checkpoints.fingerprint(cfg, len(train_ds)),
         args=args,
         train_dataset=train_ds,
         eval_dataset=eval_ds.select_columns(columns) if eval_ds is not None else None,
@@ -201,11 +223,6 @@ class TrainResult:
     model: PeftModel
     adapter_dir: Path
     metrics: dict[str, Any]
-
-
-COMPLETE_MARKER = "peftune-complete"
-
-
 
 
 class StopOnDivergence(TrainerCallback):
@@ -237,15 +254,6 @@ class StopOnDivergence(TrainerCallback):
                                f"{state.global_step} (first: {self.first_grad_norm:.3g})")
         if self.reason:
             control.should_training_stop = True
-
-
-def last_complete_checkpoint(folder: Path) -> Path | None:
-    """The newest checkpoint whose save finished (see ``COMPLETE_MARKER``)."""
-    if not folder.is_dir():
-        return None
-    done = [p for p in folder.glob("checkpoint-*")
-            if p.name.split("-")[-1].isdigit() and (p / COMPLETE_MARKER).is_file()]
-    return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 
 class StopOnSignal(TrainerCallback):
@@ -315,7 +323,9 @@ def _fit_once(cfg: Config, model: PeftModel, data: Prepared, *, output_dir: Path
     guard, stop = StopOnDivergence(), StopOnSignal()
     trainer = build_trainer(cfg, model, data, output_dir=output_dir,
                             callbacks=[guard, stop, *(callbacks or [])])
-    checkpoint = last_complete_checkpoint(output_dir) if resume else None
+    checkpoint = checkpoints.resume_point(output_dir, trainer.fingerprint, resume=resume,
+                                          discard=is_main_process())
+    trainer.loss_before_resume = checkpoints.loss_sum(checkpoint)
     if checkpoint:
         log.info("resuming from %s", checkpoint)
     restore = stop.install()
@@ -335,9 +345,17 @@ def _fit_once(cfg: Config, model: PeftModel, data: Prepared, *, output_dir: Path
                           f"; checkpoint saved in {output_dir}; rerun the same command to "
                           "resume")
     metrics: dict[str, Any] = dict(result.metrics)
-    if guard.reason or not math.isfinite(metrics.get("train_loss", 0.0)):
-        raise Diverged(f"training diverged ({guard.reason or 'non-finite loss'}); lower "
-                       "train.learning_rate; no adapter was saved")
+    # the Trainer's train_loss averages the steps of this call only; its end added _tr_loss
+    total = trainer.loss_before_resume + trainer._total_loss_scalar
+    metrics["train_loss"] = total / max(trainer.state.global_step, 1)
+    if guard.reason or not math.isfinite(metrics["train_loss"]) or \
+            not checkpoints.all_finite(model):
+        last = last_complete_checkpoint(output_dir)
+        kept = f"the last finite checkpoint, {last}, is kept" if last else "no checkpoint is kept"
+        reason = guard.reason or "the loss or the weights became non-finite"
+        raise Diverged(f"training diverged ({reason}); {kept}; "
+                       "lower train.learning_rate and add --train.resume false; no adapter "
+                       "was saved")
     metrics["trainable_parameters"] = model.get_nb_trainable_parameters()[0]
     metrics["train_tokens"] = int(trainer.state.num_input_tokens_seen)
     evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
@@ -357,10 +375,14 @@ def run(cfg: Config, *, base: PreTrainedModel | None = None, data: Prepared | No
     """
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if is_main_process():
-        save_yaml(cfg, out / "config.yaml")
     if data is None:  # data first: a bad file fails before the model load
         data = prepare(cfg)
+    # a rerun with other settings stops here, leaving the run's config.yaml as it was
+    settings = checkpoints.fingerprint(cfg, len(data.splits["train"]))
+    checkpoints.resume_point(out / "checkpoints", settings, resume=cfg.train.resume,
+                             discard=is_main_process())
+    if is_main_process():
+        save_yaml(cfg, out / "config.yaml")
     if base is None:
         base = load_base(cfg, data.tokenizer)
     model = wrap(base, cfg)
