@@ -24,9 +24,11 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/peftune search --config $(DEMO)
 
-# The shared-study test uses a local PostgreSQL server when one can be started.
+# The shared-study test uses a local PostgreSQL server when one can be started, the report
+# test a headless Chromium.
 test: setup
-	PEFTUNE_TEST_POSTGRES=$$(scripts/postgres-test-server.sh) $(BIN)/pytest -q
+	PEFTUNE_TEST_POSTGRES=$$(scripts/postgres-test-server.sh) \
+	PEFTUNE_TEST_CHROMIUM=$$(scripts/chromium-path.sh) $(BIN)/pytest -q
 
 test-fast: setup
 	$(BIN)/pytest -q -m "not slow"

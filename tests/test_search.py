@@ -1,3 +1,4 @@
+import json
 import os
 import signal
 import subprocess
@@ -94,10 +95,20 @@ def test_search_writes_best_config_final_adapter_and_report(search_cfg, tmp_path
     # trial folders are named from trial numbers only, inside the run directory
     made = {p.name for p in (run / "trials").iterdir()} if (run / "trials").exists() else set()
     assert made <= {f"trial-{t.number:04d}" for t in study.trials}
+    # best against each baseline per test document, kept with the final model's metrics
+    comparison = json.loads((run / "final" / "metrics.json").read_text())["comparison"]
+    assert comparison == final["comparison"] and comparison["documents"] == 4
+    assert comparison["test"]["best"]["rougeL"] == pytest.approx(final["test"]["rougeL"])
+    assert comparison["test"]["default"]["rouge1"] == pytest.approx(
+        final["baselines"]["default"]["rouge1"])
+    examples = [json.loads(line) for line in (run / "final" / "examples.jsonl").open()]
+    assert [set(e) for e in examples] == [{"id", "document", "reference", "zero-shot",
+                                           "default", "best"}] * 4
     from peftune import report
 
     page = report.write(run).read_text()
-    assert "optimization history" in page and "data:image/png;base64," in page
+    assert "Validation score per trial" in page and "data:image/png;base64," in page
+    assert "best - default configuration" in page and examples[0]["document"][:40] in page
     assert page.count("<tr><td>") >= 4
     # rerunning with the same total adds nothing
     study2, _ = searching.run(config_from_dict({**search_cfg, "search": {

@@ -155,6 +155,9 @@ def search(cfg: Config, *, argv: list[str] | None = None) -> None:
         rows = {**final["baselines"], f"best ({best.method})": final["test"]}
         print_rouge(rows, title="test split: zero-shot, default configuration and the best "
                     "configuration" if final["baselines"] else "final model on the test split")
+        if final.get("comparison"):
+            print("\n".join(reporting.difference_lines(
+                final["comparison"], metric=reporting.headline_metric(cfg))))
         print(f"adapter: {final['adapter']}\nconfig:  {Path(cfg.output_dir) / 'best.yaml'}")
     html = reporting.write(Path(cfg.output_dir))
     print(f"report:  {html}")

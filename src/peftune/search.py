@@ -33,12 +33,14 @@ from peftune import assembly, tracking
 from peftune import train as training
 from peftune.config import Config, SearchConfig, save_yaml
 from peftune.errors import ConfigError, Diverged, Interrupted
-from peftune.evaluate import score
+from peftune.evaluate import compare_predictions, score, write_examples
 from peftune.methods import get_method
+from peftune.rundir import update_metrics
 
 log = logging.getLogger(__name__)
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+BOOTSTRAP_RESAMPLES = 2000  # seconds even for thousands of documents
 
 
 # ---------------------------------------------------------------- search space
@@ -393,7 +395,28 @@ def finalize(cfg: Config, study: optuna.Study, bases: assembly.Bases,
     out["test"], out["adapter"] = _train_and_test(final, bases, data)
     out["trial"] = study.best_trials[0].number if cfg.search.second_objective \
         else study.best_trial.number
+    out["comparison"] = _compare(run_dir, data.splits["test"], baselines=list(out["baselines"]),
+                                 seed=cfg.seed)
     return out
+
+
+EXAMPLES = 5  # test documents shown with every system's summary in the report
+
+
+def _compare(run_dir: Path, test: Any, *, baselines: list[str], seed: int) -> dict | None:
+    """The final model against each baseline, per test document, with bootstrap intervals
+    (``final/metrics.json`` key ``comparison``); and a few examples for the report."""
+    final_dir = run_dir / "final"
+    preds = {name: run_dir / name / "predictions.jsonl" for name in baselines}
+    documents = list(test.select(range(min(EXAMPLES, len(test))))["document"])
+    write_examples(final_dir / "examples.jsonl", documents,
+                   {**preds, "best": final_dir / "predictions.jsonl"})
+    if not baselines:
+        return None
+    comparison = compare_predictions(final_dir / "predictions.jsonl", preds,
+                                     resamples=BOOTSTRAP_RESAMPLES, seed=seed)
+    update_metrics(final_dir, "comparison", comparison)
+    return comparison
 
 
 def run(cfg: Config, *, argv: list[str] | None = None) -> tuple[optuna.Study, dict | None]:
