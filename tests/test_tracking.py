@@ -20,6 +20,24 @@ def test_tensorboard_event_files_hold_the_training_loss(tiny_cfg, tmp_path):
     assert logged[-1] > 0 and abs(sum(logged) / len(logged) - result.metrics["train_loss"]) < 1e-3
 
 
+def test_tensorboard_hparams_hold_the_method_its_options_and_the_data(tiny_cfg, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    tiny_cfg["train"]["report_to"] = ["tensorboard"]
+    tiny_cfg["lora"] = {"r": 4, "target_modules": ["q_proj", "v_proj"]}
+    run(config_from_dict(tiny_cfg))
+    (log_dir,) = (tmp_path / "run" / "checkpoints" / "runs").iterdir()
+    events = EventAccumulator(str(log_dir)).Reload()
+    content = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    hparams = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams
+    assert hparams["method"].string_value == "lora"
+    assert hparams["lora.r"].number_value == 4
+    assert hparams["lora.target_modules"].string_value == "q_proj,v_proj"
+    assert hparams["data.source"].string_value == tiny_cfg["data"]["source"]
+    assert hparams["data.train_examples"].number_value == 12
+
+
 def test_mlflow_trial_run_is_named_tagged_and_holds_the_loss(tiny_cfg, tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
@@ -28,7 +46,8 @@ def test_mlflow_trial_run_is_named_tagged_and_holds_the_loss(tiny_cfg, tmp_path,
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
     cfg = config_from_dict(tiny_cfg)
     cfg.train.report_to = ["mlflow"]
-    with tracking.trial_run(cfg.train, "lr-study", 3) as train_cfg:
+    with tracking.trial_run(cfg.train, "lr-study", 3,
+                            params={"learning_rate": 0.01, "lora.r": 8}) as train_cfg:
         cfg.train = train_cfg
         result = run(cfg)
     assert "MLFLOW_TAGS" not in os.environ and "MLFLOW_EXPERIMENT_NAME" not in os.environ
@@ -38,6 +57,11 @@ def test_mlflow_trial_run_is_named_tagged_and_holds_the_loss(tiny_cfg, tmp_path,
     assert mlrun.info.run_name == "lr-study-trial-0003"
     assert mlrun.data.tags[tracking.STUDY_TAG] == "lr-study"
     assert mlrun.data.tags[tracking.TRIAL_TAG] == "3"
+    params = mlrun.data.params
+    assert params["method"] == "lora" and params["lora.r"] == "8"
+    assert params["lora.target_modules"] == "default" and params["data.validation_examples"] == "4"
+    assert params["trial.learning_rate"] == "0.01" and params["trial.lora.r"] == "8"
+    assert params["learning_rate"] == "0.01"  # the Trainer's own arguments are still there
     history = client.get_metric_history(mlrun.info.run_id, "loss")
     assert len(history) == tiny_cfg["train"]["max_steps"]
     assert abs(mlrun.data.metrics["train_loss"] - result.metrics["train_loss"]) < 1e-6

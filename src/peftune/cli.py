@@ -1,7 +1,11 @@
 """Command line: ``peftune SUBCOMMAND [--config FILE.yaml] [--section.key VALUE ...]``.
 
 Each subcommand maps to one function in :mod:`peftune.commands`; every YAML key is also a
-flag (``train.learning_rate`` <-> ``--train.learning_rate``).
+flag (``train.learning_rate`` <-> ``--train.learning_rate``). Every config command accepts
+every key; its ``--help`` shows the keys it uses and the options of the chosen ``--method``.
+
+Nothing imported here loads torch, transformers or optuna (seconds of start-up): help and
+config errors come back at once, and the libraries are set up once the config is checked.
 """
 
 from __future__ import annotations
@@ -12,8 +16,8 @@ from typing import Any
 
 from peftune import commands
 from peftune.config import Config, config_from_dict, flag_specs, load_yaml, set_dotted
-from peftune.errors import Interrupted, PeftuneError
-from peftune.logs import setup_logging
+from peftune.errors import ConfigError, Interrupted, PeftuneError
+from peftune.logs import setup_libraries, setup_logging
 
 CONFIG_COMMANDS = {
     "train": "fine-tune a base model with a PEFT method and save the adapter",
@@ -21,19 +25,72 @@ CONFIG_COMMANDS = {
     "search": "search methods and hyperparameters with Optuna, then retrain the best",
 }
 
+# The keys each command's --help shows (a trailing dot: the whole section). Every command
+# accepts every key, so one YAML file serves them all.
+RUN_KEYS = ("output_dir", "seed", "method", "data.", "model.", "train.", "eval.")
+HELP_KEYS: dict[str, tuple[str, ...]] = {
+    "train": RUN_KEYS,
+    "search": (*RUN_KEYS, "search."),
+    "compare": RUN_KEYS,
+    "evaluate": ("output_dir", "seed", "data.", "model.", "eval.", "train.precision"),
+    "summarize": ("model.", "eval.", "data.instruction", "data.max_source_tokens",
+                  "train.precision"),
+}
+METHOD_HELP = ("train", "search", "compare")
+"""Commands whose --help also lists the chosen method's options."""
+
 
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp).replace("typing.", ""))
 
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
+def _shown(key: str, command: str, method: str) -> bool:
+    if command in METHOD_HELP and key.startswith(f"{method}."):
+        return True
+    return any(key == k or (k.endswith(".") and key.startswith(k))
+               for k in HELP_KEYS.get(command, ()))
+
+
+def chosen_method(argv: list[str]) -> str:
+    """The ``--method`` of a command line (else its ``--config`` file's, else the default),
+    read before parsing so that ``--help`` can show that method's options."""
+    found: dict[str, str] = {}
+    for i, arg in enumerate(argv):
+        for flag in ("--method", "--config"):
+            if arg == flag and i + 1 < len(argv):
+                found[flag] = argv[i + 1]
+            elif arg.startswith(flag + "="):
+                found[flag] = arg.split("=", 1)[1]
+    if "--method" in found:
+        return found["--method"]
+    if "--config" in found:
+        try:
+            return str(load_yaml(found["--config"]).get("method", Config.method))
+        except ConfigError:
+            pass  # reported when the config is built
+    return Config.method
+
+
+def add_config_flags(parser: argparse.ArgumentParser, command: str, *,
+                     method: str = Config.method, positionals: str = "") -> None:
+    # the keys listed once, in the help below, rather than again in the usage line
+    parser.usage = f"%(prog)s {positionals}[options] [--config FILE.yaml] [--KEY VALUE ...]"
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML config; flags override it")
-    group = parser.add_argument_group("config keys (also valid as YAML keys)")
+    if command in METHOD_HELP:
+        note = (f"Shown: the keys {command} uses and the options of --method {method}. Every "
+                "key is accepted. `peftune methods` lists the methods and their options; "
+                f"`peftune {command} --method NAME --help` shows a method's options here.")
+    else:
+        note = (f"Shown: the keys {command} uses. Every key is accepted (`peftune search "
+                "--help` lists the others, `peftune methods` the methods' options).")
+    group = parser.add_argument_group("config keys (also valid as YAML keys)", note)
     for key, tp, text, default in flag_specs():
-        shown = ",".join(map(str, default)) if isinstance(default, list) else default
+        shown = (",".join(map(str, default)) or "empty") if isinstance(default, list) \
+            else default
         group.add_argument(f"--{key}", dest=f"cfg:{key}", default=argparse.SUPPRESS,
                            metavar=_type_name(tp).upper().replace(" | NONE", ""),
-                           help=f"{text} (default: {shown})")
+                           help=argparse.SUPPRESS if not _shown(key, command, method)
+                           else text if "(default:" in text else f"{text} (default: {shown})")
 
 
 def build_config(ns: argparse.Namespace, base: dict[str, Any] | None = None) -> Config:
@@ -44,16 +101,17 @@ def build_config(ns: argparse.Namespace, base: dict[str, Any] | None = None) -> 
     return config_from_dict(data)
 
 
-def parser() -> argparse.ArgumentParser:
+def parser(*, method: str = Config.method) -> argparse.ArgumentParser:
+    """The command line; ``method`` picks whose options the commands' ``--help`` shows."""
     top = argparse.ArgumentParser(
         prog="peftune", description="Parameter-efficient fine-tuning for summarization, "
-        "scored with ROUGE on generated text.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    top.add_argument("-q", "--quiet", action="store_true", help="only warnings and results")
+        "scored with ROUGE on generated text.")
+    top.add_argument("-q", "--quiet", action="store_true",
+                     help="only warnings and results: no progress bars")
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, text in CONFIG_COMMANDS.items():
         p = sub.add_parser(name, help=text, description=text)
-        add_config_flags(p)
+        add_config_flags(p, name, method=method)
         if name == "evaluate":
             p.add_argument("--adapter", help="adapter folder or run folder (default: "
                            "OUTPUT_DIR/adapter; no adapter scores the base model)")
@@ -65,9 +123,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("adapter", help="adapter folder or run folder")
     p.add_argument("text", nargs="?", help="text to summarize (else --input or stdin)")
     p.add_argument("--input", help="a text file, or a .jsonl file with a 'document' field")
-    p.add_argument("--max-new-tokens", type=int, dest="cfg:eval.max_new_tokens",
+    p.add_argument("--max-new-tokens", type=int, dest="cfg:eval.max_new_tokens", metavar="N",
                    default=argparse.SUPPRESS, help="same as --eval.max_new_tokens")
-    add_config_flags(p)
+    add_config_flags(p, "summarize", method=method, positionals="ADAPTER [TEXT] ")
     sub.add_parser("methods", help="list the PEFT methods and their default options")
     p = sub.add_parser("export", help="export an adapter: as is, merged, or as GGUF",
                        description="export a trained adapter for serving: the PEFT adapter as "
@@ -86,7 +144,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="the search's output_dir")
     text = "train and score several methods on the same data, budget and seed; write a table"
     p = sub.add_parser("compare", help=text, description=text)
-    add_config_flags(p)
+    add_config_flags(p, "compare", method=method)
     p.add_argument("--methods", help="comma-separated methods (default: all)")
     p.add_argument("--split", default="test", choices=("validation", "test"),
                    help="split to score (default: test)")
@@ -95,14 +153,22 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+def _config(ns: argparse.Namespace) -> Config:
+    """The checked config; then the libraries' logging, which imports them."""
+    cfg = build_config(ns)
+    setup_libraries(ns.quiet)
+    return cfg
+
+
 def _adapter_and_config(ns: argparse.Namespace) -> tuple[Any, Config]:
     adapter = commands.find_adapter(ns.adapter)
+    setup_libraries(ns.quiet)
     return adapter, build_config(ns, commands.adapter_settings(adapter))
 
 
 def _evaluate(ns: argparse.Namespace, argv: list[str]) -> None:
     if not ns.adapter:
-        commands.evaluate(build_config(ns), adapter=None, split=ns.split)
+        commands.evaluate(_config(ns), adapter=None, split=ns.split)
         return
     adapter, cfg = _adapter_and_config(ns)
     commands.evaluate(cfg, adapter=adapter, split=ns.split)
@@ -113,23 +179,32 @@ def _summarize(ns: argparse.Namespace, argv: list[str]) -> None:
     commands.summarize(adapter, cfg, text=ns.text, input_file=ns.input)
 
 
+def _export(ns: argparse.Namespace, argv: list[str]) -> None:
+    setup_libraries(ns.quiet)
+    commands.export(ns.adapter, fmt=ns.format, out=ns.out, dtype=ns.dtype,
+                    trust_remote_code=ns.trust_remote_code)
+
+
+def _report(ns: argparse.Namespace, argv: list[str]) -> None:
+    setup_libraries(ns.quiet)
+    commands.report(ns.run_dir)
+
+
 def _compare(ns: argparse.Namespace, argv: list[str]) -> None:
     from peftune import compare
 
     methods = [m.strip() for m in (ns.methods or "").split(",") if m.strip()] or None
-    compare.run(build_config(ns), split=ns.split, shared_lr=ns.shared_lr, quiet=ns.quiet,
+    compare.run(_config(ns), split=ns.split, shared_lr=ns.shared_lr, quiet=ns.quiet,
                 methods=methods)
 
 
 COMMANDS = {
-    "train": lambda ns, argv: commands.train(build_config(ns)),
+    "train": lambda ns, argv: commands.train(_config(ns)),
     "evaluate": _evaluate,
     "summarize": _summarize,
-    "search": lambda ns, argv: commands.search(build_config(ns), argv=argv),
-    "export": lambda ns, argv: commands.export(ns.adapter, fmt=ns.format, out=ns.out,
-                                               dtype=ns.dtype,
-                                               trust_remote_code=ns.trust_remote_code),
-    "report": lambda ns, argv: commands.report(ns.run_dir),
+    "search": lambda ns, argv: commands.search(_config(ns), argv=argv),
+    "export": _export,
+    "report": _report,
     "methods": lambda ns, argv: commands.methods(),
     "compare": _compare,
 }
@@ -137,7 +212,7 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(argv if argv is not None else sys.argv[1:])
-    ns = parser().parse_args(argv)
+    ns = parser(method=chosen_method(argv)).parse_args(argv)
     setup_logging(ns.quiet)
     try:
         COMMANDS[ns.command](ns, argv)

@@ -1,18 +1,23 @@
-"""What each CLI subcommand does, as plain functions over a resolved :class:`Config`."""
+"""What each CLI subcommand does, as plain functions over a resolved :class:`Config`.
+
+The stages (and torch, transformers, optuna under them) are imported by the function that
+runs them: ``peftune methods``, ``--help`` and config errors need none of them.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from peftune import assembly, devices, models
-from peftune import train as training
-from peftune.config import Config
+from peftune.config import Config, flag_specs
 from peftune.errors import ModelError, PeftuneError
-from peftune.evaluate import generate, score
 from peftune.methods import registry
+
+if TYPE_CHECKING:
+    from peftune.train import TrainResult
 
 
 def find_adapter(path: str | Path) -> Path:
@@ -28,11 +33,31 @@ def find_adapter(path: str | Path) -> Path:
 def adapter_settings(adapter: Path) -> dict[str, Any]:
     """The run settings saved with an adapter, checked first: nothing in the folder is read
     as settings, and no tokenizer or model is loaded, before the adapter passes its checks."""
+    from peftune import assembly, models
+
     models.check_adapter_dir(adapter)
     return assembly.folder_settings(adapter / "peftune.yaml")
 
 
-def train(cfg: Config) -> training.TrainResult:
+def describe(cfg: Config) -> str:
+    """The settings runs differ in, on one line: ``lora: r=8, alpha=32, ...; learning_rate
+    2e-4, batch 8, epochs 2``."""
+    options = []
+    for f in dataclasses.fields(cfg.method_options):
+        value = getattr(cfg.method_options, f.name)
+        if isinstance(value, list):
+            value = ",".join(map(str, value)) or "default"
+        options.append(f"{f.name}={value:g}" if isinstance(value, float) else
+                       f"{f.name}={value}")
+    t = cfg.train
+    budget = f"max_steps {t.max_steps}" if t.max_steps > 0 else f"epochs {t.epochs:g}"
+    return (f"{cfg.method}: {', '.join(options) or 'no options'}; learning_rate "
+            f"{t.learning_rate:.2g}, batch {t.batch_size}, {budget}")
+
+
+def train(cfg: Config) -> TrainResult:
+    from peftune import train as training
+
     result = training.run(cfg)
     if not training.is_main_process():
         return result
@@ -40,12 +65,16 @@ def train(cfg: Config) -> training.TrainResult:
     print(f"\ntrained {cfg.method} on {cfg.data.source} in {m.get('train_runtime', 0):.0f}s: "
           f"train loss {m.get('train_loss', float('nan')):.4f}"
           + (f", validation loss {m['eval_loss']:.4f}" if "eval_loss" in m else ""))
+    print(f"settings: {describe(cfg)}")
     print(f"adapter: {result.adapter_dir}")
     print(f"next:    peftune evaluate --adapter {result.adapter_dir}")
     return result
 
 
 def evaluate(cfg: Config, *, adapter: Path | None, split: str = "test") -> dict[str, dict]:
+    from peftune import assembly, devices, models
+    from peftune.evaluate import score
+
     out_dir = Path(cfg.output_dir)
     if adapter is None and (out_dir / "adapter" / "adapter_config.json").is_file():
         adapter = out_dir / "adapter"
@@ -110,6 +139,9 @@ def summarize(adapter: Path, cfg: Config, *, text: str | None = None,
     """Summaries of ``text``, of each document of ``input_file`` or of stdin, with the run's
     prompt, decoding settings and precision: the texts ``evaluate`` would score. One
     document or many take the same path (batched generation)."""
+    from peftune import assembly, devices, models
+    from peftune.evaluate import generate
+
     docs = [d for d in _read_documents(text, input_file) if d.strip()]
     if not docs:
         raise PeftuneError("nothing to summarize: the input is empty")
@@ -124,8 +156,6 @@ def summarize(adapter: Path, cfg: Config, *, text: str | None = None,
 
 
 def methods() -> None:
-    from peftune.config import flag_specs
-
     specs = flag_specs()
     for name, method in registry().items():
         notes = ["mergeable" if method.mergeable else "not mergeable",
@@ -135,8 +165,6 @@ def methods() -> None:
         for key, _, text, default in specs:
             if key.startswith(f"{name}."):
                 print(f"    --{key:<38} {default!s:<10} {text}")
-
-
 
 
 def search(cfg: Config, *, argv: list[str] | None = None) -> None:
@@ -149,9 +177,7 @@ def search(cfg: Config, *, argv: list[str] | None = None) -> None:
           + ", ".join(f"{states.count(s)} {s}" for s in sorted(set(states))) + ")")
     if final is not None:
         best = final["config"]
-        print(f"best (trial {final['trial']}): method {best.method}, "
-              f"learning_rate {best.train.learning_rate:.2e}, batch {best.train.batch_size}, "
-              f"epochs {best.train.epochs:g}, {best.method_options}")
+        print(f"best (trial {final['trial']}): {describe(best)}")
         rows = {**final["baselines"], f"best ({best.method})": final["test"]}
         print_rouge(rows, title="test split: zero-shot, default configuration and the best "
                     "configuration" if final["baselines"] else "final model on the test split")
@@ -161,7 +187,12 @@ def search(cfg: Config, *, argv: list[str] | None = None) -> None:
         print(f"adapter: {final['adapter']}\nconfig:  {Path(cfg.output_dir) / 'best.yaml'}")
     html = reporting.write(Path(cfg.output_dir))
     print(f"report:  {html}")
-    print(f"next:    peftune summarize {Path(cfg.output_dir) / 'final'} \"text ...\"")
+    final_dir = Path(cfg.output_dir) / "final"
+    if (final_dir / "adapter").is_dir():
+        print(f"next:    peftune summarize {final_dir} \"text ...\"")
+    else:
+        print("next:    rerun with --search.final true to retrain and test the best "
+              "configuration")
 
 
 def export(adapter_path: str, *, fmt: str = "merged", out: str | None = None,

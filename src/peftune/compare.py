@@ -22,7 +22,7 @@ from typing import Any
 
 from peftune.config import Config, config_from_dict, load_yaml, save_yaml
 from peftune.errors import PeftuneError
-from peftune.logs import setup_logging
+from peftune.logs import setup_libraries, setup_logging
 from peftune.methods import registry
 from peftune.report import write_compare
 from peftune.rundir import atomic_write
@@ -107,6 +107,7 @@ def _peak_memory_mib(torch: Any) -> float:
 def _worker(argv: list[str]) -> int:
     run_dir, split = Path(argv[0]), argv[1]
     setup_logging("-q" in argv)
+    setup_libraries("-q" in argv)
     try:
         row = measure(run_dir, split)
     except PeftuneError as err:

@@ -31,7 +31,8 @@ class DataConfig:
     subset: str | None = _help("hub dataset configuration name", None)
     document_column: str = _help("column holding the text to summarize", "document")
     summary_column: str = _help("column holding the reference summary", "summary")
-    id_column: str | None = _help("column with a document id (row number when unset)", None)
+    id_column: str | None = _help("column with a document id (unset: the 'id' column if "
+                                  "there is one, else the row number)", None)
     train_split: str = _help("split used for training", "train")
     validation_split: str = _help("split used for eval loss and search", "validation")
     test_split: str = _help("held-out split scored once by `evaluate`", "test")

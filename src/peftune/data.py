@@ -168,6 +168,8 @@ def _standardise(ds: datasets.Dataset, role: str, source: str,
     if len(ds) == 0:
         raise DataError(f"{source}: the {role} split is empty")
     docs, sums = ds[doc_col], ds[sum_col]
+    if id_col is None and "id" in ds.column_names:  # the usual name, taken without asking
+        id_col = "id"
     ids = [str(i) for i in ds[id_col]] if id_col else [str(i) for i in range(len(ds))]
     for i, (doc, summ) in enumerate(zip(docs, sums, strict=False)):
         for value, col in ((doc, doc_col), (summ, sum_col)):

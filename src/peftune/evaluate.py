@@ -23,6 +23,7 @@ from peftune.config import EvalConfig
 from peftune.data import Collator
 from peftune.errors import PeftuneError
 from peftune.fast_generation import growing_cache, half_precision, prefilled_cache
+from peftune.logs import show_progress
 from peftune.rundir import atomic_write, update_metrics
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
@@ -194,7 +195,8 @@ def generate(model: Any, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[l
                        padding_side="right" if encoder_decoder else "left")
     gen_config = generation_config(settings, tokenizer)
     outputs: list[str] = [""] * len(prompts)
-    bar = tqdm(total=len(prompts), desc="generating", disable=not progress, leave=False)
+    bar = tqdm(total=len(prompts), desc="generating", disable=not (progress and show_progress()),
+               leave=False)
     with half_precision(model, precision, restore=keep_fp32_weights):
         for idx in _batches(prompts, settings.batch_size):
             batch = collate([{"input_ids": prompts[i]} for i in idx])

@@ -274,7 +274,8 @@ class Objective:
         reporter = ReportToTrial(trial, sign=-1.0 if directions(search)[0] == "maximize" else 1)
         start = time.perf_counter()
         try:
-            with tracking.trial_run(cfg.train, trial.study.study_name, trial.number) as tracked:
+            with tracking.trial_run(cfg.train, trial.study.study_name, trial.number,
+                                    params=trial.params) as tracked:
                 cfg.train = tracked  # one tracked run per trial, tagged with study and number
                 metrics = training.fit(cfg, model, self.data, output_dir=Path(cfg.output_dir),
                                        callbacks=[] if search.second_objective else [reporter])

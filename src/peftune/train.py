@@ -22,18 +22,21 @@ from accelerate.utils.memory import should_reduce_batch_size
 from peft import PeftModel, get_peft_model
 from transformers import (
     PreTrainedModel,
+    PrinterCallback,
+    ProgressCallback,
     Trainer,
     TrainerCallback,
     TrainingArguments,
 )
 
-from peftune import checkpoints, models
+from peftune import checkpoints, models, tracking
 from peftune.assembly import Prepared, load_base, prepare
 from peftune.checkpoints import COMPLETE_MARKER, last_complete_checkpoint
 from peftune.config import Config, save_yaml
 from peftune.data import IGNORE_INDEX, LengthGroupedSampler
 from peftune.devices import resolve_precision
 from peftune.errors import ConfigError, Diverged, Interrupted, PeftuneError
+from peftune.logs import show_progress
 from peftune.methods import get_method
 from peftune.rundir import update_metrics
 
@@ -83,7 +86,7 @@ def training_args(cfg: Config, *, output_dir: Path, has_eval: bool) -> TrainingA
         max_steps=t.max_steps,
         learning_rate=t.learning_rate,
         weight_decay=t.weight_decay,
-        warmup_steps=t.warmup_ratio,
+        warmup_steps=t.warmup_ratio,  # a ratio; PeftuneTrainer.create_scheduler rounds it
         lr_scheduler_type=t.lr_scheduler,
         max_grad_norm=t.max_grad_norm,
         bf16=precision == "bf16",
@@ -103,8 +106,14 @@ def training_args(cfg: Config, *, output_dir: Path, has_eval: bool) -> TrainingA
         dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(),
         include_num_input_tokens_seen="non_padding",  # for tokens/s in `peftune compare`
+        # the progress bar follows our quiet flag, not transformers' log level, which is
+        # kept at ERROR and would turn the bar off too
+        disable_tqdm=not show_progress(),
     )
 
+
+FEW_STEPS = 10
+"""Fewer optimizer steps than this and a run warns that it trains next to nothing."""
 
 # Decoder-only families whose forward is body -> final norm -> lm_head, nothing after.
 SUMMARY_LOSS_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
@@ -163,6 +172,20 @@ class PeftuneTrainer(Trainer):
         with checkpoints.same_random_numbers():
             return super().evaluate(*args, **kwargs)
 
+    def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
+        if self.lr_scheduler is not None:
+            return self.lr_scheduler
+        # warmup rounded down (transformers rounds up): one optimizer step gets no warmup
+        # instead of a learning rate of 0 for the only step
+        if 0 < self.args.warmup_steps < 1:
+            self.args.warmup_steps = math.floor(self.args.warmup_steps * num_training_steps)
+        if num_training_steps < FEW_STEPS:
+            log.warning("only %d optimizer step%s: too few to train much (results will be "
+                        "close to the base model's); use more data or epochs, or a smaller "
+                        "train.batch_size", num_training_steps,
+                        "" if num_training_steps == 1 else "s")
+        return super().create_scheduler(num_training_steps, optimizer)
+
     def _get_train_sampler(self, train_dataset: Any = None) -> Any:
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if not self.group_by_length:
@@ -204,7 +227,7 @@ def build_trainer(cfg: Config, model: PeftModel, data: Prepared, *, output_dir: 
     train_ds = data.splits["train"].select_columns(columns)
     eval_ds = data.splits.get("validation")
     args = training_args(cfg, output_dir=output_dir, has_eval=eval_ds is not None)
-    return PeftuneTrainer(
+    trainer = PeftuneTrainer(
         model=model,
         summary_loss=cfg.train.summary_loss,
         group_by_length=cfg.train.group_by_length,
@@ -216,6 +239,25 @@ def build_trainer(cfg: Config, model: PeftModel, data: Prepared, *, output_dir: 
         processing_class=data.tokenizer,
         callbacks=[*method.callbacks(model, cfg.method_options), *(callbacks or [])],
     )
+    if cfg.train.report_to:
+        sizes = {role: len(ds) for role, ds in data.splits.items()}
+        trainer.add_callback(tracking.RunParams(tracking.run_params(cfg, sizes),
+                                                trainer.callback_handler.callbacks))
+    if args.disable_tqdm:  # quiet: no bar, and no log dicts printed in its place either
+        trainer.remove_callback(PrinterCallback)
+    elif trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(ProgressWithLoss())
+    return trainer
+
+
+class ProgressWithLoss(ProgressCallback):
+    """The Trainer's progress bar, with the last logged loss next to the ETA."""
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None,
+               **kwargs: Any) -> None:
+        super().on_log(args, state, control, logs=logs, **kwargs)
+        if self.training_bar is not None and logs and "loss" in logs:
+            self.training_bar.set_postfix(loss=f"{logs['loss']:.4g}")
 
 
 @dataclass
@@ -363,6 +405,8 @@ def _fit_once(cfg: Config, model: PeftModel, data: Prepared, *, output_dir: Path
         metrics["eval_loss"] = evals[-1]
     if save_to is not None:
         trainer.save_model(str(save_to))
+        # the Trainer's arguments as a pickle: nothing loads it, and loading one runs code
+        (save_to / "training_args.bin").unlink(missing_ok=True)
     return metrics
 
 

@@ -8,17 +8,17 @@ the gradients are still there; the Hugging Face Trainer never calls it, so
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import Any
-
-from peft import AdaLoraConfig
-from peft.utils.constants import TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING
-from transformers import TrainerCallback
+from typing import TYPE_CHECKING, Any
 
 from peftune.config import _help
 from peftune.errors import ConfigError
 from peftune.methods import Method, ModelInfo, register, task_type
 from peftune.methods.lora import target_modules
+
+if TYPE_CHECKING:
+    from peft import AdaLoraConfig
 
 
 @dataclass
@@ -65,6 +65,9 @@ def schedule(options: AdaLoraOptions, total_step: int) -> dict[str, int]:
 
 
 def build(options: AdaLoraOptions, info: ModelInfo) -> AdaLoraConfig:
+    from peft import AdaLoraConfig
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING
+
     # Without an explicit total_step the schedule is a placeholder that RankBudget replaces
     # with the real one when training starts (peft insists on a valid one now).
     planned = schedule(options, options.total_step) if options.total_step else \
@@ -85,27 +88,43 @@ def build(options: AdaLoraOptions, info: ModelInfo) -> AdaLoraConfig:
     )
 
 
-class RankBudget(TrainerCallback):
-    """Runs AdaLoRA's budget schedule inside the Hugging Face Trainer."""
+@functools.cache
+def _rank_budget() -> type:
+    # defined on first use: subclassing TrainerCallback imports torch, and listing the
+    # methods or checking a config must not
+    from transformers import TrainerCallback
 
-    def __init__(self, model: Any, options: AdaLoraOptions) -> None:
-        self.model = model
-        self.options = options
+    class RankBudget(TrainerCallback):
+        """Runs AdaLoRA's budget schedule inside the Hugging Face Trainer."""
 
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.options.total_step is None:
-            config = self.model.peft_config[self.model.active_adapter]
-            for key, value in schedule(self.options, state.max_steps).items():
-                setattr(config, key, value)
+        def __init__(self, model: Any, options: AdaLoraOptions) -> None:
+            self.model = model
+            self.options = options
 
-    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        # after optimizer.step(), before zero_grad(): the sensitivities need the gradients;
-        # global_step is incremented after this hook, so +1 counts the step just taken
-        self.model.base_model.update_and_allocate(state.global_step + 1)
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if self.options.total_step is None:
+                config = self.model.peft_config[self.model.active_adapter]
+                for key, value in schedule(self.options, state.max_steps).items():
+                    setattr(config, key, value)
+
+        def on_optimizer_step(self, args: Any, state: Any, control: Any,
+                              **kwargs: Any) -> None:
+            # after optimizer.step(), before zero_grad(): the sensitivities need the
+            # gradients; global_step is incremented after this hook, so +1 counts the step
+            # just taken
+            self.model.base_model.update_and_allocate(state.global_step + 1)
+
+    return RankBudget
+
+
+def __getattr__(name: str) -> Any:
+    if name == "RankBudget":
+        return _rank_budget()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def callbacks(model: Any, options: AdaLoraOptions) -> list[Any]:
-    return [RankBudget(model, options)]
+    return [_rank_budget()(model, options)]
 
 
 def search_space(trial: Any) -> dict[str, Any]:

@@ -5,19 +5,14 @@ mergeable."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
-
-from peft import IA3Config
-from peft.utils.constants import (
-    TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as FEEDFORWARD_DEFAULTS,
-)
-from peft.utils.constants import (
-    TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as TARGET_DEFAULTS,
-)
+from typing import TYPE_CHECKING, Any
 
 from peftune.config import _help
 from peftune.errors import ConfigError
 from peftune.methods import Method, ModelInfo, register, task_type
+
+if TYPE_CHECKING:
+    from peft import IA3Config
 
 
 @dataclass
@@ -32,6 +27,13 @@ class IA3Options:
 
 def modules(options: IA3Options, info: ModelInfo) -> tuple[list[str], list[str]]:
     """(target, feed-forward) module names: the options, else peft's defaults for the model."""
+    from peft.utils.constants import (
+        TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as FEEDFORWARD_DEFAULTS,
+    )
+    from peft.utils.constants import (
+        TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as TARGET_DEFAULTS,
+    )
+
     targets = options.target_modules or list(TARGET_DEFAULTS.get(info.model_type, []))
     feedforward = options.feedforward_modules or (
         [] if options.target_modules else list(FEEDFORWARD_DEFAULTS.get(info.model_type, [])))
@@ -47,6 +49,8 @@ def modules(options: IA3Options, info: ModelInfo) -> tuple[list[str], list[str]]
 
 
 def build(options: IA3Options, info: ModelInfo) -> IA3Config:
+    from peft import IA3Config
+
     targets, feedforward = modules(options, info)
     return IA3Config(task_type=task_type(info), target_modules=targets,
                      feedforward_modules=feedforward)

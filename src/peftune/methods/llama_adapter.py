@@ -5,13 +5,14 @@ mergeable. The zero gates make the first steps slow by design."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
-
-from peft import AdaptionPromptConfig
+from typing import TYPE_CHECKING, Any
 
 from peftune.config import _help
 from peftune.errors import ConfigError
 from peftune.methods import Method, ModelInfo, register
+
+if TYPE_CHECKING:
+    from peft import AdaptionPromptConfig
 
 # peft's adaption prompt patches LLaMA-style attention (k/v/o projections, rotary queries)
 LLAMA_FAMILY = ("llama", "mistral")
@@ -25,6 +26,8 @@ class LlamaAdapterOptions:
 
 
 def build(options: LlamaAdapterOptions, info: ModelInfo) -> AdaptionPromptConfig:
+    from peft import AdaptionPromptConfig
+
     if info.model_type not in LLAMA_FAMILY:
         raise ConfigError(f"method 'llama-adapter' needs a LLaMA-family model "
                           f"({', '.join(LLAMA_FAMILY)}); '{info.name_or_path or 'the model'}' "

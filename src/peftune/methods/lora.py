@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
-
-from peft import LoraConfig
-from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from typing import TYPE_CHECKING, Any
 
 from peftune.config import _help
 from peftune.methods import Method, ModelInfo, register, task_type
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
 
 TARGET_PRESETS = {
     "attention": ("q_proj", "k_proj", "v_proj", "o_proj", "q", "k", "v", "o"),
@@ -31,7 +31,10 @@ class LoraOptions:
 
 def target_modules(requested: list[str], info: ModelInfo, *, mapping: dict | None = None) -> Any:
     """Resolve user or preset target modules against the model's linear layer names."""
-    mapping = mapping or TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+    if mapping is None:
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+        mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
     if not requested:
         default = mapping.get(info.model_type)
         return list(default) if default else "all-linear"
@@ -43,6 +46,8 @@ def target_modules(requested: list[str], info: ModelInfo, *, mapping: dict | Non
 
 
 def build(options: LoraOptions, info: ModelInfo) -> LoraConfig:
+    from peft import LoraConfig
+
     return LoraConfig(
         task_type=task_type(info),
         r=options.r,

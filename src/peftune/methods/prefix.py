@@ -8,12 +8,13 @@ prefix reach the cache of current transformers.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
-
-from peft import PrefixTuningConfig
+from typing import TYPE_CHECKING, Any
 
 from peftune.config import _help
 from peftune.methods import Method, ModelInfo, register, task_type
+
+if TYPE_CHECKING:
+    from peft import PrefixTuningConfig
 
 
 @dataclass
@@ -25,6 +26,8 @@ class PrefixOptions:
 
 
 def build(options: PrefixOptions, info: ModelInfo) -> PrefixTuningConfig:
+    from peft import PrefixTuningConfig
+
     return PrefixTuningConfig(task_type=task_type(info),
                               num_virtual_tokens=options.num_virtual_tokens,
                               prefix_projection=options.prefix_projection,

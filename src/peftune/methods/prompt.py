@@ -5,13 +5,14 @@ instruction's tokens. Not mergeable."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
-
-from peft import PromptTuningConfig
+from typing import TYPE_CHECKING, Any
 
 from peftune.config import _help
 from peftune.errors import ConfigError
 from peftune.methods import Method, ModelInfo, choice, register, task_type
+
+if TYPE_CHECKING:
+    from peft import PromptTuningConfig
 
 INITS = ("TEXT", "RANDOM")
 
@@ -29,6 +30,8 @@ class PromptOptions:
 
 
 def build(options: PromptOptions, info: ModelInfo) -> PromptTuningConfig:
+    from peft import PromptTuningConfig
+
     if options.prompt_tuning_init == "RANDOM":
         return PromptTuningConfig(task_type=task_type(info),
                                   num_virtual_tokens=options.num_virtual_tokens,

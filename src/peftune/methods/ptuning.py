@@ -4,12 +4,13 @@ produced by a small MLP or LSTM prompt encoder and prepended to the input. Not m
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
-
-from peft import PromptEncoderConfig
+from typing import TYPE_CHECKING, Any
 
 from peftune.config import _help
 from peftune.methods import Method, ModelInfo, choice, register, task_type
+
+if TYPE_CHECKING:
+    from peft import PromptEncoderConfig
 
 ENCODERS = ("MLP", "LSTM")
 
@@ -28,6 +29,8 @@ class PTuningOptions:
 
 
 def build(options: PTuningOptions, info: ModelInfo) -> PromptEncoderConfig:
+    from peft import PromptEncoderConfig
+
     return PromptEncoderConfig(
         task_type=task_type(info),
         num_virtual_tokens=options.num_virtual_tokens,

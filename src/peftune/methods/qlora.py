@@ -10,19 +10,17 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
-from typing import Any
-
-import torch
-from peft import prepare_model_for_kbit_training
-from transformers import BitsAndBytesConfig
+from typing import TYPE_CHECKING, Any
 
 from peftune.config import _help
-from peftune.devices import bf16_supported
 from peftune.errors import ConfigError
 from peftune.methods import Method, register
 from peftune.methods.lora import LoraOptions
 from peftune.methods.lora import build as build_lora
 from peftune.methods.lora import search_space as lora_space
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -43,16 +41,24 @@ def _require_bitsandbytes(name: str) -> None:
 
 
 def _compute_dtype() -> torch.dtype:
+    import torch
+
+    from peftune.devices import bf16_supported
+
     return torch.bfloat16 if bf16_supported() else torch.float32
 
 
 def int8_load_kwargs(options: KbitOptions) -> dict[str, Any]:
     _require_bitsandbytes("lora-int8")
+    from transformers import BitsAndBytesConfig
+
     return {"quantization_config": BitsAndBytesConfig(load_in_8bit=True)}
 
 
 def nf4_load_kwargs(options: QLoraOptions) -> dict[str, Any]:
     _require_bitsandbytes("qlora")
+    from transformers import BitsAndBytesConfig
+
     return {"quantization_config": BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=options.double_quant,
@@ -60,6 +66,8 @@ def nf4_load_kwargs(options: QLoraOptions) -> dict[str, Any]:
 
 
 def prepare(model: Any, options: KbitOptions) -> Any:
+    from peft import prepare_model_for_kbit_training
+
     return prepare_model_for_kbit_training(
         model, use_gradient_checkpointing=options.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False})
