@@ -17,7 +17,7 @@ from peft import prepare_model_for_kbit_training
 from transformers import BitsAndBytesConfig
 
 from peftune.config import _help
-from peftune.devices import bf16_supported
+from peftune.devices import compute_dtype, sharded
 from peftune.errors import ConfigError
 from peftune.methods import Method, register
 from peftune.methods.lora import LoraOptions
@@ -42,10 +42,6 @@ def _require_bitsandbytes(name: str) -> None:
                           "bitsandbytes==0.50.2")
 
 
-def _compute_dtype() -> torch.dtype:
-    return torch.bfloat16 if bf16_supported() else torch.float32
-
-
 def int8_load_kwargs(options: KbitOptions) -> dict[str, Any]:
     _require_bitsandbytes("lora-int8")
     return {"quantization_config": BitsAndBytesConfig(load_in_8bit=True)}
@@ -53,10 +49,14 @@ def int8_load_kwargs(options: KbitOptions) -> dict[str, Any]:
 
 def nf4_load_kwargs(options: QLoraOptions) -> dict[str, Any]:
     _require_bitsandbytes("qlora")
+    compute = compute_dtype()
+    # FSDP and ZeRO-3 flatten the 4-bit weights together with the 16-bit ones: the packed
+    # storage must have the same dtype, or they refuse to shard the model
+    storage = compute if sharded() else torch.uint8
     return {"quantization_config": BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=options.double_quant,
-        bnb_4bit_compute_dtype=_compute_dtype())}
+        bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=storage)}
 
 
 def prepare(model: Any, options: KbitOptions) -> Any:
