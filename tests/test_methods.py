@@ -236,3 +236,23 @@ def test_method_generates_in_bf16_and_gets_its_fp32_weights_back(name, arch, tin
     with half_precision(model, "bf16"):
         expected = [_greedy_by_forward(model, tokenizer, p, 4) for p in prompts]
     assert generated == expected
+
+
+@pytest.mark.parametrize("name", list(registry()))
+def test_adapter_weights_stay_fp32_on_a_16bit_base(name, tiny_cfg, tiny_model_dir):
+    # model.dtype auto loads 16-bit weights on a GPU; the optimizer must update fp32 ones
+    cfg = _config(tiny_cfg, tiny_model_dir, name)
+    cfg.model.dtype = "float16"
+    base = load_base(cfg, models.load_tokenizer(cfg.model))
+    model = wrap(base, cfg)
+    trainable = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and set(trainable.values()) == {torch.float32}, trainable
+
+
+def test_llama_adapter_trains_in_bf16_autocast_on_a_bf16_base(tiny_cfg, tiny_model_dir):
+    cfg = _config(tiny_cfg, tiny_model_dir, "llama-adapter")
+    cfg.model.dtype, cfg.train.precision = "bfloat16", "bf16"
+    result = run(cfg)
+    gates = [p for n, p in result.model.named_parameters() if "adaption_gate" in n]
+    assert gates and all(g.dtype == torch.float32 and g.abs().sum() > 0 for g in gates)
+    assert result.metrics["train_loss"] > 0

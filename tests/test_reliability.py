@@ -89,20 +89,25 @@ def test_a_checkpoint_cut_short_is_never_resumed_from(resume_cfg, tmp_path):
 
 
 def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(resume_cfg, tmp_path):
-    resume_cfg["train"].update(save_steps=100, max_steps=400)
+    resume_cfg["train"].update(save_steps=5, max_steps=400)
     cmd, env = _train_cmd(resume_cfg, tmp_path, "term")
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
     log_dir = tmp_path / "run" / "checkpoints"
-    deadline = time.time() + 120
-    while not list(log_dir.glob("*")) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)  # the Trainer made its output folder: training has started
-    time.sleep(1.0)
+    deadline = time.time() + 300
+    # a complete checkpoint means training (and its signal handler) is running
+    while last_complete_checkpoint(log_dir) is None and time.time() < deadline \
+            and proc.poll() is None:
+        time.sleep(0.05)
+    first = last_complete_checkpoint(log_dir)
+    assert first is not None, "training never saved its first checkpoint"
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130
+    assert proc.returncode == 130, err[-3000:]
     assert "rerun the same command to resume" in err
     saved = last_complete_checkpoint(log_dir)
-    assert saved is not None and 0 < int(saved.name.split("-")[1]) < 400
+    step = int(saved.name.split("-")[1])
+    assert int(first.name.split("-")[1]) < step < 400
+    assert f"at step {step}" in err
 
 
 def test_divergence_stops_without_saving_an_adapter(tiny_cfg, tmp_path):

@@ -112,6 +112,79 @@ def test_summary_only_loss_equals_the_models_own_loss_and_gradients(tiny_cfg, tm
     torch.testing.assert_close(scaled, plain / 2, rtol=1e-5, atol=1e-6)
 
 
+def _head_rows(model):
+    """Rows the LM head of ``model`` projects, one entry per call."""
+    rows = []
+    model.get_base_model().lm_head.register_forward_hook(
+        lambda module, args, output: rows.append(args[0].shape[:-1].numel()))
+    return rows
+
+
+def test_summary_only_loss_projects_only_the_labelled_positions(tiny_cfg, tmp_path):
+    from peftune import models
+    from peftune.assembly import prepare
+    from peftune.train import build_trainer, wrap
+
+    cfg = config_from_dict(tiny_cfg)
+    model, tok = models.load_base(cfg.model)
+    data = prepare(cfg, tok)
+    peft_model = wrap(model, cfg)
+    trainer = build_trainer(cfg, peft_model, data, output_dir=tmp_path / "ckpt")
+    batch = data.collator([data.splits["train"][i] for i in range(4)])
+    rows = _head_rows(peft_model)
+    # through the engine's own call: the mask is an input of the model's forward
+    trainer.compute_loss(trainer.model_wrapped, dict(batch))
+    assert rows == [int((batch["labels"][:, 1:] != -100).sum())]
+    assert rows[0] < batch["labels"].numel() / 2
+
+
+def test_adalora_keeps_its_orthogonality_penalty_on_the_summary_path(tiny_cfg, tmp_path):
+    from peftune import models
+    from peftune.assembly import prepare
+    from peftune.train import build_trainer, wrap
+
+    tiny_cfg.update(method="adalora", adalora={"dropout": 0.0, "total_step": 10})
+    cfg = config_from_dict(tiny_cfg)
+    model, tok = models.load_base(cfg.model)
+    data = prepare(cfg, tok)
+    peft_model = wrap(model, cfg)
+    trainer = build_trainer(cfg, peft_model, data, output_dir=tmp_path / "ckpt")
+    batch = data.collator([data.splits["train"][i] for i in range(4)])
+    peft_model.eval()
+    rows = _head_rows(peft_model)
+    with torch.no_grad():
+        fast = trainer.compute_loss(peft_model, dict(batch))
+        own = peft_model(**batch).loss  # AdaLoraModel.forward adds the penalty
+        bare = peft_model.base_model.model(**batch).loss  # the penalty bypassed
+    assert rows[0] < rows[1]  # the summary path did run
+    torch.testing.assert_close(fast, own, rtol=1e-5, atol=1e-6)
+    assert fast - bare > 1e-3
+
+
+def test_generation_halves_a_batch_that_runs_out_of_memory(tiny_cfg, monkeypatch, caplog):
+    from peftune import models
+    from peftune.assembly import prepare
+
+    cfg = config_from_dict(tiny_cfg)
+    model, tok = models.load_base(cfg.model)
+    prompts = prompts_of(prepare(cfg, tok, roles=("test",)).splits["test"])
+    settings = EvalConfig(batch_size=4, max_new_tokens=5)
+    expected = generate(model, tok, prompts, settings, progress=False)
+    plain, widths = model.generate, []
+
+    def fits_two(**kwargs):
+        widths.append(kwargs["input_ids"].shape[0])
+        if widths[-1] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+        return plain(**kwargs)
+
+    monkeypatch.setattr(model, "generate", fits_two)
+    with caplog.at_level("WARNING", logger="peftune"):
+        got = generate(model, tok, prompts, settings, progress=False)
+    assert got == expected
+    assert widths == [4, 2, 2] and "retrying with 2" in caplog.text
+
+
 def _tiny_lora_llama():
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM

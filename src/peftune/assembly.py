@@ -60,10 +60,12 @@ def prepare(cfg: Config, tokenizer: PreTrainedTokenizerBase | None = None, *,
 
 
 def load_base(cfg: Config, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
-    """The base model as ``cfg.method`` needs it (quantized for the k-bit methods)."""
+    """The base model as ``cfg.method`` needs it (quantized for the k-bit methods), its
+    weights in the dtype the run computes in (see :func:`devices.weights_dtype`)."""
     method = get_method(cfg.method)
     return models.load_model(cfg.model, pad_token_id=tokenizer.pad_token_id,
-                             extra=method.load_kwargs(cfg.method_options))
+                             extra=method.load_kwargs(cfg.method_options),
+                             precision=precision(cfg))
 
 
 def base_key(cfg: Config) -> tuple[Any, ...]:
@@ -87,7 +89,8 @@ class Bases:
         key = base_key(cfg)
         if key not in self._bases:
             log.info("loading the base model for %s", cfg.method)
-            self._bases[key] = load_base(cfg, self.tokenizer)
+            # on the GPU now: the zero-shot baseline generates with it before any training
+            self._bases[key] = devices.place(load_base(cfg, self.tokenizer))
         return self._bases[key]
 
     def put(self, cfg: Config, base: PreTrainedModel) -> None:

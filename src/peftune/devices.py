@@ -1,13 +1,31 @@
 """Which hardware a process runs on and in which precision.
 
-Every command asks here, so training, generation and export agree on one policy.
+Every command asks here, so training, generation, search workers and export agree on one
+policy:
+
+- :func:`device`: the CPU; the local rank's GPU under ``accelerate launch``/``torchrun``;
+  otherwise the first visible GPU, also when several are visible (one process trains on one
+  GPU: :func:`one_gpu_per_process` keeps the Trainer from spreading it with
+  ``nn.DataParallel``; ``accelerate launch`` uses them all).
+- :func:`worker_env`: search worker ``i`` of ``n`` sees one GPU of its own.
+- :func:`weights_dtype`: ``model.dtype: auto`` is the 16-bit type the GPU computes in; fp32
+  master weights on a CPU.
+- :func:`generation_batch`: as many prompts per generation batch as their KV cache leaves
+  room for on the GPU.
 """
 
 from __future__ import annotations
 
+import gc
+import logging
 import os
+from typing import Any
 
 import torch
+
+log = logging.getLogger(__name__)
+
+HALF_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def bf16_supported() -> bool:
@@ -28,18 +46,144 @@ def resolve_precision(precision: str) -> str:
     return "fp16" if torch.cuda.is_available() else "fp32"
 
 
+def compute_dtype() -> torch.dtype:
+    """The dtype this machine computes in under ``precision: auto``."""
+    return HALF_DTYPES.get(resolve_precision("auto"), torch.float32)
+
+
+def weights_dtype(name: str, precision: str) -> torch.dtype:
+    """The dtype base weights are loaded in for ``model.dtype`` = ``name``.
+
+    ``auto`` on a GPU: the 16-bit type training autocasts to (bf16 from compute capability
+    8.0, fp16 below), so frozen weights are neither twice their size nor re-cast every
+    forward; trainable adapter weights are kept in fp32 (``train.wrap``). On a CPU, or when
+    ``train.precision`` is fp32: fp32 master weights (mixed precision is the Trainer's job).
+    """
+    explicit = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name != "auto":
+        return explicit[name]
+    if not torch.cuda.is_available():
+        return torch.float32
+    return HALF_DTYPES.get(resolve_precision(precision), torch.float32)
+
+
+# ---------------------------------------------------------------- placement
+
+def launched() -> bool:
+    """True under ``accelerate launch`` or ``torchrun``: they set ``LOCAL_RANK``."""
+    return "LOCAL_RANK" in os.environ
+
+
 def device() -> torch.device:
-    """This process's device: its local rank's GPU under a launcher, the first GPU alone, or
-    the CPU."""
+    """The one device this process computes on.
+
+    No GPU: the CPU. Under a launcher: the GPU of this process's local rank. Otherwise the
+    first visible GPU, however many are visible (several are used by several processes:
+    ``accelerate launch``, or ``search.workers``, each with its own GPU).
+    """
     if not torch.cuda.is_available():
         return torch.device("cpu")
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if launched():
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return torch.device("cuda", 0)
+
+
+def one_gpu_per_process(args: Any) -> Any:
+    """Keep the Hugging Face Trainer on :func:`device` alone.
+
+    With several GPUs visible to one process the Trainer wraps the model in
+    ``nn.DataParallel``: the effective batch silently grows by the GPU count, the base is
+    copied every step and our loss path is bypassed. Setting ``n_gpu`` to 1, as the Trainer
+    itself does for model-parallel models, trains on the first GPU only.
+    """
+    if args.n_gpu > 1:
+        log.warning("%d GPUs are visible to one process: training on %s only; to train on "
+                    "all of them: accelerate launch --num_processes %d -m peftune train ...",
+                    args.n_gpu, device(), args.n_gpu)
+        args._n_gpu = 1
+    return args
+
+
+def worker_env(index: int, workers: int) -> dict[str, str]:
+    """Environment for search worker ``index`` of ``workers``: one visible GPU of its own,
+    round-robin over the GPUs this process sees (more workers than GPUs share them). Nothing
+    to add without a GPU."""
+    if not torch.cuda.is_available():
+        return {}
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = ([v.strip() for v in visible.split(",") if v.strip()] if visible
+           else [str(i) for i in range(torch.cuda.device_count())])
+    return {"CUDA_VISIBLE_DEVICES": ids[index % len(ids)]} if ids else {}
+
+
+def sharded() -> bool:
+    """True when ``accelerate launch`` shards parameters (FSDP or DeepSpeed)."""
+    return any(os.environ.get(key, "").lower() in ("1", "true")
+               for key in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"))
+
+
+def quantized_load_kwargs() -> dict[str, Any]:
+    """``from_pretrained`` arguments for a k-bit base: on a GPU it is quantized onto this
+    process's device. Left alone, bitsandbytes picks ``torch.cuda.current_device()``, which
+    is GPU 0 in every rank when the model is loaded (before the Trainer sets the device)."""
+    if not torch.cuda.is_available():
+        return {}
+    return {"device_map": {"": device().index}}
 
 
 def place(model: torch.nn.Module) -> torch.nn.Module:
-    """Move a model that will only generate to :func:`device`. Quantized models were placed
-    when they were loaded and cannot be moved."""
-    if getattr(model, "hf_quantizer", None) is not None:
-        return model
-    target = device()
-    return model if next(model.parameters()).device == target else model.to(target)
+    """Move a model to :func:`device`. Quantized models, and models spread over devices by a
+    ``device_map``, were placed when they were loaded and are left there."""
+    placed = (getattr(model, "hf_quantizer", None) is not None
+              or len(set((getattr(model, "hf_device_map", None) or {}).values())) > 1)
+    if not placed and next(model.parameters()).device != device():
+        model = model.to(device())
+    log.info("model on %s", next(model.parameters()).device)
+    return model
+
+
+def free_memory() -> None:
+    """Give cached GPU memory back (between trials, before a retry after out-of-memory)."""
+    if torch.cuda.is_available():
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------- generation memory
+
+# Share of free GPU memory given to the KV cache; the rest is for activations, the logits
+# of the last position and the allocator's fragmentation.
+KV_CACHE_SHARE = 0.7
+
+
+def kv_cache_bytes(config: Any, tokens: int, dtype: torch.dtype) -> int | None:
+    """Bytes of KV cache one sequence of ``tokens`` tokens needs in a decoder-only model:
+    keys and values, in every layer, per key-value head. None for a config without these
+    fields (encoder-decoders keep a second, cross-attention cache)."""
+    if getattr(config, "is_encoder_decoder", False):
+        return None
+    try:
+        layers, heads = config.num_hidden_layers, config.num_attention_heads
+    except AttributeError:
+        return None
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return 2 * layers * kv_heads * head_dim * itemsize * tokens
+
+
+def generation_batch(*, cap: int, per_sequence: int | None, free: int | None) -> int:
+    """Prompts per generation batch: at most ``cap`` (``eval.batch_size``), and no more than
+    ``KV_CACHE_SHARE`` of ``free`` bytes holds at ``per_sequence`` bytes each; at least 1.
+    Without an estimate (CPU, unknown architecture) ``cap``."""
+    if not per_sequence or free is None:
+        return cap
+    return max(1, min(cap, int(free * KV_CACHE_SHARE) // per_sequence))
+
+
+def free_bytes(where: torch.device) -> int | None:
+    """Free memory of a GPU (None for a CPU: the operating system decides there)."""
+    if where.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(where)
+    return int(free)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -19,6 +20,7 @@ from rouge_score import rouge_scorer
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
+from peftune import devices
 from peftune.config import EvalConfig
 from peftune.data import Collator
 from peftune.errors import PeftuneError
@@ -27,6 +29,7 @@ from peftune.logs import show_progress
 from peftune.rundir import atomic_write, update_metrics
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+log = logging.getLogger(__name__)
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(\[])")
 
 
@@ -131,13 +134,6 @@ def write_examples(path: Path, documents: Sequence[str], predictions: dict[str, 
     atomic_write(path, "".join(lines))
 
 
-def _batches(prompts: Sequence[list[int]], batch_size: int) -> Iterator[list[int]]:
-    # Longest first: similar lengths share a batch (little padding) and memory peaks early.
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    for start in range(0, len(order), batch_size):
-        yield order[start:start + batch_size]
-
-
 def generation_config(settings: EvalConfig, tokenizer: PreTrainedTokenizerBase
                       ) -> GenerationConfig:
     return GenerationConfig(
@@ -183,7 +179,9 @@ def generate(model: Any, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[l
 
     In 16-bit precision the model runs with its weights cast once (``half_precision``);
     ``keep_fp32_weights=False`` leaves a model that is done training with those, which
-    saves the memory of a second copy.
+    saves the memory of a second copy. On a GPU a batch holds at most as many prompts as
+    their KV cache leaves room for (``eval.batch_size`` at most), and a batch that still runs
+    out of memory is halved.
     """
     settings = settings or EvalConfig()
     model.eval()
@@ -195,23 +193,56 @@ def generate(model: Any, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[l
                        padding_side="right" if encoder_decoder else "left")
     gen_config = generation_config(settings, tokenizer)
     outputs: list[str] = [""] * len(prompts)
+    # Longest first: similar lengths share a batch (little padding) and memory peaks early.
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     bar = tqdm(total=len(prompts), desc="generating", disable=not (progress and show_progress()),
                leave=False)
     with half_precision(model, precision, restore=keep_fp32_weights):
-        for idx in _batches(prompts, settings.batch_size):
-            batch = collate([{"input_ids": prompts[i]} for i in idx])
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with kv_cache_compat(model):
-                cache = _cache(model, encoder_decoder, device, [prompts[i] for i in idx],
-                               width=batch["input_ids"].shape[1])
-                out = model.generate(**batch, **cache, generation_config=gen_config)
+        size = batch_size(model, settings, max((len(p) for p in prompts), default=0), device)
+        done = 0
+        while done < len(order):
+            idx = order[done:done + size]
+            try:
+                batch = collate([{"input_ids": prompts[i]} for i in idx])
+                batch = {k: v.to(device) for k, v in batch.items()}
+                with kv_cache_compat(model):
+                    cache = _cache(model, encoder_decoder, device, [prompts[i] for i in idx],
+                                   width=batch["input_ids"].shape[1])
+                    out = model.generate(**batch, **cache, generation_config=gen_config)
+            except torch.OutOfMemoryError:
+                if size == 1:
+                    raise
+                size //= 2
+                log.warning("out of memory generating %d prompts at once: retrying with %d",
+                            len(idx), size)
+                devices.free_memory()
+                continue
             new = out if encoder_decoder else out[:, batch["input_ids"].shape[1]:]
             texts = tokenizer.batch_decode(new, skip_special_tokens=True)
             for i, text in zip(idx, texts, strict=True):
                 outputs[i] = text.strip()
+            done += len(idx)
             bar.update(len(idx))
     bar.close()
     return outputs
+
+
+def batch_size(model: Any, settings: EvalConfig, longest_prompt: int,
+               device: torch.device) -> int:
+    """Prompts per generation batch: ``eval.batch_size``, fewer where the KV cache of the
+    longest prompt and its new tokens (times the beams) would not fit in free GPU memory."""
+    free = devices.free_bytes(device)
+    if free is None:
+        return settings.batch_size
+    per_sequence = devices.kv_cache_bytes(model.config, longest_prompt + settings.max_new_tokens,
+                                          model.get_input_embeddings().weight.dtype)
+    chosen = devices.generation_batch(
+        cap=settings.batch_size, free=free,
+        per_sequence=per_sequence * settings.num_beams if per_sequence else None)
+    if chosen < settings.batch_size:
+        log.info("generating %d prompts at once (eval.batch_size %d): their KV cache fills "
+                 "the free GPU memory", chosen, settings.batch_size)
+    return chosen
 
 
 def _cache(model: Any, encoder_decoder: bool, device: torch.device,

@@ -27,6 +27,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from peftune import devices
 from peftune.config import ModelConfig
 from peftune.errors import ModelError
 from peftune.methods import ModelInfo
@@ -135,14 +136,19 @@ def is_seq2seq(cfg: ModelConfig) -> bool:
 
 
 def load_model(cfg: ModelConfig, *, pad_token_id: int | None = None,
-               extra: dict[str, Any] | None = None) -> PreTrainedModel:
+               extra: dict[str, Any] | None = None, precision: str = "fp32") -> PreTrainedModel:
     """Causal or encoder-decoder LM, as its config says; ``extra`` goes to ``from_pretrained``
-    (a method's quantization config)."""
+    (a method's quantization config). ``precision`` is the one the model will run in: with
+    ``model.dtype: auto`` it decides the weights' dtype on a GPU (:func:`devices.weights_dtype`)."""
     config = load_config(cfg)
     auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+    extra = dict(extra or {})
+    if "quantization_config" in extra:
+        extra = {**devices.quantized_load_kwargs(), **extra}
     try:
-        model = auto.from_pretrained(_local_path(cfg), dtype=_dtype(cfg.dtype),
-                                     **_hub_kwargs(cfg), **(extra or {}))
+        model = auto.from_pretrained(_local_path(cfg),
+                                     dtype=devices.weights_dtype(cfg.dtype, precision),
+                                     **_hub_kwargs(cfg), **extra)
     except (OSError, ValueError) as err:
         raise ModelError(f"cannot load model '{cfg.name}': {_first_line(err)}") from None
     _keep_4bit_weights_trainable(model)
@@ -167,12 +173,6 @@ def _keep_4bit_weights_trainable(model: PreTrainedModel) -> None:
 def load_base(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     tokenizer = load_tokenizer(cfg)
     return load_model(cfg, pad_token_id=tokenizer.pad_token_id), tokenizer
-
-
-def _dtype(name: str) -> torch.dtype:
-    # "auto" keeps fp32 master weights on CPU; mixed precision is the Trainer's job.
-    return {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16,
-            "float16": torch.float16}[name]
 
 
 def model_info(model: torch.nn.Module) -> ModelInfo:

@@ -29,7 +29,7 @@ from optuna.trial import TrialState
 from sqlalchemy.exc import IntegrityError, OperationalError
 from transformers import PreTrainedModel, TrainerCallback
 
-from peftune import assembly, tracking
+from peftune import assembly, devices, tracking
 from peftune import train as training
 from peftune.config import Config, SearchConfig, save_yaml
 from peftune.errors import ConfigError, Diverged, Interrupted
@@ -266,6 +266,7 @@ class Objective:
         finally:
             base = unwrap(model)
             self.bases.put(cfg, base)
+            devices.free_memory()  # the trial's optimizer state and activations
             if set(base.state_dict()) != keys:
                 raise RuntimeError("adapter removal left modules behind in the base model")
 
@@ -349,7 +350,8 @@ def spawn_workers(argv: list[str], n: int) -> list[int]:
     """
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // n))}
     procs = [subprocess.Popen([sys.executable, "-m", "peftune", *argv, "--search.workers", "1",
-                               "--search.final", "false"], env=env) for _ in range(n)]
+                               "--search.final", "false"],
+                              env={**env, **devices.worker_env(i, n)}) for i in range(n)]
     codes = [p.wait() for p in procs]
     if any(codes):
         log.warning("search workers exited with %s; finishing the study here", codes)

@@ -29,7 +29,7 @@ from transformers import (
     TrainingArguments,
 )
 
-from peftune import checkpoints, models, tracking
+from peftune import checkpoints, devices, models, tracking
 from peftune.assembly import Prepared, load_base, prepare
 from peftune.checkpoints import COMPLETE_MARKER, last_complete_checkpoint
 from peftune.config import Config, save_yaml
@@ -52,7 +52,15 @@ def wrap(base: PreTrainedModel, cfg: Config) -> PeftModel:
                           f"('{info.model_type}'); pick another --method")
     peft_config = method.build(cfg.method_options, info)
     torch.manual_seed(cfg.seed)
-    return get_peft_model(method.prepare(base, cfg.method_options), peft_config)
+    model = get_peft_model(method.prepare(base, cfg.method_options), peft_config)
+    # On a 16-bit base (model.dtype auto on a GPU) adapter weights must stay fp32: the
+    # optimizer's updates would round away, and fp16 mixed precision refuses to unscale
+    # 16-bit gradients. peft upcasts its tuner layers' (LoRA, AdaLoRA, IA3), not
+    # LLaMA-Adapter's, which take the dtype of the attention they wrap.
+    for param in model.parameters():
+        if param.requires_grad and param.dtype in (torch.float16, torch.bfloat16):
+            param.data = param.data.float()
+    return model
 
 
 def world_size() -> int:
@@ -68,19 +76,15 @@ def is_main_process() -> bool:
 
 def training_args(cfg: Config, *, output_dir: Path, has_eval: bool) -> TrainingArguments:
     t = cfg.train
-    world = world_size()
-    if t.batch_size % (t.micro_batch_size * world):
-        raise ConfigError(f"train.batch_size ({t.batch_size}) must be a multiple of "
-                          f"train.micro_batch_size ({t.micro_batch_size}) x {world} processes")
-    accumulation = t.batch_size // (t.micro_batch_size * world)
+    micro, accumulation = per_process_batch(t.batch_size, t.micro_batch_size, world_size())
     precision = resolve_precision(t.precision)
     save = "no" if not t.save_checkpoints else "epoch" if t.save_steps is None else "steps"
     evaluate = "no" if not has_eval else "steps" if t.eval_steps else \
         "epoch" if t.eval_each_epoch else "no"
-    return TrainingArguments(
+    return devices.one_gpu_per_process(TrainingArguments(
         output_dir=str(output_dir),
-        per_device_train_batch_size=t.micro_batch_size,
-        per_device_eval_batch_size=t.micro_batch_size,
+        per_device_train_batch_size=micro,
+        per_device_eval_batch_size=micro,
         gradient_accumulation_steps=accumulation,
         num_train_epochs=t.epochs,
         max_steps=t.max_steps,
@@ -109,24 +113,48 @@ def training_args(cfg: Config, *, output_dir: Path, has_eval: bool) -> TrainingA
         # the progress bar follows our quiet flag, not transformers' log level, which is
         # kept at ERROR and would turn the bar off too
         disable_tqdm=not show_progress(),
-    )
+    ))
 
 
 FEW_STEPS = 10
 """Fewer optimizer steps than this and a run warns that it trains next to nothing."""
 
-# Decoder-only families whose forward is body -> final norm -> lm_head, nothing after.
+
+def per_process_batch(batch: int, micro: int, world: int) -> tuple[int, int]:
+    """(micro-batch, accumulation steps) of each of ``world`` processes for an effective batch
+    of ``batch``: the configured micro-batch, or the largest divisor of it that fits the
+    process's share (``train.batch_size: 32, micro_batch_size: 8`` is micro-batch 4 on 8 GPUs).
+    """
+    if batch % world:
+        raise ConfigError(f"train.batch_size ({batch}) must be a multiple of the number of "
+                          f"processes ({world})")
+    fitted = math.gcd(micro, batch // world)
+    if fitted != micro:
+        log.info("micro-batch %d per process: %d processes share a batch of %d", fitted,
+                 world, batch)
+    return fitted, batch // (fitted * world)
+
+
+# Decoder-only families whose forward slices the hidden states with ``logits_to_keep`` (a
+# boolean mask included) before the LM head and hands extra keywords to its loss function.
 SUMMARY_LOSS_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 
 
-def summary_head(model: Any) -> tuple[Any, Any] | None:
-    """(decoder body, LM head) when logits can be computed at label positions only."""
+def summary_loss_applies(model: Any) -> bool:
+    """Whether the LM head of ``model`` can run at label positions only."""
     if not isinstance(model, PeftModel) or model.active_peft_config.is_prompt_learning:
-        return None
-    base = model.get_base_model()
-    if base.config.model_type not in SUMMARY_LOSS_TYPES or not hasattr(base, "model"):
-        return None
-    return base.model, base.get_output_embeddings()
+        return False
+    return model.get_base_model().config.model_type in SUMMARY_LOSS_TYPES
+
+
+def summary_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
+    """The model inputs that make its own forward compute the LM head and the loss at label
+    positions only: ``logits_to_keep`` marks the positions that predict a label, and
+    ``shift_labels`` holds those labels in the same (row-major) order."""
+    targets = inputs["labels"][:, 1:]
+    keep = torch.zeros_like(inputs["labels"], dtype=torch.bool)
+    keep[:, :-1] = targets != IGNORE_INDEX
+    return {**inputs, "logits_to_keep": keep, "shift_labels": targets[keep[:, :-1]]}
 
 
 class PeftuneTrainer(Trainer):
@@ -134,8 +162,11 @@ class PeftuneTrainer(Trainer):
 
     - ``summary_loss``: the LM head runs only where there is a label. The prompt is most of
       each sequence, and the vocabulary projection (28M of SmolLM2's 135M parameters) on
-      prompt positions is pure waste; the loss equals the model's own (a test checks).
-      Other models and prompt-learning methods take the standard path.
+      prompt positions is pure waste; the loss equals the model's own (a test checks). The
+      selection is an input of the model's forward, so it holds in whatever DDP, FSDP or
+      DeepSpeed wraps the model in, and a method that adds to the model's loss in its own
+      forward (AdaLoRA's orthogonality penalty) still does. Other models and
+      prompt-learning methods take the standard path.
     - ``group_by_length``: micro-batches of similar length (less padding), in an order
       fixed by (seed, epoch) so that resuming replays it.
     """
@@ -143,7 +174,8 @@ class PeftuneTrainer(Trainer):
     def __init__(self, *args: Any, summary_loss: bool, group_by_length: bool,
                  fingerprint: dict[str, Any], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.summary_loss, self.group_by_length = summary_loss, group_by_length
+        self.summary_loss = summary_loss and summary_loss_applies(self.model)
+        self.group_by_length = group_by_length
         self.fingerprint = fingerprint
         self.loss_before_resume = 0.0  # summed over the steps a resumed checkpoint holds
 
@@ -196,28 +228,9 @@ class PeftuneTrainer(Trainer):
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
-        head = summary_head(model) if self.summary_loss else None
-        if head is None or "labels" not in inputs:
-            self.loss_is_scaled_for_ga = None
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        body, lm_head = head
-        targets = inputs["labels"][:, 1:]
-        keep = targets != IGNORE_INDEX
-        # the inner modules bypass the forward that accelerate wrapped in autocast
-        with self.accelerator.autocast():
-            hidden = body(input_ids=inputs["input_ids"],
-                          attention_mask=inputs["attention_mask"]).last_hidden_state
-            logits = lm_head(hidden[:, :-1][keep]).float()
-        loss = torch.nn.functional.cross_entropy(logits, targets[keep], reduction="sum")
-        # normalised like the model's own loss: over the whole accumulated batch when known
-        self.loss_is_scaled_for_ga = num_items_in_batch is not None
-        if num_items_in_batch is None:
-            loss = loss / keep.sum().clamp(min=1)
-        else:
-            loss = loss / num_items_in_batch
-            if self.args.average_tokens_across_devices:
-                loss = loss * self.accelerator.num_processes
-        return (loss, {}) if return_outputs else loss
+        if self.summary_loss and "labels" in inputs:
+            inputs = summary_inputs(inputs)
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
 
 def build_trainer(cfg: Config, model: PeftModel, data: Prepared, *, output_dir: Path,
@@ -227,6 +240,7 @@ def build_trainer(cfg: Config, model: PeftModel, data: Prepared, *, output_dir: 
     train_ds = data.splits["train"].select_columns(columns)
     eval_ds = data.splits.get("validation")
     args = training_args(cfg, output_dir=output_dir, has_eval=eval_ds is not None)
+    log.info("training on %s", args.device)
     trainer = PeftuneTrainer(
         model=model,
         summary_loss=cfg.train.summary_loss,
@@ -334,8 +348,9 @@ def fit(cfg: Config, model: PeftModel, data: Prepared, *, output_dir: Path,
 
     With ``save_to``, the adapter (PEFT format) and tokenizer are saved there through the
     Trainer, which gathers FSDP/DeepSpeed shards and writes from the main process only.
-    Out of memory, the micro-batch is halved (accumulation doubles, so the effective batch
-    stays) and training restarts from the last checkpoint, or from the initial adapter.
+    Out of memory in a single process, the micro-batch is halved (accumulation doubles, so
+    the effective batch stays) and training restarts from the last checkpoint, or from the
+    initial adapter.
     """
     initial = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
     while True:
@@ -344,8 +359,10 @@ def fit(cfg: Config, model: PeftModel, data: Prepared, *, output_dir: Path,
                              resume=resume, save_to=save_to)
         except RuntimeError as err:
             micro = cfg.train.micro_batch_size
-            if not should_reduce_batch_size(err) or micro == 1:
+            # other ranks of a DDP/FSDP/ZeRO-3 run would wait in a collective for this one
+            if not should_reduce_batch_size(err) or micro == 1 or world_size() > 1:
                 raise
+            devices.free_memory()
             log.warning("out of memory with micro-batch %d: retrying with %d (gradient "
                         "accumulation keeps the batch size at %d)", micro, micro // 2,
                         cfg.train.batch_size)

@@ -20,7 +20,7 @@ from peftune.methods.lora import build as build_lora
 from peftune.methods.lora import search_space as lora_space
 
 if TYPE_CHECKING:
-    import torch
+    pass
 
 
 @dataclass
@@ -40,14 +40,6 @@ def _require_bitsandbytes(name: str) -> None:
                           "bitsandbytes==0.50.2")
 
 
-def _compute_dtype() -> torch.dtype:
-    import torch
-
-    from peftune.devices import bf16_supported
-
-    return torch.bfloat16 if bf16_supported() else torch.float32
-
-
 def int8_load_kwargs(options: KbitOptions) -> dict[str, Any]:
     _require_bitsandbytes("lora-int8")
     from transformers import BitsAndBytesConfig
@@ -57,12 +49,19 @@ def int8_load_kwargs(options: KbitOptions) -> dict[str, Any]:
 
 def nf4_load_kwargs(options: QLoraOptions) -> dict[str, Any]:
     _require_bitsandbytes("qlora")
+    import torch
     from transformers import BitsAndBytesConfig
 
+    from peftune.devices import compute_dtype, sharded
+
+    compute = compute_dtype()
+    # FSDP and ZeRO-3 flatten the 4-bit weights together with the 16-bit ones: the packed
+    # storage must have the same dtype, or they refuse to shard the model
+    storage = compute if sharded() else torch.uint8
     return {"quantization_config": BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=options.double_quant,
-        bnb_4bit_compute_dtype=_compute_dtype())}
+        bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=storage)}
 
 
 def prepare(model: Any, options: KbitOptions) -> Any:

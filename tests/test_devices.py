@@ -1,0 +1,179 @@
+"""The device and precision each command and worker uses, on the hardware a test pretends to
+have: torch's CUDA queries are replaced, so these run on a CPU-only machine."""
+
+import pytest
+import torch
+from transformers import LlamaConfig
+
+from peftune import config_from_dict, devices
+from peftune.search import spawn_workers
+
+
+def gpus(monkeypatch, count, capability=(9, 0)):
+    """Pretend this process sees ``count`` GPUs of one compute capability (0: none)."""
+    import peftune.methods.qlora  # noqa: F401  (bitsandbytes probes CUDA when imported)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    for key in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "CUDA_VISIBLE_DEVICES"):
+        monkeypatch.delenv(key, raising=False)
+
+
+def test_device_on_a_cpu_one_gpu_several_gpus_and_under_a_launcher(monkeypatch):
+    gpus(monkeypatch, 0)
+    assert devices.device() == torch.device("cpu")
+    assert devices.worker_env(1, 2) == {}
+    assert devices.quantized_load_kwargs() == {}
+
+    gpus(monkeypatch, 1)
+    assert devices.device() == torch.device("cuda", 0)
+    assert devices.quantized_load_kwargs() == {"device_map": {"": 0}}
+
+    gpus(monkeypatch, 4)  # one process: the first GPU, not all four
+    assert devices.device() == torch.device("cuda", 0)
+
+    monkeypatch.setenv("LOCAL_RANK", "3")  # accelerate launch / torchrun, rank 3 of 8
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    assert devices.device() == torch.device("cuda", 3)
+    # a k-bit base is quantized onto this rank's GPU, not GPU 0 of every rank
+    assert devices.quantized_load_kwargs() == {"device_map": {"": 3}}
+
+
+def test_one_process_with_several_gpus_trains_on_one_not_in_data_parallel(monkeypatch, caplog,
+                                                                         tmp_path):
+    from peftune.train import training_args
+
+    cfg = config_from_dict({"train": {"precision": "fp32"}})
+    gpus(monkeypatch, 4)
+    with caplog.at_level("WARNING", logger="peftune"):
+        args = training_args(cfg, output_dir=tmp_path, has_eval=False)
+    # n_gpu > 1 is what makes the Trainer wrap the model in nn.DataParallel
+    assert args.n_gpu == 1 and args.device == torch.device("cuda", 0)
+    assert "accelerate launch --num_processes 4" in caplog.text
+
+    gpus(monkeypatch, 1)
+    args = training_args(cfg, output_dir=tmp_path, has_eval=False)
+    assert args.n_gpu == 1 and args.device == torch.device("cuda", 0)
+
+
+def test_search_workers_get_a_gpu_each_round_robin(monkeypatch):
+    gpus(monkeypatch, 2)
+    assert [devices.worker_env(i, 3) for i in range(3)] == [
+        {"CUDA_VISIBLE_DEVICES": "0"}, {"CUDA_VISIBLE_DEVICES": "1"},
+        {"CUDA_VISIBLE_DEVICES": "0"}]
+    # ids are taken from what this process sees, so a restricted parent stays restricted
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")
+    assert [devices.worker_env(i, 2)["CUDA_VISIBLE_DEVICES"] for i in range(2)] == ["5", "7"]
+
+
+def test_spawned_search_workers_each_see_their_own_gpu(monkeypatch):
+    import subprocess
+
+    gpus(monkeypatch, 2)
+    started = []
+
+    class Recorded:
+        """A worker that exits at once, having noted the GPU it was given."""
+
+        returncode, pid = 0, 0
+
+        def __init__(self, cmd, **kwargs):
+            started.append(kwargs["env"].get("CUDA_VISIBLE_DEVICES"))
+
+        def wait(self, timeout=None):
+            return 0
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(subprocess, "Popen", Recorded)
+    assert spawn_workers(["search"], 2) == [0, 0]
+    assert started == ["0", "1"]
+
+
+@pytest.mark.parametrize("capability, bf16, precision, dtype", [
+    ((9, 0), True, "bf16", torch.bfloat16),   # H100
+    ((8, 0), True, "bf16", torch.bfloat16),   # A100
+    ((7, 5), False, "fp16", torch.float16),   # T4: bf16 only emulated
+    ((7, 0), False, "fp16", torch.float16),   # V100
+])
+def test_gpu_precision_follows_the_compute_capability(monkeypatch, capability, bf16,
+                                                      precision, dtype):
+    gpus(monkeypatch, 1, capability)
+    assert devices.bf16_supported() is bf16
+    assert devices.resolve_precision("auto") == precision
+    assert devices.compute_dtype() == dtype
+    assert devices.weights_dtype("auto", "auto") == dtype
+    # an explicit fp32 run keeps fp32 weights (LoRA layers cannot mix fp32 inputs and 16-bit
+    # weights without autocast); an explicit model.dtype is taken as it is
+    assert devices.weights_dtype("auto", "fp32") == torch.float32
+    assert devices.weights_dtype("float16", "bf16") == torch.float16
+
+
+@pytest.mark.parametrize("cpu_bf16", [True, False])
+def test_cpu_keeps_fp32_weights_and_computes_in_bf16_where_it_has_it(monkeypatch, cpu_bf16):
+    gpus(monkeypatch, 0)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: cpu_bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    assert devices.bf16_supported() is cpu_bf16
+    assert devices.resolve_precision("auto") == ("bf16" if cpu_bf16 else "fp32")
+    assert devices.weights_dtype("auto", "auto") == torch.float32
+    assert devices.weights_dtype("auto", "bf16") == torch.float32
+
+
+def test_qlora_stores_4bit_weights_in_the_compute_dtype_only_when_sharded(monkeypatch):
+    from peftune.methods.qlora import QLoraOptions, nf4_load_kwargs
+
+    for key in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):
+        monkeypatch.delenv(key, raising=False)
+    plain = nf4_load_kwargs(QLoraOptions())["quantization_config"]
+    assert plain.bnb_4bit_quant_storage == torch.uint8
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what accelerate launch sets for FSDP
+    fsdp = nf4_load_kwargs(QLoraOptions())["quantization_config"]
+    assert fsdp.bnb_4bit_quant_storage == fsdp.bnb_4bit_compute_dtype == devices.compute_dtype()
+
+
+def test_kv_cache_estimate_and_the_generation_batch_it_allows():
+    llama7b = LlamaConfig(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                          num_key_value_heads=32, intermediate_size=11008, vocab_size=32000)
+    per_seq = devices.kv_cache_bytes(llama7b, 1300, torch.bfloat16)
+    assert per_seq == 2 * 32 * 32 * 128 * 2 * 1300  # 0.68 GB: the issue's ~22 GB at batch 32
+    assert 21e9 < 32 * per_seq < 23e9
+    gib = 2**30
+    assert devices.generation_batch(cap=32, per_sequence=per_seq, free=80 * gib) == 32
+    assert devices.generation_batch(cap=32, per_sequence=per_seq, free=10 * gib) == 11
+    assert devices.generation_batch(cap=32, per_sequence=per_seq, free=gib // 4) == 1
+    assert devices.generation_batch(cap=32, per_sequence=None, free=gib) == 32  # no estimate
+    assert devices.generation_batch(cap=32, per_sequence=per_seq, free=None) == 32  # CPU
+    # grouped-query attention: 8 key-value heads keep a quarter of the cache
+    gqa = LlamaConfig(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8)
+    assert devices.kv_cache_bytes(gqa, 1300, torch.bfloat16) == per_seq // 4
+    assert devices.kv_cache_bytes(gqa, 1300, torch.float32) == per_seq // 2
+
+
+def test_place_leaves_a_model_spread_over_devices_alone(monkeypatch):
+    model = torch.nn.Linear(2, 2)
+    model.hf_device_map = {"layers.0": 0, "layers.1": 1}
+    monkeypatch.setattr(devices, "device", lambda: torch.device("meta"))
+    assert devices.place(model).weight.device.type == "cpu"
+    del model.hf_device_map
+    assert devices.place(model).weight.device.type == "meta"
+
+
+
+def test_generation_batch_of_a_model_from_its_config_and_the_free_gpu_memory(monkeypatch):
+    from peftune.config import EvalConfig
+    from peftune.evaluate import batch_size
+    from tests.conftest import make_llama
+
+    model = make_llama(50)  # 2 layers, 2 key-value heads of 16 dims, fp32
+    per_token = 2 * 2 * 2 * 16 * 4
+    settings = EvalConfig(batch_size=16, max_new_tokens=20, num_beams=2)
+    cuda = torch.device("cuda", 0)
+    free = 10 * per_token * (80 + 20) * 2  # room for 10 beam pairs of 100 tokens, before margin
+    monkeypatch.setattr(devices, "free_bytes", lambda where: free if where == cuda else None)
+    assert batch_size(model, settings, 80, cuda) == 7  # 70% of the room for the cache
+    assert batch_size(model, settings, 80, torch.device("cpu")) == 16  # CPU: eval.batch_size
