@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from peft import prepare_model_for_kbit_training
@@ -26,12 +26,16 @@ from peftune.methods.lora import search_space as lora_space
 
 @dataclass
 class KbitOptions(LoraOptions):
+    SECTION: ClassVar[str] = "lora-int8"
+
     gradient_checkpointing: bool = _help("recompute activations in the backward pass (the "
                                          "usual memory saving of k-bit training)", True)
 
 
 @dataclass
 class QLoraOptions(KbitOptions):
+    SECTION: ClassVar[str] = "qlora"
+
     double_quant: bool = _help("quantize the quantization constants too", True)
 
 
