@@ -1,8 +1,10 @@
+import math
 from pathlib import Path
 
 import pytest
 
 from peftune import config_from_dict, load_yaml
+from peftune.cli import main
 from peftune.config import Config, flag_specs
 from peftune.errors import ConfigError
 
@@ -37,10 +39,64 @@ def test_method_options_round_trip():
     ({"method": "magic"}, "unknown method 'magic'"),
     ({"lora": {"r": 1.5}}, "lora.r must be an integer"),
     ({"model": {"dtype": "int3"}}, "model.dtype must be one of"),
+    ({"train": {"epochs": math.inf}}, r"train.epochs must be in \(0, 100000\], got inf"),
+    ({"train": {"epochs": math.nan}}, "train.epochs must be in .*, got nan"),
+    ({"train": {"learning_rate": math.nan}}, "train.learning_rate must be > 0 and finite"),
+    ({"train": {"logging_steps": 0}}, r"train.logging_steps must be in \[1, "),
+    ({"lora": {"r": 0}}, r"lora.r must be in \[1, "),
+    ({"qlora": {"r": 0}}, r"qlora.r must be in \[1, "),
+    ({"lora": {"dropout": 5}}, r"lora.dropout must be in \[0, 1\), got 5.0"),
+    ({"data": {"max_train_examples": -3}}, "data.max_train_examples must be in"),
+    ({"train": {"lr_scheduler": "cosinus"}}, "train.lr_scheduler must be one of linear, cosine"),
+    ({"seed": -1}, r"seed must be in \[0, 4294967295\], got -1"),
+    ({"train": {"batch_size": 1e20}}, r"train.batch_size must be in \[1, 1048576\]"),
+    ({"train": {"max_steps": 0}}, r"train.max_steps must be -1 or in \[1, "),
+    ({"train": {"save_steps": 0}}, "train.save_steps must be in"),
+    ({"train": {"save_steps": -2}}, "train.save_steps must be in"),
+    ({"train": {"warmup_ratio": 10**400}}, "train.warmup_ratio is out of range"),
+    ({"search": {"space": {"epochs": [1.0, math.inf]}}}, "search.space.epochs must be in"),
 ])
 def test_bad_values_name_the_key(data, message):
     with pytest.raises(ConfigError, match=message):
         config_from_dict(data)
+
+
+def test_an_output_dir_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "taken").write_text("")
+    for output_dir in (tmp_path / "taken", tmp_path / "taken" / "run"):
+        with pytest.raises(ConfigError, match=r"output_dir .* is a file, not a folder"):
+            config_from_dict({"output_dir": str(output_dir)})
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--train.epochs", "inf"], "train.epochs must be in (0, 100000], got inf"),
+    (["--train.learning_rate", "nan"], "train.learning_rate must be > 0 and finite, got nan"),
+    (["--train.save_steps", "0"], "train.save_steps must be in [1, 2147483647], got 0"),
+    (["--lora.dropout", "5"], "lora.dropout must be in [0, 1), got 5.0"),
+    (["--seed", "-1"], "seed must be in [0, 4294967295], got -1"),
+    (["--train.lr_scheduler", "cosinus"], "train.lr_scheduler must be one of"),
+    (["--search.workers", "0"], "search.workers must be in [1, 1024], got 0"),
+])
+def test_bad_flags_exit_2_with_one_line(flags, message, capsys, tmp_path):
+    # a missing data file: a value let through fails fast, with another message
+    where = ["--output_dir", str(tmp_path / "run"), "--data.source", str(tmp_path / "no.jsonl")]
+    assert main(["-q", "train", *where, *flags]) == 2
+    err = capsys.readouterr().err
+    assert err == f"peftune: error: {err.split('peftune: error: ', 1)[-1]}"
+    assert err.count("\n") == 1 and message in err
+
+
+def test_bad_yaml_values_exit_2_with_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    where = f"data:\n  source: {tmp_path / 'no.jsonl'}\n"
+    for text in (f"output_dir: {tmp_path / 'run'}\ntrain:\n  epochs: .inf\n",
+                 f"output_dir: {tmp_path / 'run'}\ntrain:\n  batch_size: 1.0e+20\n",
+                 f"output_dir: {tmp_path / 'file'}\n"):
+        path = tmp_path / "cfg.yaml"
+        path.write_text(where + text)
+        assert main(["-q", "search", "--config", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("peftune: error: ") and err.count("\n") == 1, err
 
 
 def test_every_key_is_a_flag():

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -96,7 +98,7 @@ def test_embedded_aclsum_splits():
 
 @pytest.mark.parametrize("rows,kwargs,message", [
     ([{"text": "a", "summary": "b"}], {}, "no column 'document'"),
-    ([{"document": "", "summary": "b"}] * 12, {}, "row 0 has an empty or non-text 'document'"),
+    ([{"document": "", "summary": "b"}] * 12, {}, "line 1 has an empty or non-text 'document'"),
 ])
 def test_bad_rows_name_the_culprit(tmp_path, rows, kwargs, message):
     path = write_jsonl(tmp_path / "bad.jsonl", rows * 12 if len(rows) == 1 else rows)
@@ -124,3 +126,72 @@ def test_length_grouped_sampler_is_a_seeded_permutation_with_similar_lengths():
     spread = [max(lengths[i] for i in first[j:j + 4]) - min(lengths[i] for i in first[j:j + 4])
               for j in range(0, 64, 4)]
     assert sum(spread) / len(spread) < 20  # random batches of 4 would spread ~50
+
+
+def _rows_with_a_bad_one(n, bad):
+    rows = make_rows(n)
+    rows[bad]["document"] = " "
+    return rows
+
+
+def test_a_bad_jsonl_row_names_its_line_in_the_file_not_in_a_shuffled_split(tmp_path):
+    rows = [json.dumps(r) for r in _rows_with_a_bad_one(30, 21)]
+    # blank lines do not count as rows but do count as lines
+    text = "\n".join(rows[:3] + ["", "  "] + rows[3:]) + "\n"
+    (tmp_path / "all.jsonl").write_text(text)
+    with pytest.raises(DataError, match=r"all.jsonl: line 24 has an empty or non-text "
+                                        r"'document'$"):
+        load_splits(DataConfig(source=str(tmp_path / "all.jsonl")))
+
+
+def test_a_bad_csv_row_names_the_line_it_starts_on(tmp_path):
+    import pandas as pd
+
+    rows = _rows_with_a_bad_one(30, 12)
+    rows[4]["summary"] = "first line\nsecond line\nthird line"  # one record, three lines
+    pd.DataFrame(rows).to_csv(tmp_path / "d.csv", index=False)
+    with pytest.raises(DataError, match=r"d.csv: line 16 has an empty or non-text 'document'"):
+        load_splits(DataConfig(source=str(tmp_path / "d.csv"), id_column="id"))
+
+
+def test_a_bad_row_in_a_given_split_names_its_file_and_line(tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", make_rows(10))
+    write_jsonl(tmp_path / "validation.jsonl", _rows_with_a_bad_one(5, 2))
+    with pytest.raises(DataError, match=r"validation.jsonl: line 3 has an empty"):
+        load_splits(DataConfig(source=str(tmp_path)))
+
+
+def test_a_bad_parquet_row_names_its_row_index(tmp_path):
+    import pandas as pd
+
+    pd.DataFrame(_rows_with_a_bad_one(30, 17)).to_parquet(tmp_path / "d.parquet")
+    with pytest.raises(DataError, match=r"d.parquet: row 17 has an empty"):
+        load_splits(DataConfig(source=str(tmp_path / "d.parquet")))
+
+
+@pytest.mark.parametrize("line,message", [
+    ('{"document": "a", "summary": "b"', r"line 7 is not JSON \(Expecting ',' delimiter"),
+    ("not json at all", r"line 7 is not JSON \(Expecting value, column 1\)"),
+    ('["document", "summary"]', "line 7 is not a JSON object"),
+])
+def test_a_line_that_is_not_json_is_named(tmp_path, line, message):
+    rows = [json.dumps(r) for r in make_rows(20)]
+    (tmp_path / "d.jsonl").write_text("\n".join(rows[:6] + [line] + rows[6:]) + "\n")
+    with pytest.raises(DataError, match=f"d.jsonl: {message}"):
+        load_splits(DataConfig(source=str(tmp_path / "d.jsonl")))
+
+
+@pytest.mark.parametrize("name", ["d.jsonl", "d.csv"])
+def test_non_utf8_bytes_name_the_line(tmp_path, name):
+    import pandas as pd
+
+    rows = make_rows(20)
+    rows[8]["document"] = "caf\u00e9 " + rows[8]["document"]
+    if name.endswith(".csv"):
+        pd.DataFrame(rows).to_csv(tmp_path / name, index=False, encoding="latin-1")
+    else:
+        (tmp_path / name).write_bytes("".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                              for r in rows).encode("latin-1"))
+    line = 10 if name.endswith(".csv") else 9
+    with pytest.raises(DataError, match=f"{name}: line {line} is not UTF-8 text \\(byte 0xe9\\)"):
+        load_splits(DataConfig(source=str(tmp_path / name)))

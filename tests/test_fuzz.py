@@ -1,20 +1,23 @@
 """Property tests over hostile input: every case is one clear error or a correct result."""
 
 import json
+import math
+import re
 import shutil
 import string
+import typing
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from peftune import config_from_dict, models
-from peftune.config import DataConfig
+from peftune.config import DataConfig, option_fields, set_dotted
 from peftune.data import load_splits
 from peftune.errors import ConfigError, DataError, ModelError
 from peftune.train import run
 
-FUZZ = settings(max_examples=30, deadline=None,
+FUZZ = settings(max_examples=30, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,
                                        HealthCheck.too_slow])
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6),
@@ -69,6 +72,66 @@ def test_arbitrary_configs(cfg):
         assert "\n" not in str(err)
     else:
         assert config_from_dict(config.to_dict()).to_dict() == config.to_dict()
+
+
+def _numeric_options():
+    """(key, number type, is a list, declared range) of every numeric option."""
+    out = []
+    for key, (tp, f) in option_fields().items():
+        is_list = typing.get_origin(tp) is list
+        kinds = typing.get_args(tp) if is_list or typing.get_args(tp) else (tp,)
+        kind = next((k for k in kinds if k in (int, float)), None)
+        if kind is not None:
+            out.append((key, kind, is_list, f.metadata.get("range")))
+    return out
+
+
+NUMERIC = _numeric_options()
+PROBES = [math.nan, math.inf, -math.inf, -10**30, -1, 0, 0.5, 1, 2**31, 1e20, 10**30]
+
+
+def _check_number(key, kind, is_list, bounds, value):
+    """A value is refused with a one-line error naming the key, or lies in the declared range."""
+    data = {}
+    set_dotted(data, key, [value, value] if is_list else value)
+    try:
+        config_from_dict(data)
+    except ConfigError as err:
+        assert "\n" not in str(err) and key in str(err), str(err)
+    else:
+        assert value in bounds, f"{key}={value!r} accepted outside its range {bounds}"
+        assert kind is int or math.isfinite(value)
+
+
+def test_every_numeric_option_declares_and_enforces_its_range():
+    assert {"train.epochs", "lora.r", "search.space.learning_rate", "seed"} <= {
+        key for key, *_ in NUMERIC}
+    for key, kind, is_list, bounds in NUMERIC:
+        assert bounds is not None, f"{key} declares no range (_help(..., within=...))"
+        edges = [bounds.low, bounds.high, *bounds.also]
+        near = [x + d for x in edges if math.isfinite(x) for d in (-1, -1e-9, 0, 1e-9, 1)]
+        for value in PROBES + near:
+            _check_number(key, kind, is_list, bounds, value)
+
+
+def test_every_string_option_with_choices_refuses_others():
+    for key, (_, f) in option_fields().items():
+        if "choices" in f.metadata:
+            data = {}
+            set_dotted(data, key, "no-such-choice")
+            with pytest.raises(ConfigError, match=f"{re.escape(key)} must be one of"):
+                config_from_dict(data)
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(data=st.data())
+def test_numbers_across_each_options_type_and_range(data):
+    key, kind, is_list, bounds = data.draw(st.sampled_from(NUMERIC))
+    edges = [x for x in (bounds.low, bounds.high, *bounds.also) if math.isfinite(x)]
+    value = data.draw(st.one_of(
+        st.integers(-2**70, 2**70), st.floats(allow_nan=True, allow_infinity=True),
+        st.sampled_from(edges).flatmap(lambda x: st.sampled_from([x - 1, x, x + 1]))))
+    _check_number(key, kind, is_list, bounds, value)
 
 
 @pytest.fixture(scope="module")
@@ -139,3 +202,44 @@ def test_pickled_adapter_is_refused(tmp_path_factory, trained_adapter, tiny_mode
     base = models.load_model(models.ModelConfig(name=str(tiny_model_dir)))
     with pytest.raises(ModelError, match="pickled .bin adapters are not loaded"):
         models.load_adapter(base, path)
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory, tiny_bpe_model_dir):
+    import gguf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from peftune import export
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_bpe_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bpe_model_dir)
+    path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
+    writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
+    export.write_llama_metadata(writer, model.config, name="tiny",
+                                file_type=gguf.LlamaFileType.ALL_F32)
+    export.write_tokenizer(writer, tokenizer, vocab_size=model.config.vocab_size,
+                           pre=export.pre_tokenizer_name(tokenizer))
+    export.write_llama_tensors(writer, model, qtype=gguf.GGMLQuantizationType.F32)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("cut", [3, 10, 30, 200, 2000, 0.25, 0.5, -10])
+def test_a_truncated_gguf_is_one_clear_error(tmp_path, monkeypatch, tiny_gguf, cut):
+    """Cut inside the header, the metadata, the tensor table and the tensor data."""
+    data = tiny_gguf.read_bytes()
+    end = int(len(data) * cut) if isinstance(cut, float) else cut % len(data)
+    (tmp_path / "cut.gguf").write_bytes(data[:end])
+    monkeypatch.setenv("PEFTUNE_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(ModelError, match=r"cut.gguf: not a readable GGUF model \(.*\); if the "
+                                         "file is truncated or damaged, download it again$"):
+        models.load_tokenizer(models.ModelConfig(name=str(tmp_path / "cut.gguf")))
+
+
+def test_a_whole_gguf_loads(tmp_path, monkeypatch, tiny_gguf):
+    monkeypatch.setenv("PEFTUNE_CACHE", str(tmp_path))
+    tokenizer = models.load_tokenizer(models.ModelConfig(name=str(tiny_gguf)))
+    assert tokenizer("alpha beta")["input_ids"]

@@ -310,3 +310,26 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(tiny_cfg, tmp_
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert any(str(damaged) in w and f"damaged: {name}" in w for w in warnings)
     _assert_same(_weights(run_dir), straight)
+
+
+@pytest.mark.parametrize("full_at,target,kept", [("checkpoint-2", "checkpoints", "checkpoint-1"),
+                                                 ("adapter", "adapter", "checkpoint-3")])
+def test_disk_full_in_the_tokenizer_save_is_one_clear_error(tiny_cfg, tmp_path, monkeypatch,
+                                                            full_at, target, kept):
+    from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+    from peftune.errors import PeftuneError
+
+    tiny_cfg["train"].update(max_steps=3, save_steps=1)
+    original = TokenizersBackend._save_pretrained
+
+    def save(self, save_directory, *args, **kwargs):
+        if Path(save_directory).name == full_at:
+            # what the tokenizers library raises: a plain Exception, no errno
+            raise Exception("No space left on device (os error 28)")
+        return original(self, save_directory, *args, **kwargs)
+
+    monkeypatch.setattr(TokenizersBackend, "_save_pretrained", save)
+    with pytest.raises(PeftuneError, match=rf"disk full while writing to \S*run/{target}; "
+                                           rf"the last complete checkpoint \({kept}\) is kept"):
+        run(config_from_dict(tiny_cfg))

@@ -307,3 +307,104 @@ def test_a_trial_worse_than_the_median_is_pruned_early(search_cfg):
     assert bad.state == TrialState.PRUNED
     assert bad.user_attrs["reason"].startswith("pruned by median at step")
     assert max(bad.intermediate_values) < 6
+
+
+def _first_params(cfg, worker):
+    trial = searching.create_study(cfg, worker=worker).ask()
+    searching.suggest(trial, cfg)
+    return trial.params
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "random"])
+def test_parallel_workers_draw_their_own_reproducible_trials(search_cfg, tmp_path, sampler):
+    search_cfg["search"]["sampler"] = sampler
+    cfg = config_from_dict(search_cfg)
+    one, two = _first_params(cfg, 1), _first_params(cfg, 2)  # sharing one study
+    assert one != two
+    again = config_from_dict({**search_cfg, "output_dir": str(tmp_path / "again")})
+    assert _first_params(again, 1) == one
+    assert searching.sampler_seed(cfg.seed, 0) == cfg.seed  # a single process: as before
+
+
+def _alive(pid):
+    """Whether ``pid`` runs (a zombie whose new parent has not reaped it does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def _wait_for_workers_in_training(parent, cfg_dict, study_file, timeout=240):
+    """The two workers' pids and their RUNNING trials, once both report training losses."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and parent.poll() is None:
+        time.sleep(0.2)
+        workers = _children(parent.pid)
+        if study_file.exists() and len(workers) == 2:
+            running = _study(cfg_dict).get_trials(states=(TrialState.RUNNING,))
+            if len(running) == 2 and all(t.intermediate_values for t in running):
+                return workers, running
+    raise AssertionError("the workers never got to training")
+
+
+def _kill_leftovers(pids):
+    for pid in pids:
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_sigterm_to_a_multi_worker_search_stops_its_workers_and_queues_their_trials(
+        search_cfg, tmp_path):
+    search_cfg["search"].update(n_trials=4, final=False)
+    search_cfg["train"]["max_steps"] = 200
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(search_cfg))
+    cmd, env = _cli(path, "--search.workers", "2")
+    parent = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True)
+    workers = []
+    try:
+        workers, running = _wait_for_workers_in_training(parent, search_cfg,
+                                                         tmp_path / "run" / "study.db")
+        parent.send_signal(signal.SIGTERM)
+        _, err = parent.communicate(timeout=180)
+        assert parent.returncode == 130, err[-1000:]
+        assert "workers' running trials are queued again" in err.strip().splitlines()[-1]
+        assert not [pid for pid in workers if _alive(pid)], "workers outlived the search"
+    finally:
+        _kill_leftovers(workers)
+        parent.kill()
+    trials = _study(search_cfg).trials
+    assert all(t.state != TrialState.RUNNING for t in trials)
+    stopped = [trials[t.number] for t in running]
+    assert all(t.user_attrs["reason"] == "interrupted by a signal; queued again" for t in stopped)
+    queued = [t.system_attrs["fixed_params"] for t in trials if t.state == TrialState.WAITING]
+    assert sorted(map(str, queued)) == sorted(str(t.params) for t in stopped)
+
+
+def test_workers_of_a_killed_search_finish_their_trial_and_take_no_new_one(search_cfg,
+                                                                          tmp_path):
+    search_cfg["search"].update(n_trials=8, final=False, pruner="none")
+    search_cfg["train"]["max_steps"] = 30
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(search_cfg))
+    cmd, env = _cli(path, "--search.workers", "2")
+    parent = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers = []
+    try:
+        workers, running = _wait_for_workers_in_training(parent, search_cfg,
+                                                         tmp_path / "run" / "study.db")
+        parent.kill()
+        parent.wait()
+        deadline = time.time() + 240
+        while [pid for pid in workers if _alive(pid)] and time.time() < deadline:
+            time.sleep(0.2)
+        assert not [pid for pid in workers if _alive(pid)], "orphaned workers kept going"
+    finally:
+        _kill_leftovers(workers)
+    trials = _study(search_cfg).trials
+    assert all(trials[t.number].state == TrialState.COMPLETE for t in running), \
+        "an orphaned worker did not finish its trial"
+    assert all(t.state != TrialState.RUNNING for t in trials)
+    assert len([t for t in trials if t.state in searching.FINISHED]) < 8, \
+        "orphaned workers took new trials"

@@ -7,8 +7,10 @@ live under its own name (``lora.r`` / ``--lora.r``) and ``method`` picks which o
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,10 +20,91 @@ import yaml
 from peftune.errors import ConfigError
 
 
-def _help(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric option accepts: an interval such as ``(0, inf)`` or ``[0, 1)``,
+    plus any special values outside it (``-1`` for "use epochs"). Floats must be finite."""
+
+    low: float
+    high: float
+    low_open: bool
+    high_open: bool
+    also: tuple[float, ...] = ()
+
+    @classmethod
+    def parse(cls, text: str, also: tuple[float, ...] = ()) -> Range:
+        low, high = (float(part) for part in text[1:-1].split(","))
+        if text[0] not in "([" or text[-1] not in ")]" or low > high:
+            raise ValueError(f"not an interval: {text!r}")
+        return cls(low, high, text[0] == "(", text[-1] == ")", also)
+
+    def __contains__(self, value: object) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if value in self.also:
+            return True
+        if not math.isfinite(value):
+            return False
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        if self.high == math.inf:
+            text = f"{'>' if self.low_open else '>='} {_number(self.low)} and finite"
+        else:
+            text = (f"in {'(' if self.low_open else '['}{_number(self.low)}, "
+                    f"{_number(self.high)}{')' if self.high_open else ']'}")
+        return "".join(f"{_number(v)} or " for v in self.also) + text
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def _help(text: str, default: Any = dataclasses.MISSING, *, within: str | None = None,
+          also: tuple[float, ...] = (),
+          choices: tuple[str, ...] | Callable[[], tuple[str, ...]] | None = None,
+          **kw: Any) -> Any:
+    """A field with its ``--help`` text and, checked by :func:`check_fields`, the interval a
+    number (or each number of a list) must lie ``within`` and the ``choices`` of a string."""
+    metadata: dict[str, Any] = {"help": text}
+    if within is not None:
+        metadata["range"] = Range.parse(within, also)
+    if choices is not None:
+        metadata["choices"] = choices
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": text}, **kw)
-    return field(default=default, metadata={"help": text}, **kw)
+        return field(default_factory=lambda: type(default)(default), metadata=metadata, **kw)
+    return field(default=default, metadata=metadata, **kw)
+
+
+def check_fields(obj: Any, section: str) -> None:
+    """Reject a value outside its field's declared range or choices, naming the key."""
+    for f in dataclasses.fields(obj):
+        value, key = getattr(obj, f.name), f"{section}.{f.name}" if section else f.name
+        bounds = f.metadata.get("range")
+        if bounds is not None:
+            for item in value if isinstance(value, list) else [value]:
+                if item is not None and item not in bounds:
+                    raise ConfigError(f"{key} must be {bounds}, got {item!r}")
+        choices = f.metadata.get("choices")
+        if choices is not None and value is not None:
+            valid = choices() if callable(choices) else choices
+            if value not in valid:
+                raise ConfigError(f"{key} must be one of {', '.join(valid)}; got {value!r}")
+
+
+# Counts of steps, rows and examples stop where the Trainer's and torch's int32 sizes do;
+# batch and token counts far below that, where a typo (1e20) would still look plausible.
+MAX_COUNT = 2**31 - 1
+MAX_BATCH = 2**20
+MAX_TOKENS = 2**20
+
+
+def _lr_schedulers() -> tuple[str, ...]:
+    from transformers import SchedulerType  # the Trainer's own list; loaded only when checked
+
+    return tuple(s.value for s in SchedulerType)
 
 
 @dataclass
@@ -36,14 +119,17 @@ class DataConfig:
     train_split: str = _help("split used for training", "train")
     validation_split: str = _help("split used for eval loss and search", "validation")
     test_split: str = _help("held-out split scored once by `evaluate`", "test")
-    max_source_tokens: int = _help("documents are truncated to this many tokens", 512)
-    max_train_examples: int | None = _help("use at most this many training rows", None)
-    max_eval_examples: int | None = _help("use at most this many validation/test rows", None)
+    max_source_tokens: int = _help("documents are truncated to this many tokens", 512,
+                                   within=f"[1, {MAX_TOKENS}]")
+    max_train_examples: int | None = _help("use at most this many training rows", None,
+                                           within=f"[1, {MAX_COUNT}]")
+    max_eval_examples: int | None = _help("use at most this many validation/test rows", None,
+                                          within=f"[1, {MAX_COUNT}]")
     instruction: str = _help("instruction placed before the document in the prompt",
                              "Summarize the following text.")
 
     def __post_init__(self) -> None:
-        _positive(self, "max_source_tokens", "data")
+        check_fields(self, "data")
 
 
 @dataclass
@@ -52,88 +138,92 @@ class ModelConfig:
                       "file", "smollm2-135m")
     gguf_file: str | None = _help("GGUF file name inside `name` when it is a folder/hub id", None)
     revision: str | None = _help("hub revision (branch, tag or commit)", None)
-    dtype: str = _help("weights dtype: auto, float32, bfloat16 or float16", "auto")
+    dtype: str = _help("weights dtype: auto, float32, bfloat16 or float16", "auto",
+                       choices=("auto", "float32", "bfloat16", "float16"))
     trust_remote_code: bool = _help("allow model code from the hub (only if you trust it)",
                                     False)
 
     def __post_init__(self) -> None:
-        _choice(self, "dtype", ("auto", "float32", "bfloat16", "float16"), "model")
+        check_fields(self, "model")
 
 
 @dataclass
 class TrainConfig:
-    learning_rate: float = _help("peak learning rate", 2e-4)
-    batch_size: int = _help("effective batch size (examples per optimizer step)", 8)
+    learning_rate: float = _help("peak learning rate", 2e-4, within="(0, inf)")
+    batch_size: int = _help("effective batch size (examples per optimizer step)", 8,
+                            within=f"[1, {MAX_BATCH}]")
     micro_batch_size: int = _help("examples per forward pass; the rest is gradient "
-                                  "accumulation", 4)
-    epochs: float = _help("training epochs", 2.0)
-    max_steps: int = _help("stop after this many optimizer steps (-1: use epochs)", -1)
-    warmup_ratio: float = _help("fraction of steps with linear warmup", 0.05)
-    weight_decay: float = _help("AdamW weight decay", 0.01)
-    lr_scheduler: str = _help("transformers scheduler name", "cosine")
-    max_grad_norm: float = _help("gradient clipping norm", 1.0)
-    precision: str = _help("auto (bf16 where the hardware has it), bf16, fp16 or fp32", "auto")
+                                  "accumulation", 4, within=f"[1, {MAX_BATCH}]")
+    epochs: float = _help("training epochs", 2.0, within="(0, 100000]")
+    max_steps: int = _help("stop after this many optimizer steps (-1: use epochs)", -1,
+                           within=f"[1, {MAX_COUNT}]", also=(-1,))
+    warmup_ratio: float = _help("fraction of steps with linear warmup", 0.05, within="[0, 1)")
+    weight_decay: float = _help("AdamW weight decay", 0.01, within="[0, inf)")
+    lr_scheduler: str = _help("transformers scheduler name", "cosine", choices=_lr_schedulers)
+    max_grad_norm: float = _help("gradient clipping norm (0: no clipping)", 1.0,
+                                 within="[0, inf)")
+    precision: str = _help("auto (bf16 where the hardware has it), bf16, fp16 or fp32", "auto",
+                           choices=("auto", "bf16", "fp16", "fp32"))
     summary_loss: bool = _help("compute the LM head only at summary positions (same loss, "
                                "less work)", True)
     group_by_length: bool = _help("batch examples of similar length (less padding)", True)
     eval_each_epoch: bool = _help("compute validation loss after every epoch", True)
-    eval_steps: int | None = _help("compute validation loss every N steps instead", None)
+    eval_steps: int | None = _help("compute validation loss every N steps instead", None,
+                                   within=f"[1, {MAX_COUNT}]")
     save_checkpoints: bool = _help("write resumable checkpoints during training", True)
-    save_total_limit: int = _help("checkpoints kept on disk", 2)
-    save_steps: int | None = _help("checkpoint every N steps (default: every epoch)", None)
+    save_total_limit: int = _help("checkpoints kept on disk", 2, within=f"[1, {MAX_COUNT}]")
+    save_steps: int | None = _help("checkpoint every N steps (default: every epoch)", None,
+                                   within=f"[1, {MAX_COUNT}]")
     resume: bool = _help("resume from the last checkpoint in output_dir if there is one", True)
-    logging_steps: int = _help("log the loss every N steps", 5)
+    logging_steps: int = _help("log the loss every N steps", 5, within=f"[1, {MAX_COUNT}]")
     report_to: list[str] = _help("trackers for the Trainer (tensorboard, mlflow, ...)", [])
     run_name: str | None = _help("run name shown in the trackers (default: the output_dir name)",
                                  None)
 
     def __post_init__(self) -> None:
-        for name in ("learning_rate", "batch_size", "micro_batch_size", "epochs"):
-            _positive(self, name, "train")
+        check_fields(self, "train")
         if self.batch_size % self.micro_batch_size:
             raise ConfigError(f"train.batch_size ({self.batch_size}) must be a multiple of "
                               f"train.micro_batch_size ({self.micro_batch_size})")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"train.weight_decay must be >= 0, got {self.weight_decay}")
-        _choice(self, "precision", ("auto", "bf16", "fp16", "fp32"), "train")
 
 
 @dataclass
 class EvalConfig:
-    max_new_tokens: int = _help("generation length bound", 128)
-    num_beams: int = _help("1 is greedy; more is beam search", 1)
-    batch_size: int = _help("prompts per generation batch", 16)
+    max_new_tokens: int = _help("generation length bound", 128, within=f"[1, {MAX_TOKENS}]")
+    num_beams: int = _help("1 is greedy; more is beam search", 1, within="[1, 1024]")
+    batch_size: int = _help("prompts per generation batch", 16, within=f"[1, {MAX_BATCH}]")
     no_repeat_ngram_size: int = _help("never repeat an n-gram of this size (0: off); stops "
-                                      "greedy loops in small models", 3)
-    repetition_penalty: float = _help("penalty for repeated tokens (1.0: off)", 1.0)
+                                      "greedy loops in small models", 3,
+                                      within=f"[0, {MAX_TOKENS}]")
+    repetition_penalty: float = _help("penalty for repeated tokens (1.0: off)", 1.0,
+                                      within="(0, inf)")
     zero_shot: bool = _help("`evaluate` also scores the base model without the adapter", False)
 
     def __post_init__(self) -> None:
-        for name in ("max_new_tokens", "num_beams", "batch_size"):
-            _positive(self, name, "eval")
+        check_fields(self, "eval")
 
 
 @dataclass
 class SpaceConfig:
     """Training hyperparameters searched for every method (each method adds its own)."""
 
-    learning_rate: list[float] = _help("log-uniform range [low, high]", [1e-5, 1e-3])
-    batch_size: list[int] = _help("effective batch sizes to choose from", [4, 8, 16, 32])
-    epochs: list[float] = _help("epoch counts to choose from", [1.0, 2.0])
-    warmup_ratio: list[float] = _help("uniform range [low, high]", [0.0, 0.1])
-    weight_decay: list[float] = _help("uniform range [low, high]", [0.0, 0.1])
+    learning_rate: list[float] = _help("log-uniform range [low, high]", [1e-5, 1e-3],
+                                       within="(0, inf)")
+    batch_size: list[int] = _help("effective batch sizes to choose from", [4, 8, 16, 32],
+                                  within=f"[1, {MAX_BATCH}]")
+    epochs: list[float] = _help("epoch counts to choose from", [1.0, 2.0], within="(0, 100000]")
+    warmup_ratio: list[float] = _help("uniform range [low, high]", [0.0, 0.1], within="[0, 1)")
+    weight_decay: list[float] = _help("uniform range [low, high]", [0.0, 0.1],
+                                      within="[0, inf)")
 
     def __post_init__(self) -> None:
+        check_fields(self, "search.space")
         for name in ("learning_rate", "warmup_ratio", "weight_decay"):
             values = getattr(self, name)
             if len(values) != 2 or values[0] > values[1]:
                 raise ConfigError(f"search.space.{name} must be [low, high], got {values}")
-        if self.learning_rate[0] <= 0:
-            raise ConfigError("search.space.learning_rate must be > 0")
         for name in ("batch_size", "epochs"):
-            if not getattr(self, name) or min(getattr(self, name)) <= 0:
+            if not getattr(self, name):
                 raise ConfigError(f"search.space.{name} must be a non-empty list of values > 0")
 
 
@@ -142,40 +232,40 @@ METRICS = ("rougeL", "rouge1", "rouge2", "rougeLsum", "eval_loss")
 
 @dataclass
 class SearchConfig:
-    n_trials: int = _help("total trials in the study (a rerun tops it up to this)", 20)
+    n_trials: int = _help("total trials in the study (a rerun tops it up to this)", 20,
+                          within=f"[1, {MAX_COUNT}]")
     methods: list[str] = _help("methods to choose from (a categorical parameter)", ["lora"])
     metric: str = _help("objective on the validation split: rougeL, rouge1, rouge2, "
-                        "rougeLsum or eval_loss", "rougeL")
+                        "rougeLsum or eval_loss", "rougeL", choices=METRICS)
     second_objective: str | None = _help("multi-objective: also minimize 'trainable_params' "
-                                         "or 'train_time' (Pareto front)", None)
+                                         "or 'train_time' (Pareto front)", None,
+                                         choices=("trainable_params", "train_time"))
     storage: str | None = _help("Optuna storage URL (default: sqlite in output_dir); "
                                 "'journal' for a journal file", None)
     study_name: str | None = _help("study name (default: the output_dir name)", None)
-    sampler: str = _help("tpe (multivariate, seeded) or random", "tpe")
-    pruner: str = _help("hyperband, median or none", "hyperband")
-    eval_examples: int = _help("validation rows scored with ROUGE per trial", 16)
-    intermediate_steps: int = _help("report validation loss to the pruner every N steps", 4)
-    workers: int = _help("local worker processes sharing the study", 1)
+    sampler: str = _help("tpe (multivariate, seeded) or random", "tpe",
+                         choices=("tpe", "random"))
+    pruner: str = _help("hyperband, median or none", "hyperband",
+                        choices=("hyperband", "median", "none"))
+    eval_examples: int = _help("validation rows scored with ROUGE per trial", 16,
+                               within=f"[1, {MAX_COUNT}]")
+    intermediate_steps: int = _help("report validation loss to the pruner every N steps", 4,
+                                    within=f"[1, {MAX_COUNT}]")
+    workers: int = _help("local worker processes sharing the study", 1, within="[1, 1024]")
     heartbeat_seconds: int = _help("trial heartbeat; a trial silent for 4x this long is "
-                                   "failed and retried", 10)
+                                   "failed and retried", 10, within="[1, 86400]")
     train_examples: int | None = _help("training rows per trial (a cheaper fidelity; the "
-                                       "final model uses all)", None)
+                                       "final model uses all)", None,
+                                       within=f"[1, {MAX_COUNT}]")
     final: bool = _help("retrain the best configuration and score it on the test split", True)
     baselines: bool = _help("also score zero-shot and the default configuration on the test "
                             "split, trained like the final model", False)
-    final_on: str = _help("data for the final model: train or train+validation", "train")
+    final_on: str = _help("data for the final model: train or train+validation", "train",
+                          choices=("train", "train+validation"))
     space: SpaceConfig = field(default_factory=SpaceConfig)
 
     def __post_init__(self) -> None:
-        for name in ("n_trials", "eval_examples", "intermediate_steps", "workers",
-                     "heartbeat_seconds"):
-            _positive(self, name, "search")
-        _choice(self, "metric", METRICS, "search")
-        _choice(self, "sampler", ("tpe", "random"), "search")
-        _choice(self, "pruner", ("hyperband", "median", "none"), "search")
-        _choice(self, "final_on", ("train", "train+validation"), "search")
-        if self.second_objective is not None:
-            _choice(self, "second_objective", ("trainable_params", "train_time"), "search")
+        check_fields(self, "search")
         if not self.methods:
             raise ConfigError("search.methods must name at least one method")
         from peftune.methods import get_method
@@ -187,7 +277,8 @@ class SearchConfig:
 @dataclass
 class Config:
     output_dir: str = _help("run directory: config, adapter, metrics, checkpoints", "runs/default")
-    seed: int = _help("seed for data order, initialisation and sampling", 42)
+    seed: int = _help("seed for data order, initialisation and sampling", 42,
+                      within=f"[0, {2**32 - 1}]")
     method: str = _help("PEFT method (see `peftune methods`)", "lora")
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -200,6 +291,8 @@ class Config:
     def __post_init__(self) -> None:
         from peftune.methods import get_method, registry
 
+        check_fields(self, "")
+        _check_output_dir(self.output_dir)
         get_method(self.method)
         for name, method in registry().items():
             if not isinstance(self.methods.get(name), method.options):
@@ -220,15 +313,16 @@ def _plain(value: Any) -> Any:
     return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
 
 
-def _positive(obj: Any, name: str, section: str) -> None:
-    if getattr(obj, name) <= 0:
-        raise ConfigError(f"{section}.{name} must be > 0, got {getattr(obj, name)}")
-
-
-def _choice(obj: Any, name: str, choices: tuple[str, ...], section: str) -> None:
-    if getattr(obj, name) not in choices:
-        raise ConfigError(f"{section}.{name} must be one of {', '.join(choices)}; "
-                          f"got {getattr(obj, name)!r}")
+def _check_output_dir(output_dir: str) -> None:
+    path = Path(output_dir).expanduser()
+    try:
+        existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    except OSError as err:  # a name too long for the file system
+        raise ConfigError(f"output_dir {output_dir[:80]!r}... is not a usable path "
+                          f"({err.strerror})") from None
+    if existing is not None and not existing.is_dir():
+        raise ConfigError(f"output_dir {output_dir}: {existing} is a file, not a folder; "
+                          "choose another output_dir")
 
 
 def coerce(value: Any, tp: Any, key: str) -> Any:
@@ -272,7 +366,11 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key} must be an integer, got {value!r}")
         if not isinstance(number, (int, float)):
             raise ConfigError(f"{key} must be {tp.__name__}, got {value!r}")
-        return tp(number)
+        try:
+            return tp(number)
+        except OverflowError:  # an integer too large for a float
+            raise ConfigError(f"{key} is out of range, got a {len(str(number))}-digit "
+                              "number") from None
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"{key} must be a string, got {value!r}")
@@ -352,11 +450,12 @@ def save_yaml(cfg: Config, path: str | Path) -> None:
     atomic_write(Path(path), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
-def flag_specs() -> list[tuple[str, Any, str, Any]]:
-    """Every settable key as (dotted key, type, help, default): the CLI builds its flags here."""
+def option_fields() -> dict[str, tuple[Any, dataclasses.Field]]:
+    """Every settable key with its type and dataclass field (whose metadata holds its help
+    text, range and choices)."""
     from peftune.methods import registry
 
-    specs: list[tuple[str, Any, str, Any]] = []
+    out: dict[str, tuple[Any, dataclasses.Field]] = {}
 
     def walk(cls: type, prefix: str) -> None:
         hints = typing.get_type_hints(cls)
@@ -366,12 +465,20 @@ def flag_specs() -> list[tuple[str, Any, str, Any]]:
             key = f"{prefix}{f.name}"
             if dataclasses.is_dataclass(hints[f.name]):
                 walk(hints[f.name], key + ".")
-                continue
-            default = f.default if f.default is not dataclasses.MISSING else (
-                f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-            specs.append((key, hints[f.name], f.metadata.get("help", ""), default))
+            else:
+                out[key] = (hints[f.name], f)
 
     walk(Config, "")
     for name, method in registry().items():
         walk(method.options, name + ".")
+    return out
+
+
+def flag_specs() -> list[tuple[str, Any, str, Any]]:
+    """Every settable key as (dotted key, type, help, default): the CLI builds its flags here."""
+    specs: list[tuple[str, Any, str, Any]] = []
+    for key, (tp, f) in option_fields().items():
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        specs.append((key, tp, f.metadata.get("help", ""), default))
     return specs

@@ -13,10 +13,13 @@ masking pad ids would erase the one EOS the model must learn to emit.
 
 from __future__ import annotations
 
+import codecs
+import csv
 import importlib.metadata
 import json
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,20 +44,26 @@ IGNORE_INDEX = -100
 
 def load_splits(cfg: DataConfig) -> dict[str, datasets.Dataset]:
     """Return train/validation/test datasets with columns ``id``, ``document``, ``summary``."""
+    files: dict[str, Path] = {}
     if cfg.source == "aclsum":
         raw = _load_aclsum()
         columns = ("document", "summary", "id")
     else:
-        raw = _load_local(cfg.source) if _is_local(cfg.source) else _load_hub(cfg)
+        if _is_local(cfg.source):
+            raw, files = _load_local(cfg.source)
+        else:
+            raw = _load_hub(cfg)
         columns = (cfg.document_column, cfg.summary_column, cfg.id_column)
     wanted = {"train": cfg.train_split, "validation": cfg.validation_split,
               "test": cfg.test_split}
-    splits = {role: raw[name] for role, name in wanted.items() if name in raw}
-    if "train" not in splits:
+    if wanted["train"] not in raw:
         raise DataError(f"{cfg.source}: no split named '{cfg.train_split}' "
                         f"(available: {', '.join(raw) or 'none'}); set data.train_split")
-    splits = _carve_missing(splits, seed=17)
-    out = {role: _standardise(ds, role, cfg.source, columns) for role, ds in splits.items()}
+    # checked before carving shuffles rows away from their place in the file
+    out = {role: _standardise(raw[name], role, cfg.source, columns,
+                              where=_row_names(cfg.source, role, files.get(name)))
+           for role, name in wanted.items() if name in raw}
+    out = _carve_missing(out, seed=17)
     if cfg.max_train_examples:
         out["train"] = out["train"].select(range(min(cfg.max_train_examples, len(out["train"]))))
     if cfg.max_eval_examples:
@@ -110,26 +119,114 @@ def _local_files(path: Path) -> dict[str, Path]:
     return found
 
 
-def _load_local(source: str) -> dict[str, datasets.Dataset]:
+def _load_local(source: str) -> tuple[dict[str, datasets.Dataset], dict[str, Path]]:
+    """The splits of a local file or folder, and the file each split was read from."""
     path = Path(source).expanduser()
     if not path.exists():
         raise DataError(f"data file not found: {source}")
-    out = {}
-    for role, file in _local_files(path).items():
+    out, files = {}, _local_files(path)
+    for role, file in files.items():
         if file.suffix not in LOCAL_FORMATS:
             raise DataError(f"{file}: unsupported format (use .jsonl, .csv or .parquet)")
         if file.stat().st_size == 0:
             raise DataError(f"{file}: file is empty")
+        kind = LOCAL_FORMATS[file.suffix]
+        if kind != "parquet":
+            _check_utf8(file)
         try:
-            ds = datasets.load_dataset(LOCAL_FORMATS[file.suffix], data_files=str(file),
-                                       split="train")
+            ds = datasets.load_dataset(kind, data_files=str(file), split="train")
         except Exception as err:  # datasets raises many types for malformed files
             if "corresponds to no data" in str(err):
                 raise DataError(f"{file}: the {role} split is empty") from None
-            raise DataError(f"{file}: cannot be read as {file.suffix[1:]}: "
-                            f"{_first_line(err)}") from None
+            # the JSON loader's own error names neither the line nor the problem
+            problem = _first_bad_json_line(file) if kind == "json" else None
+            raise DataError(f"{file}: {problem}" if problem else f"{file}: cannot be read as "
+                            f"{file.suffix[1:]}: {_first_line(err)}") from None
         out[role] = ds
-    return out
+    return out, files
+
+
+def _check_utf8(file: Path) -> None:
+    """Text files must be UTF-8: the JSON loader keeps other bytes and fails much later."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    with file.open("rb") as fh:
+        try:
+            while chunk := fh.read(1 << 24):
+                decoder.decode(chunk)
+            decoder.decode(b"", final=True)
+            return
+        except UnicodeDecodeError:
+            fh.seek(0)
+        for number, line in enumerate(fh, 1):  # the slow pass only for a file that fails
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{file}: line {number} is not UTF-8 text (byte "
+                                f"0x{line[err.start]:02x}); save the file as UTF-8") from None
+
+
+def _first_bad_json_line(file: Path) -> str | None:
+    """Where a JSON file stops being JSON (Lines) objects, or None if it does not."""
+    text = file.read_bytes()
+    if text.lstrip()[:1] == b"[":  # one JSON array, not JSON Lines
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as err:
+            return f"line {err.lineno} is not JSON ({err.msg}, column {err.colno})"
+        return None
+    for number, line in enumerate(text.split(b"\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            return f"line {number} is not JSON ({err.msg}, column {err.colno})"
+        if not isinstance(row, dict):
+            return f"line {number} is not a JSON object"
+    return None
+
+
+def _row_names(source: str, role: str, file: Path | None) -> Callable[[int], str]:
+    """How an error names row ``i`` of a split as loaded: its line in a JSON Lines or CSV
+    file, else its row index. Worked out only when an error needs it."""
+    if file is None:
+        return lambda i: f"{source} ({role} split): row {i}"
+    line: Callable[[Path, int], int | None] | None = None
+    if file.suffix == ".csv":
+        line = _csv_line
+    elif LOCAL_FORMATS[file.suffix] == "json" and _first_byte(file) == b"{":
+        line = _json_line
+
+    def name(i: int) -> str:
+        number = line(file, i) if line else None
+        return f"{file}: line {number}" if number else f"{file}: row {i}"
+    return name
+
+
+def _first_byte(file: Path) -> bytes:
+    with file.open("rb") as fh:
+        return fh.read(4096).lstrip()[:1]
+
+
+def _json_line(file: Path, index: int) -> int | None:
+    """The line of row ``index`` of a JSON Lines file (the loader skips blank lines)."""
+    with file.open("rb") as fh:
+        rows = (number for number, line in enumerate(fh, 1) if line.strip())
+        return next((number for i, number in enumerate(rows) if i == index), None)
+
+
+def _csv_line(file: Path, index: int) -> int | None:
+    """The line on which CSV record ``index`` starts (after the header; quoted fields may span
+    lines, blank lines are skipped as the loader does)."""
+    with file.open(encoding="utf-8", newline="") as fh:
+        reader, start, record = csv.reader(fh), 1, -1
+        for row in reader:
+            if row:
+                if record == index:
+                    return start
+                record += 1
+            start = reader.line_num + 1
+    return None
 
 
 def _load_hub(cfg: DataConfig) -> dict[str, datasets.Dataset]:
@@ -158,7 +255,8 @@ def _carve_missing(splits: dict[str, datasets.Dataset], *, seed: int) -> dict[st
 
 
 def _standardise(ds: datasets.Dataset, role: str, source: str,
-                 columns: tuple[str, str, str | None]) -> datasets.Dataset:
+                 columns: tuple[str, str, str | None], *,
+                 where: Callable[[int], str]) -> datasets.Dataset:
     doc_col, sum_col, id_col = columns
     for col, key in ((doc_col, "data.document_column"), (sum_col, "data.summary_column"),
                      (id_col, "data.id_column")):
@@ -174,8 +272,7 @@ def _standardise(ds: datasets.Dataset, role: str, source: str,
     for i, (doc, summ) in enumerate(zip(docs, sums, strict=False)):
         for value, col in ((doc, doc_col), (summ, sum_col)):
             if not isinstance(value, str) or not value.strip():
-                raise DataError(f"{source} ({role} split): row {i} has an empty or non-text "
-                                f"'{col}'")
+                raise DataError(f"{where(i)} has an empty or non-text '{col}'")
     return datasets.Dataset.from_dict({"id": ids, "document": docs, "summary": sums})
 
 

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -92,8 +93,14 @@ def _gguf_as_plain(path: str, gguf_file: str) -> str:
     if (target / "config.json").is_file():
         return str(target)
     log.info("converting %s to a trainable model (once; cached in %s)", gguf_file, target)
-    tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file)
-    gguf_model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=gguf_file)
+        gguf_model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file)
+    except (struct.error, ValueError, EOFError) as err:
+        # a file cut short fails in the header reader (struct) or in numpy's views of the
+        # tensors ("cannot reshape array")
+        raise ModelError(f"{src}: not a readable GGUF model ({_first_line(err)}); if the "
+                         "file is truncated or damaged, download it again") from None
     config = gguf_model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config

@@ -14,13 +14,16 @@ import dataclasses
 import logging
 import math
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages._heartbeat import BaseHeartbeat  # optuna 5.0 exports it nowhere else
@@ -41,6 +44,11 @@ log = logging.getLogger(__name__)
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 BOOTSTRAP_RESAMPLES = 2000  # seconds even for thousands of documents
+
+# Set by `spawn_workers` for each worker process: its number (1..N; the main process is 0)
+# and the process id of the search that started it.
+WORKER_ENV = "PEFTUNE_SEARCH_WORKER"
+PARENT_ENV = "PEFTUNE_SEARCH_PARENT"
 
 
 # ---------------------------------------------------------------- search space
@@ -156,14 +164,26 @@ def directions(search: SearchConfig) -> list[str]:
     return [first] + (["minimize"] if search.second_objective else [])
 
 
-def create_study(cfg: Config) -> optuna.Study:
+def sampler_seed(seed: int, worker: int) -> int:
+    """The sampler seed of worker ``worker`` (0: the main process keeps ``seed``). Workers
+    sharing a study each draw their own stream; the same (seed, worker) draws the same one."""
+    if worker == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, worker]).generate_state(1)[0])
+
+
+def create_study(cfg: Config, *, worker: int | None = None) -> optuna.Study:
+    """Open (or create) the study; ``worker`` defaults to this process's worker number."""
     search = cfg.search
+    if worker is None:
+        worker = int(os.environ.get(WORKER_ENV, "0"))
+    seed = sampler_seed(cfg.seed, worker)
     if search.sampler == "tpe":
         sampler: optuna.samplers.BaseSampler = optuna.samplers.TPESampler(
-            seed=cfg.seed, multivariate=True, group=True, n_startup_trials=min(
+            seed=seed, multivariate=True, group=True, n_startup_trials=min(
                 5, max(1, search.n_trials // 3)))
     else:
-        sampler = optuna.samplers.RandomSampler(seed=cfg.seed)
+        sampler = optuna.samplers.RandomSampler(seed=seed)
     pruner: optuna.pruners.BasePruner = {
         "hyperband": optuna.pruners.HyperbandPruner(min_resource=1, reduction_factor=3),
         "median": optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1),
@@ -315,6 +335,9 @@ def optimize(cfg: Config, study: optuna.Study, objective: Objective) -> None:
     """
     target = cfg.search.n_trials
     while True:
+        if orphaned():
+            log.warning("the search that started this worker is gone: no new trial")
+            return
         finished = count(study, FINISHED)
         running = count(study, (TrialState.RUNNING,))
         if finished >= target:
@@ -343,19 +366,59 @@ def best_config(cfg: Config, study: optuna.Study) -> Config:
     return chosen
 
 
+def orphaned() -> bool:
+    """True in a worker whose parent search has died (it was re-parented, so getppid()
+    changed): it finishes its trial but takes no new one."""
+    parent = os.environ.get(PARENT_ENV)
+    return parent is not None and os.getppid() != int(parent)
+
+
 def spawn_workers(argv: list[str], n: int) -> list[int]:
     """Run ``n`` local processes of the same search against the same study; their exit codes.
 
-    A worker that dies is not fatal: the parent tops the study up afterwards.
+    A worker that dies is not fatal: the parent tops the study up afterwards. SIGTERM or
+    SIGINT (Ctrl-C) here is passed on to every worker, which stops its trial and queues it
+    again; then this raises :class:`Interrupted`.
     """
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // n))}
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // n)),
+           PARENT_ENV: str(os.getpid())}
+    # Own process groups: a terminal's Ctrl-C reaches the workers once, forwarded from here,
+    # not twice (a second SIGINT stops a worker at once, without queueing its trial again).
     procs = [subprocess.Popen([sys.executable, "-m", "peftune", *argv, "--search.workers", "1",
                                "--search.final", "false"],
-                              env={**env, **devices.worker_env(i, n)}) for i in range(n)]
-    codes = [p.wait() for p in procs]
+                              env={**env, **devices.worker_env(i, n), WORKER_ENV: str(i + 1)},
+                              process_group=0) for i in range(n)]
+    received: list[int] = []
+
+    def forward(signum: int, frame: Any) -> None:
+        received.append(signum)
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signum)
+
+    restore = _handle_signals(forward)
+    try:
+        codes = [p.wait() for p in procs]
+    finally:
+        restore()
+    if received:
+        raise Interrupted(f"stopped by signal {received[0]}; the workers' running trials are "
+                          "queued again; rerun the same command to resume")
     if any(codes):
         log.warning("search workers exited with %s; finishing the study here", codes)
     return codes
+
+
+def _handle_signals(handler: Any) -> Any:
+    """Install ``handler`` for SIGTERM and SIGINT; return the function that undoes it."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore() -> None:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+    return restore
 
 
 def _test_score(cfg: Config, model: Any, data: assembly.Prepared, out_dir: Path,

@@ -390,13 +390,10 @@ def _fit_once(cfg: Config, model: PeftModel, data: Prepared, *, output_dir: Path
     restore = stop.install()
     try:
         result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    except OSError as err:
-        if err.errno != errno.ENOSPC:
+    except Exception as err:
+        if not _disk_full(err):
             raise
-        last = last_complete_checkpoint(output_dir)
-        raise PeftuneError(f"disk full while writing to {output_dir}; the last complete "
-                           f"checkpoint ({last.name if last else 'none'}) is kept; free space "
-                           "and rerun the same command") from None
+        raise _disk_full_error(output_dir, output_dir) from None
     finally:
         restore()
     if stop.signal is not None:
@@ -421,10 +418,35 @@ def _fit_once(cfg: Config, model: PeftModel, data: Prepared, *, output_dir: Path
     if evals:
         metrics["eval_loss"] = evals[-1]
     if save_to is not None:
-        trainer.save_model(str(save_to))
+        try:
+            trainer.save_model(str(save_to))
+        except Exception as err:
+            if not _disk_full(err):
+                raise
+            raise _disk_full_error(save_to, output_dir) from None
         # the Trainer's arguments as a pickle: nothing loads it, and loading one runs code
         (save_to / "training_args.bin").unlink(missing_ok=True)
     return metrics
+
+
+def _disk_full(err: BaseException) -> bool:
+    """ENOSPC anywhere in the exception chain. The tokenizers library reports it as a plain
+    ``Exception`` whose message is all that is left of the OS error."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if getattr(current, "errno", None) == errno.ENOSPC or "No space left" in str(current):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def _disk_full_error(target: Path, checkpoints: Path) -> PeftuneError:
+    last = last_complete_checkpoint(checkpoints)
+    return PeftuneError(f"disk full while writing to {target}; the last complete checkpoint "
+                        f"({last.name if last else 'none'}) is kept; free space and rerun the "
+                        "same command")
 
 
 def run(cfg: Config, *, base: PreTrainedModel | None = None, data: Prepared | None = None,

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from peftune.config import _help
+from peftune.config import _help, check_fields
 from peftune.errors import ConfigError
 from peftune.methods import Method, ModelInfo, register
 
@@ -20,9 +20,12 @@ LLAMA_FAMILY = ("llama", "mistral")
 
 @dataclass
 class LlamaAdapterOptions:
-    adapter_len: int = _help("adaption prompt length per layer", 10)
+    adapter_len: int = _help("adaption prompt length per layer", 10, within="[1, 65536]")
     adapter_layers: int | None = _help("top layers that get an adaption prompt (default: all)",
-                                       None)
+                                       None, within="[1, 65536]")
+
+    def __post_init__(self) -> None:
+        check_fields(self, "llama-adapter")
 
 
 def build(options: LlamaAdapterOptions, info: ModelInfo) -> AdaptionPromptConfig:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from peftune.config import _help
+from peftune.config import _help, check_fields
 from peftune.methods import Method, ModelInfo, register, task_type
 
 if TYPE_CHECKING:
@@ -19,14 +19,20 @@ TARGET_PRESETS = {
 
 @dataclass
 class LoraOptions:
-    r: int = _help("rank of the update matrices", 8)
-    alpha: int = _help("scaling numerator: the update is scaled by alpha / r", 32)
-    dropout: float = _help("dropout on the LoRA input", 0.1)
+    SECTION: ClassVar[str] = "lora"
+
+    r: int = _help("rank of the update matrices", 8, within="[1, 65536]")
+    alpha: int = _help("scaling numerator: the update is scaled by alpha / r", 32,
+                       within="[1, 1048576]")
+    dropout: float = _help("dropout on the LoRA input", 0.1, within="[0, 1)")
     target_modules: list[str] = _help(
         "module names to adapt; empty: the architecture's default (q_proj,v_proj on LLaMA); "
         "'attention' or 'all-linear' for presets", [])
     use_rslora: bool = _help("rank-stabilised scaling alpha / sqrt(r)", False)
     use_dora: bool = _help("weight-decomposed LoRA (DoRA)", False)
+
+    def __post_init__(self) -> None:
+        check_fields(self, self.SECTION)
 
 
 def target_modules(requested: list[str], info: ModelInfo, *, mapping: dict | None = None) -> Any:

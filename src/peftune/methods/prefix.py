@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from peftune.config import _help
+from peftune.config import _help, check_fields
 from peftune.methods import Method, ModelInfo, register, task_type
 
 if TYPE_CHECKING:
@@ -19,10 +19,14 @@ if TYPE_CHECKING:
 
 @dataclass
 class PrefixOptions:
-    num_virtual_tokens: int = _help("length of the learned prefix in every layer", 16)
+    num_virtual_tokens: int = _help("length of the learned prefix in every layer", 16,
+                                    within="[1, 65536]")
     prefix_projection: bool = _help("reparameterise the prefix through a two-layer MLP "
                                     "(more stable, more parameters while training)", False)
-    encoder_hidden_size: int = _help("hidden size of that MLP", 256)
+    encoder_hidden_size: int = _help("hidden size of that MLP", 256, within="[1, 65536]")
+
+    def __post_init__(self) -> None:
+        check_fields(self, "prefix")
 
 
 def build(options: PrefixOptions, info: ModelInfo) -> PrefixTuningConfig:

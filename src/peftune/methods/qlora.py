@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from peftune.config import _help
 from peftune.errors import ConfigError
@@ -25,12 +25,16 @@ if TYPE_CHECKING:
 
 @dataclass
 class KbitOptions(LoraOptions):
+    SECTION: ClassVar[str] = "lora-int8"
+
     gradient_checkpointing: bool = _help("recompute activations in the backward pass (the "
                                          "usual memory saving of k-bit training)", True)
 
 
 @dataclass
 class QLoraOptions(KbitOptions):
+    SECTION: ClassVar[str] = "qlora"
+
     double_quant: bool = _help("quantize the quantization constants too", True)
 
 
