@@ -116,3 +116,14 @@ def test_every_accelerate_config_loads_in_accelerate(path):
         "MULTI_GPU", "FSDP", "DEEPSPEED")
     assert {p.name for p in ACCELERATE_CONFIGS} >= {"cpu-2proc.yaml", "fsdp.yaml",
                                                     "deepspeed-zero3.yaml"}
+
+
+def test_an_unset_learning_rate_is_the_methods_suggested_rate():
+    from peftune.methods import get_method
+
+    for name in ("lora", "prompt", "ia3"):
+        cfg = config_from_dict({"method": name})
+        assert cfg.train.learning_rate == get_method(name).learning_rate
+        assert cfg.to_dict()["train"]["learning_rate"] == get_method(name).learning_rate
+    assert config_from_dict({"method": "prompt", "train": {"learning_rate": 1e-4}}
+                            ).train.learning_rate == 1e-4

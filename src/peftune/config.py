@@ -7,10 +7,8 @@ live under its own name (``lora.r`` / ``--lora.r``) and ``method`` picks which o
 from __future__ import annotations
 
 import dataclasses
-import math
 import types
 import typing
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,87 +16,9 @@ from typing import Any
 import yaml
 
 from peftune.errors import ConfigError
-
-
-@dataclass(frozen=True)
-class Range:
-    """The values a numeric option accepts: an interval such as ``(0, inf)`` or ``[0, 1)``,
-    plus any special values outside it (``-1`` for "use epochs"). Floats must be finite."""
-
-    low: float
-    high: float
-    low_open: bool
-    high_open: bool
-    also: tuple[float, ...] = ()
-
-    @classmethod
-    def parse(cls, text: str, also: tuple[float, ...] = ()) -> Range:
-        low, high = (float(part) for part in text[1:-1].split(","))
-        if text[0] not in "([" or text[-1] not in ")]" or low > high:
-            raise ValueError(f"not an interval: {text!r}")
-        return cls(low, high, text[0] == "(", text[-1] == ")", also)
-
-    def __contains__(self, value: object) -> bool:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return False
-        if value in self.also:
-            return True
-        if not math.isfinite(value):
-            return False
-        above = value > self.low if self.low_open else value >= self.low
-        below = value < self.high if self.high_open else value <= self.high
-        return above and below
-
-    def __str__(self) -> str:
-        if self.high == math.inf:
-            text = f"{'>' if self.low_open else '>='} {_number(self.low)} and finite"
-        else:
-            text = (f"in {'(' if self.low_open else '['}{_number(self.low)}, "
-                    f"{_number(self.high)}{')' if self.high_open else ']'}")
-        return "".join(f"{_number(v)} or " for v in self.also) + text
-
-
-def _number(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else str(value)
-
-
-def _help(text: str, default: Any = dataclasses.MISSING, *, within: str | None = None,
-          also: tuple[float, ...] = (),
-          choices: tuple[str, ...] | Callable[[], tuple[str, ...]] | None = None,
-          **kw: Any) -> Any:
-    """A field with its ``--help`` text and, checked by :func:`check_fields`, the interval a
-    number (or each number of a list) must lie ``within`` and the ``choices`` of a string."""
-    metadata: dict[str, Any] = {"help": text}
-    if within is not None:
-        metadata["range"] = Range.parse(within, also)
-    if choices is not None:
-        metadata["choices"] = choices
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata=metadata, **kw)
-    return field(default=default, metadata=metadata, **kw)
-
-
-def check_fields(obj: Any, section: str) -> None:
-    """Reject a value outside its field's declared range or choices, naming the key."""
-    for f in dataclasses.fields(obj):
-        value, key = getattr(obj, f.name), f"{section}.{f.name}" if section else f.name
-        bounds = f.metadata.get("range")
-        if bounds is not None:
-            for item in value if isinstance(value, list) else [value]:
-                if item is not None and item not in bounds:
-                    raise ConfigError(f"{key} must be {bounds}, got {item!r}")
-        choices = f.metadata.get("choices")
-        if choices is not None and value is not None:
-            valid = choices() if callable(choices) else choices
-            if value not in valid:
-                raise ConfigError(f"{key} must be one of {', '.join(valid)}; got {value!r}")
-
-
-# Counts of steps, rows and examples stop where the Trainer's and torch's int32 sizes do;
-# batch and token counts far below that, where a typo (1e20) would still look plausible.
-MAX_COUNT = 2**31 - 1
-MAX_BATCH = 2**20
-MAX_TOKENS = 2**20
+from peftune.methods import get_method, registry
+from peftune.options import MAX_BATCH, MAX_COUNT, MAX_TOKENS, check_fields
+from peftune.options import option as _help
 
 
 def _lr_schedulers() -> tuple[str, ...]:
@@ -149,7 +69,9 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    learning_rate: float = _help("peak learning rate", 2e-4, within="(0, inf)")
+    learning_rate: float | None = _help("peak learning rate (unset: the method's suggested "
+                                        "rate, see `peftune methods`)", None,
+                                        within="(0, inf)")
     batch_size: int = _help("effective batch size (examples per optimizer step)", 8,
                             within=f"[1, {MAX_BATCH}]")
     micro_batch_size: int = _help("examples per forward pass; the rest is gradient "
@@ -268,8 +190,6 @@ class SearchConfig:
         check_fields(self, "search")
         if not self.methods:
             raise ConfigError("search.methods must name at least one method")
-        from peftune.methods import get_method
-
         for name in self.methods:
             get_method(name)
 
@@ -289,11 +209,12 @@ class Config:
     """Options of every PEFT method, by method name (YAML: a top-level key per method)."""
 
     def __post_init__(self) -> None:
-        from peftune.methods import get_method, registry
-
         check_fields(self, "")
         _check_output_dir(self.output_dir)
-        get_method(self.method)
+        method = get_method(self.method)
+        if self.train.learning_rate is None:  # written out, so config.yaml says what ran
+            self.train = dataclasses.replace(
+                self.train, learning_rate=method.learning_rate)
         for name, method in registry().items():
             if not isinstance(self.methods.get(name), method.options):
                 self.methods[name] = from_dict(method.options, self.methods.get(name) or {}, name)
@@ -404,8 +325,6 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
-    from peftune.methods import registry
-
     data = dict(data or {})
     methods = {name: data.pop(name) for name in list(data) if name in registry()}
     for name, opts in methods.items():
@@ -453,8 +372,6 @@ def save_yaml(cfg: Config, path: str | Path) -> None:
 def option_fields() -> dict[str, tuple[Any, dataclasses.Field]]:
     """Every settable key with its type and dataclass field (whose metadata holds its help
     text, range and choices)."""
-    from peftune.methods import registry
-
     out: dict[str, tuple[Any, dataclasses.Field]] = {}
 
     def walk(cls: type, prefix: str) -> None:

@@ -12,10 +12,10 @@ import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from peftune.config import MAX_COUNT, _help, check_fields
 from peftune.errors import ConfigError
 from peftune.methods import Method, ModelInfo, register, task_type
 from peftune.methods.lora import target_modules
+from peftune.options import MAX_COUNT, check_fields, option
 
 if TYPE_CHECKING:
     from peft import AdaLoraConfig
@@ -23,24 +23,24 @@ if TYPE_CHECKING:
 
 @dataclass
 class AdaLoraOptions:
-    init_r: int = _help("rank every module starts with", 12, within="[1, 65536]")
-    target_r: int = _help("average rank per module once the budget is spent", 4,
+    init_r: int = option("rank every module starts with", 12, within="[1, 65536]")
+    target_r: int = option("average rank per module once the budget is spent", 4,
                           within="[1, 65536]")
-    tinit: float = _help("steps before pruning starts; below 1: a fraction of total_step", 0.1,
+    tinit: float = option("steps before pruning starts; below 1: a fraction of total_step", 0.1,
                          within=f"[0, {MAX_COUNT}]")
-    tfinal: float = _help("steps at the end with the final ranks fixed; below 1: a fraction "
+    tfinal: float = option("steps at the end with the final ranks fixed; below 1: a fraction "
                           "of total_step", 0.2, within=f"[0, {MAX_COUNT}]")
-    deltaT: int = _help("prune every deltaT optimizer steps", 1, within=f"[1, {MAX_COUNT}]")
-    total_step: int | None = _help("optimizer steps of the schedule (default: the run's real "
+    deltaT: int = option("prune every deltaT optimizer steps", 1, within=f"[1, {MAX_COUNT}]")
+    total_step: int | None = option("optimizer steps of the schedule (default: the run's real "
                                    "number of optimizer steps)", None,
                                    within=f"[1, {MAX_COUNT}]")
-    alpha: int = _help("scaling numerator of the update", 32, within="[1, 1048576]")
-    dropout: float = _help("dropout on the adapter input", 0.1, within="[0, 1)")
-    beta1: float = _help("EMA factor of the weight sensitivity", 0.85, within="[0, 1]")
-    beta2: float = _help("EMA factor of the sensitivity uncertainty", 0.85, within="[0, 1]")
-    orth_reg_weight: float = _help("weight of the orthogonality penalty on P and Q", 0.5,
+    alpha: int = option("scaling numerator of the update", 32, within="[1, 1048576]")
+    dropout: float = option("dropout on the adapter input", 0.1, within="[0, 1)")
+    beta1: float = option("EMA factor of the weight sensitivity", 0.85, within="[0, 1]")
+    beta2: float = option("EMA factor of the sensitivity uncertainty", 0.85, within="[0, 1]")
+    orth_reg_weight: float = option("weight of the orthogonality penalty on P and Q", 0.5,
                                    within="[0, inf)")
-    target_modules: list[str] = _help(
+    target_modules: list[str] = option(
         "module names to adapt; empty: the architecture's default; 'attention' or "
         "'all-linear' for presets", [])
 

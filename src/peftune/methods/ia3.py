@@ -7,9 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from peftune.config import _help
 from peftune.errors import ConfigError
 from peftune.methods import Method, ModelInfo, register, task_type
+from peftune.options import option
 
 if TYPE_CHECKING:
     from peft import IA3Config
@@ -17,10 +17,10 @@ if TYPE_CHECKING:
 
 @dataclass
 class IA3Options:
-    target_modules: list[str] = _help("modules whose output (or, for feed-forward modules, "
+    target_modules: list[str] = option("modules whose output (or, for feed-forward modules, "
                                       "input) is rescaled; empty: the architecture's default "
                                       "(k_proj,v_proj,down_proj on LLaMA)", [])
-    feedforward_modules: list[str] = _help("the target modules that are feed-forward layers "
+    feedforward_modules: list[str] = option("the target modules that are feed-forward layers "
                                            "(a subset of target_modules); empty: the "
                                            "architecture's default (down_proj on LLaMA)", [])
 

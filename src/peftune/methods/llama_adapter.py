@@ -7,9 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from peftune.config import _help, check_fields
 from peftune.errors import ConfigError
 from peftune.methods import Method, ModelInfo, register
+from peftune.options import check_fields, option
 
 if TYPE_CHECKING:
     from peft import AdaptionPromptConfig
@@ -20,8 +20,8 @@ LLAMA_FAMILY = ("llama", "mistral")
 
 @dataclass
 class LlamaAdapterOptions:
-    adapter_len: int = _help("adaption prompt length per layer", 10, within="[1, 65536]")
-    adapter_layers: int | None = _help("top layers that get an adaption prompt (default: all)",
+    adapter_len: int = option("adaption prompt length per layer", 10, within="[1, 65536]")
+    adapter_layers: int | None = option("top layers that get an adaption prompt (default: all)",
                                        None, within="[1, 65536]")
 
     def __post_init__(self) -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from peftune.config import _help, check_fields
 from peftune.methods import Method, ModelInfo, register, task_type
+from peftune.options import check_fields, option
 
 if TYPE_CHECKING:
     from peft import LoraConfig
@@ -21,15 +21,15 @@ TARGET_PRESETS = {
 class LoraOptions:
     SECTION: ClassVar[str] = "lora"
 
-    r: int = _help("rank of the update matrices", 8, within="[1, 65536]")
-    alpha: int = _help("scaling numerator: the update is scaled by alpha / r", 32,
+    r: int = option("rank of the update matrices", 8, within="[1, 65536]")
+    alpha: int = option("scaling numerator: the update is scaled by alpha / r", 32,
                        within="[1, 1048576]")
-    dropout: float = _help("dropout on the LoRA input", 0.1, within="[0, 1)")
-    target_modules: list[str] = _help(
+    dropout: float = option("dropout on the LoRA input", 0.1, within="[0, 1)")
+    target_modules: list[str] = option(
         "module names to adapt; empty: the architecture's default (q_proj,v_proj on LLaMA); "
         "'attention' or 'all-linear' for presets", [])
-    use_rslora: bool = _help("rank-stabilised scaling alpha / sqrt(r)", False)
-    use_dora: bool = _help("weight-decomposed LoRA (DoRA)", False)
+    use_rslora: bool = option("rank-stabilised scaling alpha / sqrt(r)", False)
+    use_dora: bool = option("weight-decomposed LoRA (DoRA)", False)
 
     def __post_init__(self) -> None:
         check_fields(self, self.SECTION)

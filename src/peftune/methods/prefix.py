@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from peftune.config import _help, check_fields
 from peftune.methods import Method, ModelInfo, register, task_type
+from peftune.options import check_fields, option
 
 if TYPE_CHECKING:
     from peft import PrefixTuningConfig
@@ -19,11 +19,11 @@ if TYPE_CHECKING:
 
 @dataclass
 class PrefixOptions:
-    num_virtual_tokens: int = _help("length of the learned prefix in every layer", 16,
+    num_virtual_tokens: int = option("length of the learned prefix in every layer", 16,
                                     within="[1, 65536]")
-    prefix_projection: bool = _help("reparameterise the prefix through a two-layer MLP "
+    prefix_projection: bool = option("reparameterise the prefix through a two-layer MLP "
                                     "(more stable, more parameters while training)", False)
-    encoder_hidden_size: int = _help("hidden size of that MLP", 256, within="[1, 65536]")
+    encoder_hidden_size: int = option("hidden size of that MLP", 256, within="[1, 65536]")
 
     def __post_init__(self) -> None:
         check_fields(self, "prefix")

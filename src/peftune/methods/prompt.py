@@ -7,9 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from peftune.config import _help, check_fields
 from peftune.errors import ConfigError
 from peftune.methods import Method, ModelInfo, choice, register, task_type
+from peftune.options import check_fields, option
 
 if TYPE_CHECKING:
     from peft import PromptTuningConfig
@@ -19,11 +19,11 @@ INITS = ("TEXT", "RANDOM")
 
 @dataclass
 class PromptOptions:
-    num_virtual_tokens: int = _help("virtual tokens prepended to the input", 16,
+    num_virtual_tokens: int = option("virtual tokens prepended to the input", 16,
                                     within="[1, 65536]")
-    prompt_tuning_init: str = _help("TEXT: start from the embeddings of init_text's tokens "
+    prompt_tuning_init: str = option("TEXT: start from the embeddings of init_text's tokens "
                                     "(repeated to fill); RANDOM: random embeddings", "TEXT")
-    init_text: str = _help("text the TEXT init starts from; empty: data.instruction", "")
+    init_text: str = option("text the TEXT init starts from; empty: data.instruction", "")
 
     def __post_init__(self) -> None:
         check_fields(self, "prompt")

@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from peftune.config import _help, check_fields
 from peftune.methods import Method, ModelInfo, choice, register, task_type
+from peftune.options import check_fields, option
 
 if TYPE_CHECKING:
     from peft import PromptEncoderConfig
@@ -17,12 +17,12 @@ ENCODERS = ("MLP", "LSTM")
 
 @dataclass
 class PTuningOptions:
-    num_virtual_tokens: int = _help("virtual tokens prepended to the input", 16,
+    num_virtual_tokens: int = option("virtual tokens prepended to the input", 16,
                                     within="[1, 65536]")
-    encoder_reparameterization_type: str = _help("prompt encoder: MLP or LSTM", "MLP")
-    encoder_hidden_size: int = _help("hidden size of the prompt encoder", 128,
+    encoder_reparameterization_type: str = option("prompt encoder: MLP or LSTM", "MLP")
+    encoder_hidden_size: int = option("hidden size of the prompt encoder", 128,
                                      within="[1, 65536]")
-    encoder_dropout: float = _help("dropout in the prompt encoder", 0.0, within="[0, 1)")
+    encoder_dropout: float = option("dropout in the prompt encoder", 0.0, within="[0, 1)")
 
     def __post_init__(self) -> None:
         check_fields(self, "ptuning")

@@ -12,12 +12,12 @@ import importlib.util
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from peftune.config import _help
 from peftune.errors import ConfigError
 from peftune.methods import Method, register
 from peftune.methods.lora import LoraOptions
 from peftune.methods.lora import build as build_lora
 from peftune.methods.lora import search_space as lora_space
+from peftune.options import option
 
 if TYPE_CHECKING:
     pass
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 class KbitOptions(LoraOptions):
     SECTION: ClassVar[str] = "lora-int8"
 
-    gradient_checkpointing: bool = _help("recompute activations in the backward pass (the "
+    gradient_checkpointing: bool = option("recompute activations in the backward pass (the "
                                          "usual memory saving of k-bit training)", True)
 
 
@@ -35,7 +35,7 @@ class KbitOptions(LoraOptions):
 class QLoraOptions(KbitOptions):
     SECTION: ClassVar[str] = "qlora"
 
-    double_quant: bool = _help("quantize the quantization constants too", True)
+    double_quant: bool = option("quantize the quantization constants too", True)
 
 
 def _require_bitsandbytes(name: str) -> None:
