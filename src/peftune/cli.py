@@ -19,6 +19,7 @@ CONFIG_COMMANDS = {
     "train": "fine-tune a base model with a PEFT method and save the adapter",
     "evaluate": "generate summaries for a held-out split and score them with ROUGE",
     "search": "search methods and hyperparameters with Optuna, then retrain the best",
+    "plan": "memory per device, largest micro-batch and run time of a config, before running",
 }
 
 
@@ -126,6 +127,7 @@ COMMANDS = {
     "evaluate": _evaluate,
     "summarize": _summarize,
     "search": lambda ns, argv: commands.search(build_config(ns), argv=argv),
+    "plan": lambda ns, argv: commands.plan(build_config(ns)),
     "export": lambda ns, argv: commands.export(ns.adapter, fmt=ns.format, out=ns.out,
                                                dtype=ns.dtype,
                                                trust_remote_code=ns.trust_remote_code),

@@ -29,7 +29,7 @@ from optuna.trial import TrialState
 from sqlalchemy.exc import IntegrityError, OperationalError
 from transformers import PreTrainedModel, TrainerCallback
 
-from peftune import assembly, tracking
+from peftune import assembly, plan, tracking
 from peftune import train as training
 from peftune.config import Config, SearchConfig, save_yaml
 from peftune.errors import ConfigError, Diverged, Interrupted
@@ -407,6 +407,7 @@ def run(cfg: Config, *, argv: list[str] | None = None) -> tuple[optuna.Study, di
     if count(study, FINISHED) >= cfg.search.n_trials and not cfg.search.final:
         return study, None
     bases, data = load_for_search(cfg)
+    log.info("%s", plan.brief(plan.make(cfg, data=data)))
     optimize(cfg, study, Objective(cfg, bases, data))
     if not cfg.search.final:
         return study, None

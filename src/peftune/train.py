@@ -27,7 +27,7 @@ from transformers import (
     TrainingArguments,
 )
 
-from peftune import checkpoints, models
+from peftune import checkpoints, models, plan
 from peftune.assembly import Prepared, load_base, prepare
 from peftune.checkpoints import COMPLETE_MARKER, last_complete_checkpoint
 from peftune.config import Config, save_yaml
@@ -50,6 +50,19 @@ def wrap(base: PreTrainedModel, cfg: Config) -> PeftModel:
     peft_config = method.build(cfg.method_options, info)
     torch.manual_seed(cfg.seed)
     return get_peft_model(method.prepare(base, cfg.method_options), peft_config)
+
+
+def use_checkpointing(model: PeftModel, on: bool) -> None:
+    """Recompute activations in the backward pass, or stop doing so (a search's shared base
+    keeps what the previous trial set, so every run sets it)."""
+    base = model.get_base_model()
+    base.disable_input_require_grads()
+    if not on:
+        base.activation_checkpointing_disable()
+        return
+    base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    # frozen embeddings: the first checkpointed layer's input must carry a gradient
+    base.enable_input_require_grads()
 
 
 def world_size() -> int:
@@ -295,6 +308,7 @@ def fit(cfg: Config, model: PeftModel, data: Prepared, *, output_dir: Path,
     Out of memory, the micro-batch is halved (accumulation doubles, so the effective batch
     stays) and training restarts from the last checkpoint, or from the initial adapter.
     """
+    use_checkpointing(model, plan.checkpointing(cfg, data=data))
     initial = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
     while True:
         try:
@@ -383,6 +397,7 @@ def run(cfg: Config, *, base: PreTrainedModel | None = None, data: Prepared | No
                              discard=is_main_process())
     if is_main_process():
         save_yaml(cfg, out / "config.yaml")
+        log.info("%s", plan.brief(plan.make(cfg, data=data)))
     if base is None:
         base = load_base(cfg, data.tokenizer)
     model = wrap(base, cfg)
