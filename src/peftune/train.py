@@ -56,13 +56,14 @@ def use_checkpointing(model: PeftModel, on: bool) -> None:
     """Recompute activations in the backward pass, or stop doing so (a search's shared base
     keeps what the previous trial set, so every run sets it)."""
     base = model.get_base_model()
+    # enabling also makes the frozen embeddings' output require grad, with a hook that a
+    # second enable would orphan: remove the last one first
     base.disable_input_require_grads()
-    if not on:
+    if on:
+        base.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
         base.activation_checkpointing_disable()
-        return
-    base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    # frozen embeddings: the first checkpointed layer's input must carry a gradient
-    base.enable_input_require_grads()
 
 
 def world_size() -> int:
