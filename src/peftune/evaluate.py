@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from rouge_score import rouge_scorer
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
+from peftune import resumable
 from peftune.config import EvalConfig
 from peftune.data import Collator
 from peftune.fast_generation import growing_cache, half_precision, prefilled_cache
@@ -90,14 +92,22 @@ def kv_cache_compat(model: Any) -> Iterator[None]:
 @torch.inference_mode()
 def generate(model: Any, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[list[int]],
              settings: EvalConfig | None = None, *, precision: str = "fp32",
-             progress: bool = True, keep_fp32_weights: bool = True) -> list[str]:
+             progress: bool | None = None, keep_fp32_weights: bool = True,
+             done: dict[int, str] | None = None,
+             on_batch: Callable[[dict[int, str]], None] | None = None) -> list[str]:
     """Greedy (or beam) continuations of token-id prompts, decoded without the prompt.
 
     In 16-bit precision the model runs with its weights cast once (``half_precision``);
     ``keep_fp32_weights=False`` leaves a model that is done training with those, which
-    saves the memory of a second copy.
+    saves the memory of a second copy. ``done`` holds outputs of an earlier, interrupted
+    call by prompt index: batches it covers whole are not generated again (batches are the
+    same in every call, so the outputs are too); ``on_batch`` gets each new batch's outputs.
+    The progress bar (with ETA) shows unless logging is quiet (``-q``).
     """
     settings = settings or EvalConfig()
+    done = done or {}
+    if progress is None:
+        progress = logging.getLogger("peftune").isEnabledFor(logging.INFO)
     model.eval()
     device = next(model.parameters()).device
     encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
@@ -110,6 +120,11 @@ def generate(model: Any, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[l
     bar = tqdm(total=len(prompts), desc="generating", disable=not progress, leave=False)
     with half_precision(model, precision, restore=keep_fp32_weights):
         for idx in _batches(prompts, settings.batch_size):
+            if all(i in done for i in idx):
+                for i in idx:
+                    outputs[i] = done[i]
+                bar.update(len(idx))
+                continue
             batch = collate([{"input_ids": prompts[i]} for i in idx])
             batch = {k: v.to(device) for k, v in batch.items()}
             with kv_cache_compat(model):
@@ -120,6 +135,8 @@ def generate(model: Any, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[l
             texts = tokenizer.batch_decode(new, skip_special_tokens=True)
             for i, text in zip(idx, texts, strict=True):
                 outputs[i] = text.strip()
+            if on_batch is not None:
+                on_batch({i: outputs[i] for i in idx})
             bar.update(len(idx))
     bar.close()
     return outputs
@@ -145,14 +162,30 @@ def prompts_of(ds: Any) -> list[list[int]]:
 def score(model: Any, tokenizer: PreTrainedTokenizerBase, ds: Any, settings: EvalConfig, *,
           out_dir: Path | None, tag: str, precision: str = "fp32",
           keep_fp32_weights: bool = True) -> dict[str, float]:
-    """Generate for every row of a tokenized split, score it, and write the outputs."""
-    preds = generate(model, tokenizer, prompts_of(ds), settings, precision=precision,
-                     keep_fp32_weights=keep_fp32_weights)
+    """Generate for every row of a tokenized split, score it, and write the outputs.
+
+    With ``out_dir``, predictions are appended to a partial file as they are generated; a
+    rerun of the same evaluation (same model and adapter, settings, precision and rows)
+    generates only what is missing there, and the partial file goes once the predictions
+    are written.
+    """
+    prompts = prompts_of(ds)
+    if out_dir is None:
+        preds = generate(model, tokenizer, prompts, settings, precision=precision,
+                         keep_fp32_weights=keep_fp32_weights)
+    else:
+        partial = resumable.partial_file(out_dir, tag, resumable.fingerprint(
+            model, settings, precision=precision, tag=tag, ids=ds["id"], prompts=prompts))
+        done = resumable.read(partial)
+        with resumable.Appender(partial) as append:
+            preds = generate(model, tokenizer, prompts, settings, precision=precision,
+                             keep_fp32_weights=keep_fp32_weights, done=done, on_batch=append)
     metrics: dict[str, float] = {**rouge(preds, ds["summary"]), "num_examples": len(preds)}
     metrics["mean_prediction_words"] = round(
         sum(len(p.split()) for p in preds) / max(1, len(preds)), 2)
     if out_dir is not None:
         write_outputs(out_dir, tag, ds, preds, metrics)
+        partial.unlink(missing_ok=True)
     return metrics
 
 
