@@ -28,6 +28,9 @@ Memory of one device (data parallel: every device holds all of it for its micro-
   (``python benchmarks/plan_check.py --calibrate`` repeats it). With gradient checkpointing
   a layer keeps only its input (``h`` x the residual stream's bytes) and the layer being
   recomputed holds its full activations once.
+- backward: while the backward pass frees saved activations it holds their gradients, and
+  the allocator keeps some freed memory: half the activations (``BACKWARD_SHARE``, fitted to
+  peak memory measured on a CPU, ``benchmarks/plan_check.py``).
 - logits: peftune computes the LM head only at summary positions (``train.summary_loss``,
   LLaMA-family decoders); elsewhere at every position. Summary tokens x vocabulary x 4 B,
   three times: the fp32 logits, the log-softmax kept for the backward pass, its gradient.
@@ -56,6 +59,10 @@ log = logging.getLogger(__name__)
 GIB = 2**30
 ACTIVATIONS = {"half": (20, 6, 568), "fp32": (28, 12, 1112)}
 """Saved bytes per token and decoder layer: (per hidden unit, per intermediate unit, fixed)."""
+BACKWARD_SHARE = 0.5
+"""Gradients of the activations that the backward pass holds while it frees the saved ones,
+and freed memory the allocator keeps, as a share of the saved activations (measured:
+benchmarks/plan_check.py)."""
 LOGIT_COPIES = 3
 ADAPTER_BYTES = 16
 RUNTIME = {"cpu": 0.55 * GIB, "cuda": 1.0 * GIB}
@@ -119,6 +126,7 @@ class Memory:
     autocast_copies: float
     adapter: float
     activations: float
+    backward: float
     logits: float
     runtime: float
 
@@ -148,7 +156,7 @@ class Plan:
         one = estimate(self, micro_batch=1, tokens=self.lengths.max,
                        summary=self.lengths.summary_max, checkpointing=checkpointing)
         fixed = one.weights + one.autocast_copies + one.adapter + one.runtime
-        per_example = one.activations + one.logits
+        per_example = one.activations + one.backward + one.logits
         return max(0, int((self.device_memory - fixed) // per_example))
 
     def needs_checkpointing(self) -> bool:
@@ -259,21 +267,24 @@ def estimate(plan: Plan, *, micro_batch: int, tokens: int, summary: int,
     summary_only = (plan.cfg.train.summary_loss and shape.model_type in SUMMARY_LOSS_TYPES
                     and not params.prompt_learning)
     logit_tokens = summary if summary_only else tokens
+    activations = activation_bytes(shape, precision=plan.precision,
+                                   tokens=micro_batch * tokens, residual_bytes=residual,
+                                   checkpointing=checkpointing)
     return Memory(
         weights=weight_bytes(params, fmt),
         autocast_copies=autocast,
         adapter=params.trainable * ADAPTER_BYTES,
-        activations=activation_bytes(shape, precision=plan.precision,
-                                     tokens=micro_batch * tokens, residual_bytes=residual,
-                                     checkpointing=checkpointing),
+        activations=activations,
+        backward=BACKWARD_SHARE * activations,
         logits=micro_batch * logit_tokens * shape.vocab * 4 * LOGIT_COPIES,
         runtime=RUNTIME[plan.device_kind],
     )
 
 
 def device_memory(setting: str) -> tuple[str, int]:
-    """(device kind, bytes): the setting, or this machine's GPU, or its RAM."""
-    kind = "cuda" if torch.cuda.is_available() else "cpu"
+    """(device kind, bytes): the setting (planned as a GPU), or this machine's GPU, or its
+    RAM."""
+    kind = "cuda" if torch.cuda.is_available() or setting != "auto" else "cpu"
     if setting != "auto":
         return kind, parse_memory(setting)
     if kind == "cuda":
@@ -386,15 +397,16 @@ def render(plan: Plan, *, tokens_per_s: float | None = None,
            f"memory per device (GiB) at micro-batch {plan.micro_batch}, device "
            f"{_gib(plan.device_memory)} GiB ({plan.device_kind}):",
            f"  {'':<30}{'weights':>8}{'autocast':>9}{'adapter':>8}{'activ.':>8}"
-           f"{'logits':>8}{'runtime':>8}{'total':>8}"]
+           f"{'backw.':>8}{'logits':>8}{'runtime':>8}{'total':>8}"]
     for name in ("p50", "p90", "max") if n.measured else ("max",):
         for gc in (False, True):
             m = plan.memory[name][gc]
             label = f"{name} {getattr(n, name)} tokens" + (", checkpointed" if gc else "")
             out.append(f"  {label:<30}" + "".join(
-                f"{_gib(v):>{w}}" for v, w in ((m.weights, 8), (m.autocast_copies, 9),
-                                                (m.adapter, 8), (m.activations, 8),
-                                                (m.logits, 8), (m.runtime, 8), (m.total, 8))))
+                f"{_gib(v):>{w}}" for v, w in (
+                    (m.weights, 8), (m.autocast_copies, 9), (m.adapter, 8),
+                    (m.activations, 8), (m.backward, 8), (m.logits, 8), (m.runtime, 8),
+                    (m.total, 8))))
     for gc in (False, True):
         verdict = "fits" if plan.fits(gc) else "does NOT fit"
         out.append(f"{'with' if gc else 'without'} gradient checkpointing: micro-batch "
