@@ -36,7 +36,7 @@ FINGERPRINT = "peftune-fingerprint.json"
 # micro_batch_size only splits the same batch (the out-of-memory retry halves it)
 OPERATIONAL = frozenset({"resume", "logging_steps", "report_to", "run_name", "save_total_limit",
                          "save_checkpoints", "save_steps", "micro_batch_size", "eval_steps",
-                         "eval_each_epoch"})
+                         "eval_each_epoch", "gradient_checkpointing"})
 DATA_KEYS = ("source", "subset", "document_column", "summary_column", "train_split",
              "validation_split", "max_source_tokens", "max_train_examples", "instruction")
 MODEL_KEYS = ("name", "gguf_file", "revision", "dtype")

@@ -23,6 +23,7 @@ CONFIG_COMMANDS = {
     "train": "fine-tune a base model with a PEFT method and save the adapter",
     "evaluate": "generate summaries for a held-out split and score them with ROUGE",
     "search": "search methods and hyperparameters with Optuna, then retrain the best",
+    "plan": "memory per device, largest micro-batch and run time of a config, before running",
 }
 
 # The keys each command's --help shows (a trailing dot: the whole section). Every command
@@ -32,11 +33,12 @@ HELP_KEYS: dict[str, tuple[str, ...]] = {
     "train": RUN_KEYS,
     "search": (*RUN_KEYS, "search."),
     "compare": RUN_KEYS,
+    "plan": (*RUN_KEYS, "plan.", "search.n_trials", "search.train_examples"),
     "evaluate": ("output_dir", "seed", "data.", "model.", "eval.", "train.precision"),
     "summarize": ("model.", "eval.", "data.instruction", "data.max_source_tokens",
                   "train.precision"),
 }
-METHOD_HELP = ("train", "search", "compare")
+METHOD_HELP = ("train", "search", "compare", "plan")
 """Commands whose --help also lists the chosen method's options."""
 
 
@@ -203,6 +205,7 @@ COMMANDS = {
     "evaluate": _evaluate,
     "summarize": _summarize,
     "search": lambda ns, argv: commands.search(_config(ns), argv=argv),
+    "plan": lambda ns, argv: commands.plan(_config(ns)),
     "export": _export,
     "report": _report,
     "methods": lambda ns, argv: commands.methods(),

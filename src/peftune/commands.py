@@ -167,6 +167,25 @@ def methods() -> None:
                 print(f"    --{key:<38} {default!s:<10} {text}")
 
 
+def plan(cfg: Config) -> str:
+    """Memory and time of ``cfg``'s training on one device, without loading weights (unless
+    ``plan.measure``)."""
+    from peftune import assembly
+    from peftune import plan as planning
+
+    data = assembly.prepare(cfg, roles=("train",)) if cfg.plan.use_data or \
+        cfg.plan.measure else None
+    result = planning.make(cfg, data=data)
+    speed = peak = None
+    if cfg.plan.measure and data is not None:
+        from peftune.measure import training_speed
+
+        speed, peak = training_speed(cfg, data)
+    text = planning.render(result, tokens_per_s=speed, measured_peak=peak)
+    print(text)
+    return text
+
+
 def search(cfg: Config, *, argv: list[str] | None = None) -> None:
     from peftune import report as reporting
     from peftune import search as searching

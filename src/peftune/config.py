@@ -7,6 +7,7 @@ live under its own name (``lora.r`` / ``--lora.r``) and ``method`` picks which o
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -101,12 +102,21 @@ class TrainConfig:
     report_to: list[str] = _help("trackers for the Trainer (tensorboard, mlflow, ...)", [])
     run_name: str | None = _help("run name shown in the trackers (default: the output_dir name)",
                                  None)
+    gradient_checkpointing: bool | str = _help(
+        "recompute activations in the backward pass: true, false, or auto (on when "
+        "`peftune plan` says the micro-batch does not fit the device otherwise)", "auto")
 
     def __post_init__(self) -> None:
         check_fields(self, "train")
         if self.batch_size % self.micro_batch_size:
             raise ConfigError(f"train.batch_size ({self.batch_size}) must be a multiple of "
                               f"train.micro_batch_size ({self.micro_batch_size})")
+        if isinstance(self.gradient_checkpointing, str) and \
+                self.gradient_checkpointing.lower() in ("true", "false"):
+            self.gradient_checkpointing = self.gradient_checkpointing.lower() == "true"
+        if self.gradient_checkpointing not in (True, False, "auto"):
+            raise ConfigError("train.gradient_checkpointing must be true, false or auto; got "
+                              f"{self.gradient_checkpointing!r}")
 
 
 @dataclass
@@ -147,6 +157,38 @@ class SpaceConfig:
         for name in ("batch_size", "epochs"):
             if not getattr(self, name):
                 raise ConfigError(f"search.space.{name} must be a non-empty list of values > 0")
+
+
+MEMORY_UNITS = {"": 2**30, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+                "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
+                "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_memory(text: str, key: str = "plan.device_memory") -> int:
+    """Bytes in ``24GiB``, ``24GB`` (10^9), ``24G`` or ``24`` (GiB)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in MEMORY_UNITS or float(match.group(1)) <= 0:
+        raise ConfigError(f"{key} must be auto or a size like 24GiB, 40GB or 80G; got {text!r}")
+    return int(float(match.group(1)) * MEMORY_UNITS[match.group(2).lower()])
+
+
+@dataclass
+class PlanConfig:
+    """`peftune plan`: memory and time of a run, from the config and tokenizer alone."""
+
+    device_memory: str = _help("memory of one device, e.g. 24GiB or 80GB (auto: this "
+                               "machine's GPU, or its RAM without one)", "auto")
+    measure: bool = _help("also time a few real training steps (loads the model) and project "
+                          "the time of a run, a trial and the whole search", False)
+    measure_steps: int = _help("timed optimizer steps for plan.measure (after one warm-up "
+                               "step)", 3, within="[1, 100]")
+    use_data: bool = _help("measure token lengths on the prepared training data (false: "
+                           "assume data.max_source_tokens + eval.max_new_tokens)", True)
+
+    def __post_init__(self) -> None:
+        check_fields(self, "plan")
+        if self.device_memory != "auto":
+            parse_memory(self.device_memory)
 
 
 METRICS = ("rougeL", "rouge1", "rouge2", "rougeLsum", "eval_loss")
@@ -205,6 +247,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
     methods: dict[str, Any] = field(default_factory=dict)
     """Options of every PEFT method, by method name (YAML: a top-level key per method)."""
 

@@ -229,13 +229,49 @@ def _csv_line(file: Path, index: int) -> int | None:
     return None
 
 
+PARQUET_REVISION = "refs/convert/parquet"
+
+
 def _load_hub(cfg: DataConfig) -> dict[str, datasets.Dataset]:
+    """A hub dataset; one whose repository still has a loading script (which ``datasets``
+    >= 4 refuses to run) from the Parquet files the hub converted it to."""
     try:
-        raw = datasets.load_dataset(cfg.source, cfg.subset)
+        return _hub_splits(cfg, revision=None)
     except Exception as err:  # hub errors are many and version dependent
-        raise DataError(f"cannot load dataset '{cfg.source}': not a local file and not "
-                        f"loadable from the hub ({_first_line(err)})") from None
-    return dict(raw)
+        if "scripts are no longer supported" not in str(err):
+            raise DataError(f"cannot load dataset '{cfg.source}': not a local file and not "
+                            f"loadable from the hub ({_first_line(err)})") from None
+    log.info("%s has a loading script, which datasets %s does not run: reading the hub's "
+             "Parquet conversion (revision %s)", cfg.source, datasets.__version__,
+             PARQUET_REVISION)
+    try:
+        return _hub_splits(cfg, revision=PARQUET_REVISION)
+    except Exception as err:
+        raise DataError(f"cannot load dataset '{cfg.source}': it has a loading script and no "
+                        f"Parquet conversion on the hub ({_first_line(err)})") from None
+
+
+def _hub_splits(cfg: DataConfig, *, revision: str | None) -> dict[str, datasets.Dataset]:
+    """Every split; a split with a row limit is streamed and only its first rows are read
+    (when the source has its own validation and test splits, so none is carved from
+    train)."""
+    kw = {"revision": revision} if revision else {}
+    names = datasets.get_dataset_split_names(cfg.source, cfg.subset, **kw)
+    limits: dict[str, int | None] = {}
+    if cfg.validation_split in names and cfg.test_split in names:
+        limits = {cfg.train_split: cfg.max_train_examples,
+                  cfg.validation_split: cfg.max_eval_examples,
+                  cfg.test_split: cfg.max_eval_examples}
+    out = {}
+    for name in names:
+        limit = limits.get(name)
+        if limit:
+            stream = datasets.load_dataset(cfg.source, cfg.subset, split=name,
+                                           streaming=True, **kw)
+            out[name] = datasets.Dataset.from_list(list(stream.take(limit)))
+        else:
+            out[name] = datasets.load_dataset(cfg.source, cfg.subset, split=name, **kw)
+    return out
 
 
 def _carve_missing(splits: dict[str, datasets.Dataset], *, seed: int) -> dict[str, Any]:

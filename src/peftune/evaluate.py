@@ -10,7 +10,7 @@ import contextlib
 import json
 import logging
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from rouge_score import rouge_scorer
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
-from peftune import devices
+from peftune import devices, resumable
 from peftune.config import EvalConfig
 from peftune.data import Collator
 from peftune.errors import PeftuneError
@@ -174,16 +174,24 @@ def kv_cache_compat(model: Any) -> Iterator[None]:
 @torch.inference_mode()
 def generate(model: Any, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[list[int]],
              settings: EvalConfig | None = None, *, precision: str = "fp32",
-             progress: bool = True, keep_fp32_weights: bool = True) -> list[str]:
+             progress: bool | None = None, keep_fp32_weights: bool = True,
+             done: dict[int, str] | None = None,
+             on_batch: Callable[[dict[int, str]], None] | None = None) -> list[str]:
     """Greedy (or beam) continuations of token-id prompts, decoded without the prompt.
 
     In 16-bit precision the model runs with its weights cast once (``half_precision``);
     ``keep_fp32_weights=False`` leaves a model that is done training with those, which
     saves the memory of a second copy. On a GPU a batch holds at most as many prompts as
     their KV cache leaves room for (``eval.batch_size`` at most), and a batch that still runs
-    out of memory is halved.
+    out of memory is halved. ``done`` holds outputs of an earlier, interrupted call by prompt
+    index: batches it covers whole are not generated again (on a CPU batches are the same in
+    every call, so the outputs are too); ``on_batch`` gets each new batch's outputs. The
+    progress bar (with ETA) shows unless logging is quiet (``-q``).
     """
     settings = settings or EvalConfig()
+    done = done or {}
+    if progress is None:
+        progress = logging.getLogger("peftune").isEnabledFor(logging.INFO)
     model.eval()
     device = next(model.parameters()).device
     encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
@@ -199,9 +207,15 @@ def generate(model: Any, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[l
                leave=False)
     with half_precision(model, precision, restore=keep_fp32_weights):
         size = batch_size(model, settings, max((len(p) for p in prompts), default=0), device)
-        done = 0
-        while done < len(order):
-            idx = order[done:done + size]
+        position = 0
+        while position < len(order):
+            idx = order[position:position + size]
+            if all(i in done for i in idx):
+                for i in idx:
+                    outputs[i] = done[i]
+                bar.update(len(idx))
+                position += len(idx)
+                continue
             try:
                 batch = collate([{"input_ids": prompts[i]} for i in idx])
                 batch = {k: v.to(device) for k, v in batch.items()}
@@ -221,7 +235,9 @@ def generate(model: Any, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[l
             texts = tokenizer.batch_decode(new, skip_special_tokens=True)
             for i, text in zip(idx, texts, strict=True):
                 outputs[i] = text.strip()
-            done += len(idx)
+            if on_batch is not None:
+                on_batch({i: outputs[i] for i in idx})
+            position += len(idx)
             bar.update(len(idx))
     bar.close()
     return outputs
@@ -265,14 +281,30 @@ def prompts_of(ds: Any) -> list[list[int]]:
 def score(model: Any, tokenizer: PreTrainedTokenizerBase, ds: Any, settings: EvalConfig, *,
           out_dir: Path | None, tag: str, precision: str = "fp32",
           keep_fp32_weights: bool = True) -> dict[str, float]:
-    """Generate for every row of a tokenized split, score it, and write the outputs."""
-    preds = generate(model, tokenizer, prompts_of(ds), settings, precision=precision,
-                     keep_fp32_weights=keep_fp32_weights)
+    """Generate for every row of a tokenized split, score it, and write the outputs.
+
+    With ``out_dir``, predictions are appended to a partial file as they are generated; a
+    rerun of the same evaluation (same model and adapter, settings, precision and rows)
+    generates only what is missing there, and the partial file goes once the predictions
+    are written.
+    """
+    prompts = prompts_of(ds)
+    if out_dir is None:
+        preds = generate(model, tokenizer, prompts, settings, precision=precision,
+                         keep_fp32_weights=keep_fp32_weights)
+    else:
+        partial = resumable.partial_file(out_dir, tag, resumable.fingerprint(
+            model, settings, precision=precision, tag=tag, ids=ds["id"], prompts=prompts))
+        done = resumable.read(partial)
+        with resumable.Appender(partial) as append:
+            preds = generate(model, tokenizer, prompts, settings, precision=precision,
+                             keep_fp32_weights=keep_fp32_weights, done=done, on_batch=append)
     metrics: dict[str, float] = {**rouge(preds, ds["summary"]), "num_examples": len(preds)}
     metrics["mean_prediction_words"] = round(
         sum(len(p.split()) for p in preds) / max(1, len(preds)), 2)
     if out_dir is not None:
         write_outputs(out_dir, tag, ds, preds, metrics)
+        partial.unlink(missing_ok=True)
     return metrics
 
 

@@ -32,7 +32,7 @@ from optuna.trial import TrialState
 from sqlalchemy.exc import IntegrityError, OperationalError
 from transformers import PreTrainedModel, TrainerCallback
 
-from peftune import assembly, devices, tracking
+from peftune import assembly, devices, plan, tracking
 from peftune import train as training
 from peftune.config import Config, SearchConfig, save_yaml
 from peftune.errors import ConfigError, Diverged, Interrupted
@@ -496,6 +496,7 @@ def run(cfg: Config, *, argv: list[str] | None = None) -> tuple[optuna.Study, di
     if count(study, FINISHED) >= cfg.search.n_trials and not cfg.search.final:
         return study, None
     bases, data = load_for_search(cfg)
+    log.info("%s", plan.brief(plan.make(cfg, data=data)))
     optimize(cfg, study, Objective(cfg, bases, data))
     if not cfg.search.final:
         return study, None

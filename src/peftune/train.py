@@ -29,7 +29,7 @@ from transformers import (
     TrainingArguments,
 )
 
-from peftune import checkpoints, devices, models, tracking
+from peftune import checkpoints, devices, models, plan, tracking
 from peftune.assembly import Prepared, load_base, prepare
 from peftune.checkpoints import COMPLETE_MARKER, last_complete_checkpoint
 from peftune.config import Config, save_yaml
@@ -61,6 +61,20 @@ def wrap(base: PreTrainedModel, cfg: Config) -> PeftModel:
         if param.requires_grad and param.dtype in (torch.float16, torch.bfloat16):
             param.data = param.data.float()
     return model
+
+
+def use_checkpointing(model: PeftModel, on: bool) -> None:
+    """Recompute activations in the backward pass, or stop doing so (a search's shared base
+    keeps what the previous trial set, so every run sets it)."""
+    base = model.get_base_model()
+    # enabling also makes the frozen embeddings' output require grad, with a hook that a
+    # second enable would orphan: remove the last one first
+    base.disable_input_require_grads()
+    if on:
+        base.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        base.activation_checkpointing_disable()
 
 
 def world_size() -> int:
@@ -352,6 +366,7 @@ def fit(cfg: Config, model: PeftModel, data: Prepared, *, output_dir: Path,
     the effective batch stays) and training restarts from the last checkpoint, or from the
     initial adapter.
     """
+    use_checkpointing(model, plan.checkpointing(cfg, data=data))
     initial = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
     while True:
         try:
@@ -466,6 +481,7 @@ def run(cfg: Config, *, base: PreTrainedModel | None = None, data: Prepared | No
                              discard=is_main_process())
     if is_main_process():
         save_yaml(cfg, out / "config.yaml")
+        log.info("%s", plan.brief(plan.make(cfg, data=data)))
     if base is None:
         base = load_base(cfg, data.tokenizer)
     model = wrap(base, cfg)

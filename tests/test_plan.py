@@ -1,0 +1,115 @@
+"""`peftune plan`: counts equal a real model's, lengths equal the data's, and the fit and
+largest micro-batch follow the arithmetic; shipped configs fit what they claim."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+from transformers import LlamaConfig
+
+from peftune import config_from_dict, load_yaml, plan
+from peftune.assembly import prepare
+from peftune.cli import main
+from peftune.train import SUMMARY_LOSS_TYPES, wrap
+
+from .conftest import make_llama
+
+ROOT = Path(__file__).resolve().parent.parent
+LLAMA_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+            "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000}
+
+
+def test_counts_on_an_empty_model_equal_the_real_model(tiny_cfg, tiny_model_dir):
+    cfg = config_from_dict({**tiny_cfg, "lora": {"target_modules": ["all-linear"]}})
+    real = wrap(make_llama(LlamaConfig.from_pretrained(tiny_model_dir).vocab_size), cfg)
+    trainable, total = real.get_nb_trainable_parameters()
+    counted = plan.count_parameters(cfg, LlamaConfig.from_pretrained(tiny_model_dir))
+    assert (counted.trainable, counted.total) == (trainable, total - trainable)
+
+
+def test_lengths_are_the_prepared_data_s(tiny_cfg):
+    cfg = config_from_dict(tiny_cfg)
+    ds = prepare(cfg, roles=("train",)).splits["train"]
+    lengths = plan.measure_lengths(ds)
+    totals = sorted(len(ids) for ids in ds["input_ids"])
+    assert lengths.max == totals[-1] and lengths.p50 == totals[(len(totals) - 1) // 2]
+    assert lengths.examples == len(totals) and lengths.mean == pytest.approx(
+        sum(totals) / len(totals))
+    assert lengths.summary_max == max(len(i) - p for i, p in zip(ds["input_ids"],
+                                                                 ds["prompt_len"], strict=True))
+    assert plan.tokens_per_epoch(lengths) == sum(totals)
+
+
+def _plan_7b(tmp_path, config: str, memory: str, **train):
+    (tmp_path / "llama7b").mkdir(exist_ok=True)
+    LlamaConfig(**LLAMA_7B).save_pretrained(tmp_path / "llama7b")  # config.json alone
+    data = load_yaml(ROOT / "configs" / config)
+    data["model"]["name"] = str(tmp_path / "llama7b")
+    data["plan"] = {"use_data": False, "device_memory": memory}
+    data["train"].update(train)
+    return plan.make(config_from_dict(data))
+
+
+def test_weights_and_adapter_memory_follow_the_format(tmp_path):
+    p = _plan_7b(tmp_path, "xsum-llama7b-lora.yaml", "80GB")
+    assert 6.7e9 < p.params.total < 6.8e9 and p.params.trainable == 4_194_304  # r=8 on q,v
+    m = p.memory["max"][False]
+    assert m.weights == 2 * p.params.total and m.adapter == 16 * p.params.trainable
+    nf4 = dataclasses.replace(p.params)
+    assert plan.weight_bytes(nf4, "nf4") == pytest.approx(
+        nf4.linear * (0.5 + 4 / 64) + (nf4.total - nf4.linear) * 4)
+    assert plan.weight_bytes(nf4, "int8") < plan.weight_bytes(nf4, "bfloat16")
+
+
+def test_largest_micro_batch_is_the_last_that_fits(tmp_path):
+    p = _plan_7b(tmp_path, "xsum-llama7b-lora.yaml", "24GiB")
+    for gc in (False, True):
+        n = p.largest_micro_batch(gc)
+        at = [plan.estimate(p, micro_batch=k, tokens=p.lengths.max,
+                            summary=p.lengths.summary_max, checkpointing=gc).total
+              for k in (n, n + 1)]
+        assert at[0] <= p.device_memory < at[1]
+    assert p.largest_micro_batch(True) > p.largest_micro_batch(False)
+
+
+@pytest.mark.parametrize("config", ["xsum-llama7b-lora.yaml", "xsum-llama7b-search.yaml"])
+def test_shipped_7b_configs_fit_the_24gb_their_comments_promise(tmp_path, config):
+    assert "24 GB" in (ROOT / "configs" / config).read_text()
+    p = _plan_7b(tmp_path, config, "24GB")
+    assert p.fits(plan.checkpointing(p.cfg, p))
+
+
+def test_auto_checkpointing_follows_the_plan_and_explicit_settings_win(tmp_path):
+    assert plan.checkpointing(_plan_7b(tmp_path, "xsum-llama7b-lora.yaml", "24GB").cfg)
+    assert not plan.checkpointing(_plan_7b(tmp_path, "xsum-llama7b-lora.yaml", "200GB").cfg)
+    cfg = _plan_7b(tmp_path, "xsum-llama7b-lora.yaml", "24GB",
+                   gradient_checkpointing=False).cfg
+    assert not plan.checkpointing(cfg)
+    cfg = _plan_7b(tmp_path, "xsum-llama7b-lora.yaml", "200GB").cfg
+    cfg.method = "qlora"  # a k-bit method's own option decides under auto
+    assert plan.checkpointing(cfg)
+
+
+def test_summary_loss_families_agree_with_training():
+    assert plan.SUMMARY_LOSS_TYPES == SUMMARY_LOSS_TYPES
+
+
+@pytest.mark.parametrize("value,message", [
+    ({"plan": {"device_memory": "lots"}}, "plan.device_memory must be"),
+    ({"plan": {"measure_steps": 0}}, "plan.measure_steps must be in"),
+    ({"train": {"gradient_checkpointing": "sometimes"}}, "train.gradient_checkpointing"),
+])
+def test_plan_options_are_validated(value, message):
+    with pytest.raises(Exception, match=message):
+        config_from_dict(value)
+
+
+def test_cli_plan_prints_memory_and_tokens_and_measures(tiny_cfg, tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(tiny_cfg))
+    assert main(["-q", "plan", "--config", str(path), "--plan.device_memory", "2GiB",
+                 "--plan.measure", "true", "--plan.measure_steps", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "measured on 12 training rows" in out and "largest that fits" in out
+    assert "per search trial" in out and "tokens/s" in out
