@@ -6,6 +6,7 @@ import re
 import shutil
 import string
 import typing
+from pathlib import Path
 
 import pytest
 import torch
@@ -263,3 +264,37 @@ def test_a_whole_gguf_loads(tmp_path, monkeypatch, tiny_gguf):
     monkeypatch.setenv("PEFTUNE_CACHE", str(tmp_path))
     tokenizer = models.load_tokenizer(models.ModelConfig(name=str(tiny_gguf)))
     assert tokenizer("alpha beta")["input_ids"]
+
+
+def test_two_conversions_of_one_gguf_at_once_both_succeed(tmp_path, monkeypatch, tiny_gguf):
+    """Two workers loading the same GGUF base at the same moment both convert it; the one
+    that finishes second finds the cached folder already there and uses it."""
+    import threading
+
+    monkeypatch.setenv("PEFTUNE_CACHE", str(tmp_path))
+    barrier = threading.Barrier(2, timeout=60)
+    real = models.AutoModelForCausalLM.from_config
+
+    def both_past_the_cache_check(*args, **kwargs):
+        barrier.wait()  # neither has written the cached folder yet
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(models.AutoModelForCausalLM, "from_config", both_past_the_cache_check)
+    results, errors = [], []
+
+    def convert():
+        try:
+            results.append(models._gguf_as_plain(str(tiny_gguf.parent), tiny_gguf.name))
+        except Exception as err:  # noqa: BLE001 - reported below with its type
+            errors.append(repr(err))
+
+    threads = [threading.Thread(target=convert) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert errors == [] and len(results) == 2 and results[0] == results[1]
+    cached = tmp_path / "models"
+    assert [p.name for p in cached.iterdir()] == [Path(results[0]).name]  # no tmp left over
+    assert models.load_tokenizer(models.ModelConfig(name=str(tiny_gguf)))("alpha beta")[
+        "input_ids"]
