@@ -231,7 +231,8 @@ def test_help_shows_each_command_its_own_keys_and_the_chosen_methods_options(cap
 
 def test_help_shows_the_default_values(capsys):
     out = _help(["train"], capsys)
-    assert "0.0002" in _entry(out, "--train.learning_rate")
+    # unset by default: each method's own rate, listed by `peftune methods`
+    assert "(unset: the method's suggested rate" in _entry(out, "--train.learning_rate")
     assert "cosine" in _entry(out, "--train.lr_scheduler")
     assert "(default: 8)" in _entry(out, "--lora.r")
     assert "(default: 32)" in _entry(out, "--lora.alpha")

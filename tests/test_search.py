@@ -290,11 +290,12 @@ def _children(pid):
 
 @pytest.mark.parametrize("storage", ["sqlite", "journal"])
 def test_a_killed_worker_trial_is_retried_and_the_study_completes(search_cfg, tmp_path, storage):
-    search_cfg["search"].update(n_trials=3, final=False)
+    # the retry waits for the killed trials to go stale: a shorter grace (8 s) here
+    search_cfg["search"].update(n_trials=2, final=False, heartbeat_seconds=2)
     if storage == "journal":
         search_cfg["search"]["storage"] = "journal"
     study_file = tmp_path / "run" / ("study.journal" if storage == "journal" else "study.db")
-    search_cfg["train"]["max_steps"] = 8
+    search_cfg["train"]["max_steps"] = 4
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(search_cfg))
     cmd, env = _cli(path, "--search.workers", "2")
@@ -317,7 +318,7 @@ def test_a_killed_worker_trial_is_retried_and_the_study_completes(search_cfg, tm
         _kill_leftovers(workers)
         parent.kill()
     trials = _study(search_cfg).trials
-    assert len([t for t in trials if t.state in searching.FINISHED]) == 3
+    assert len([t for t in trials if t.state in searching.FINISHED]) == 2
     assert all(t.state != TrialState.RUNNING for t in trials)
     failed = [t for t in trials if t.state == TrialState.FAIL]
     assert failed, "the killed worker's trial should be marked failed"
