@@ -1,14 +1,35 @@
+import io
 import json
 import logging
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
 from safetensors.torch import load_file
 
 from peftune.cli import main
+
+ROUGE_KEYS = ["rouge1", "rouge2", "rougeL", "rougeLsum"]
+
+
+def _scores(metrics):
+    return {k: metrics[k] for k in ROUGE_KEYS}
+
+
+def _rouge_of(rows):
+    """ROUGE recomputed from predictions.jsonl rows with rouge_score itself."""
+    from rouge_score import rouge_scorer
+
+    from peftune.evaluate import split_sentences
+
+    scorer = rouge_scorer.RougeScorer(ROUGE_KEYS, use_stemmer=True)
+    scores = [scorer.score(split_sentences(r["reference"]), split_sentences(r["prediction"]))
+              for r in rows]
+    return {k: pytest.approx(100 * sum(s[k].fmeasure for s in scores) / len(rows), abs=1e-4)
+            for k in ROUGE_KEYS}
 
 
 def _write_cfg(tmp_path, cfg):
@@ -17,7 +38,8 @@ def _write_cfg(tmp_path, cfg):
     return path
 
 
-def test_cli_train_evaluate_summarize_end_to_end(tiny_cfg, tmp_path, capsys):
+def test_cli_train_evaluate_summarize_end_to_end(tiny_cfg, tmp_path, capsys,
+                                                  monkeypatch):
     path = _write_cfg(tmp_path, tiny_cfg)
     assert main(["-q", "train", "--config", str(path), "--lora.r", "4"]) == 0
     run = tmp_path / "run"
@@ -26,9 +48,10 @@ def test_cli_train_evaluate_summarize_end_to_end(tiny_cfg, tmp_path, capsys):
     assert main(["-q", "evaluate", "--adapter", str(run), "--eval.zero_shot", "true"]) == 0
     metrics = json.loads((run / "metrics.json").read_text())
     assert {"train", "test", "zero_shot_test"} <= metrics.keys()
-    assert 0 <= metrics["test"]["rougeL"] <= 100
     rows = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and {"id", "prediction", "reference"} <= rows[0].keys()
+    assert _scores(metrics["test"]) == _rouge_of(rows)
+    assert metrics["test"]["num_examples"] == 4
     # the data's own `id` column, although data.id_column is unset
     assert [r["id"] for r in rows] == ["doc16", "doc17", "doc18", "doc19"]
     assert not (run / "adapter" / "training_args.bin").exists()
@@ -38,11 +61,46 @@ def test_cli_train_evaluate_summarize_end_to_end(tiny_cfg, tmp_path, capsys):
     assert "{'loss'" not in captured.out and "it/s]" not in captured.err
     assert "settings: lora: r=4, alpha=32, dropout=0.1, target_modules=default" in captured.out
     assert main(["-q", "summarize", str(run), "alpha beta gamma delta ."]) == 0
-    docs = tmp_path / "docs.jsonl"
-    docs.write_text('{"document": "alpha beta"}\n{"document": "gamma delta"}\n')
+    # summarize gives the text evaluate scored (fp32: identical on every path), whether the
+    # document comes as an argument, from stdin, from a text file or from a .jsonl file
+    test_rows = [json.loads(line) for line in
+                 (Path(tiny_cfg["data"]["source"]) / "test.jsonl").read_text().splitlines()]
+    document, expected = test_rows[1]["document"], rows[1]["prediction"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO(document))
     capsys.readouterr()
+    assert main(["-q", "summarize", str(run)]) == 0
+    assert capsys.readouterr().out == expected + "\n"
+    (tmp_path / "doc.txt").write_text(document)
+    assert main(["-q", "summarize", str(run), "--input", str(tmp_path / "doc.txt")]) == 0
+    assert capsys.readouterr().out == expected + "\n"
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"document": r["document"]}) + "\n" for r in test_rows))
     assert main(["-q", "summarize", str(run / "adapter"), "--input", str(docs)]) == 0
-    assert len(capsys.readouterr().out.strip().splitlines()) == 2
+    assert capsys.readouterr().out.splitlines() == [r["prediction"] for r in rows]
+
+
+@pytest.mark.skipif(not __import__("peftune.devices").devices.bf16_supported(),
+                    reason="this CPU has no bf16 arithmetic: precision auto is fp32 here")
+def test_default_precision_trains_and_evaluates_an_adapter_in_bf16(tiny_cfg, tmp_path,
+                                                                 capsys):
+    """What users run: no precision set, so bf16 training and a bf16 evaluation of the
+    adapter loaded onto the base; every score is the ROUGE of the texts it wrote."""
+    del tiny_cfg["train"]["precision"]
+    tiny_cfg["train"].update(learning_rate=5e-2, max_steps=4)
+    tiny_cfg["lora"] = {"target_modules": ["all-linear"]}
+    path = _write_cfg(tmp_path, tiny_cfg)
+    assert main(["-q", "train", "--config", str(path)]) == 0
+    run = tmp_path / "run"
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["precision"] == "auto"
+    assert main(["-q", "evaluate", "--adapter", str(run), "--eval.zero_shot", "true"]) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    tuned, zero = ([json.loads(line) for line in (run / name).read_text().splitlines()]
+                   for name in ("predictions.jsonl", "predictions_zero_shot_test.jsonl"))
+    assert _scores(metrics["test"]) == _rouge_of(tuned)
+    assert _scores(metrics["zero_shot_test"]) == _rouge_of(zero)
+    assert [r["prediction"] for r in tuned] != [r["prediction"] for r in zero], \
+        "the adapter changed nothing on the bf16 path"
+    assert "Traceback" not in capsys.readouterr().err
 
 
 @pytest.fixture
@@ -174,7 +232,8 @@ def test_help_shows_each_command_its_own_keys_and_the_chosen_methods_options(cap
 def test_help_shows_the_default_values(capsys):
     out = _help(["train"], capsys)
     assert "0.05" in _entry(out, "--train.warmup_ratio")
-    assert "suggested rate" in _entry(out, "--train.learning_rate")
+    # unset by default: each method's own rate, listed by `peftune methods`
+    assert "(unset: the method's suggested rate" in _entry(out, "--train.learning_rate")
     assert "cosine" in _entry(out, "--train.lr_scheduler")
     assert "(default: 8)" in _entry(out, "--lora.r")
     assert "(default: 32)" in _entry(out, "--lora.alpha")
@@ -187,11 +246,21 @@ def test_help_shows_the_default_values(capsys):
 
 @pytest.mark.parametrize("command", ["train", "evaluate", "search", "summarize", "compare"])
 def test_every_config_command_accepts_every_key(command):
-    """Help is trimmed; parsing is not: one YAML file (or set of flags) serves every command."""
+    """Help is trimmed; parsing is not: one YAML file (or set of flags) serves every command.
+    The keys are those of a fully resolved config.yaml (what a run writes), not the list the
+    flags are built from."""
+    from peftune import config_from_dict
     from peftune.cli import parser
-    from peftune.config import flag_specs
 
-    keys = [key for key, *_ in flag_specs()]
+    def flat(data, prefix=""):
+        for key, value in data.items():
+            if isinstance(value, dict) and value:
+                yield from flat(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}"
+
+    keys = list(flat(config_from_dict({}).to_dict()))
+    assert {"train.learning_rate", "lora.r", "search.space.learning_rate", "seed"} <= set(keys)
     head = [command, "run/adapter"] if command == "summarize" else [command]
     ns = parser().parse_args([*head, *(f"--{key}=1" for key in keys)])
     assert {k[4:] for k in vars(ns) if k.startswith("cfg:")} == set(keys)

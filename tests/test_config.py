@@ -5,7 +5,7 @@ import pytest
 
 from peftune import config_from_dict, load_yaml
 from peftune.cli import main
-from peftune.config import Config, flag_specs
+from peftune.config import Config
 from peftune.errors import ConfigError
 
 CONFIGS = sorted(Path(__file__).resolve().parent.parent.joinpath("configs").glob("*.yaml"))
@@ -100,8 +100,23 @@ def test_bad_yaml_values_exit_2_with_one_line(tmp_path, capsys):
 
 
 def test_every_key_is_a_flag():
-    keys = {key for key, *_ in flag_specs()}
-    assert {"train.learning_rate", "data.source", "model.name", "lora.r", "method"} <= keys
+    """Each key of a resolved config, given as a flag with a value other than its default,
+    lands in that key (keys come from the config, not from the code that builds flags)."""
+    from peftune.cli import build_config, parser
+
+    default = config_from_dict({}).to_dict()
+    changed = {"train.learning_rate": 0.0042, "data.source": "some/data.jsonl",
+               "model.name": "some-model", "lora.r": 16, "method": "ia3", "seed": 7,
+               "search.space.learning_rate": [1e-5, 1e-2], "eval.max_new_tokens": 33}
+    argv = ["search"]
+    for key, value in changed.items():
+        argv += [f"--{key}", ",".join(map(str, value)) if isinstance(value, list) else str(value)]
+    got = build_config(parser().parse_args(argv)).to_dict()
+    for key, value in changed.items():
+        node, want = got, default
+        for part in key.split("."):
+            node, want = node[part], want[part]
+        assert node == value and want != value, key
 
 
 ACCELERATE_CONFIGS = sorted(CONFIGS[0].parent.joinpath("accelerate").glob("*.yaml"))

@@ -69,9 +69,20 @@ def test_left_padding_for_generation():
 def test_local_folder_and_single_file(tmp_path, tiny_data_dir):
     splits = load_splits(DataConfig(source=str(tiny_data_dir)))
     assert {k: len(v) for k, v in splits.items()} == {"train": 12, "validation": 4, "test": 4}
-    single = write_jsonl(tmp_path / "all.jsonl", make_rows(30))
+    rows = make_rows(30)
+    single = write_jsonl(tmp_path / "all.jsonl", rows)
     splits = load_splits(DataConfig(source=str(single)))
-    assert sorted(len(v) for v in splits.values()) == [3, 3, 24]
+    assert {k: len(v) for k, v in splits.items()} == {"train": 24, "validation": 3, "test": 3}
+    # held-out rows are carved out of the file: disjoint, and together every row once
+    ids = {k: list(v["id"]) for k, v in splits.items()}
+    assert sorted(sum(ids.values(), [])) == sorted(r["id"] for r in rows)
+    assert not set(ids["train"]) & (set(ids["validation"]) | set(ids["test"]))
+    assert not set(ids["validation"]) & set(ids["test"])
+    by_id = {r["id"]: r for r in rows}
+    for ds in splits.values():
+        assert all(by_id[r["id"]]["document"] == r["document"]
+                   and by_id[r["id"]]["summary"] == r["summary"] for r in ds)
+    assert load_splits(DataConfig(source=str(single)))["test"]["id"] == ids["test"]  # seeded
 
 
 def test_csv_and_parquet_with_renamed_columns(tmp_path):
@@ -86,6 +97,16 @@ def test_csv_and_parquet_with_renamed_columns(tmp_path):
                          summary_column="highlights", id_column="id")
         splits = load_splits(cfg)
         assert set(splits["train"].column_names) == {"id", "document", "summary"}
+        # each column lands where it was named to go (swapping them must show)
+        by_id = {r["id"]: r for r in make_rows(20)}
+        for ds in splits.values():
+            for row in ds:
+                assert row["document"] == by_id[row["id"]]["document"], name
+                assert row["summary"] == by_id[row["id"]]["summary"], name
+        swapped = load_splits(DataConfig(source=str(tmp_path / name), document_column="highlights",
+                                         summary_column="article", id_column="id"))
+        row = swapped["train"][0]
+        assert row["document"] == by_id[row["id"]]["summary"]
 
 
 def test_embedded_aclsum_splits():

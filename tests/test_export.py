@@ -1,14 +1,11 @@
 """Every export format round-trips: the exported model generates the adapter's greedy text."""
 
-import importlib.metadata
 import json
 
 import pytest
 import torch
-from packaging import version
 from peft import PeftModel, PromptTuningConfig, TaskType, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from transformers.integrations.peft import MIN_PEFT_VERSION
 
 from peftune import config_from_dict
 from peftune.assembly import prepare
@@ -62,17 +59,6 @@ def test_adapter_export_loads_in_plain_peft(trained, tiny_bpe_model_dir):
     tok = _tokenizer(exported.path)
     base = AutoModelForCausalLM.from_pretrained(tiny_bpe_model_dir)
     assert _greedy(PeftModel.from_pretrained(base, str(exported.path)), tok, prompts) == texts
-
-
-@pytest.mark.skipif(
-    version.parse(importlib.metadata.version("peft")) < version.parse(MIN_PEFT_VERSION),
-    reason=f"transformers' adapter loading needs peft>={MIN_PEFT_VERSION}, not yet released")
-def test_adapter_export_loads_in_transformers(trained):
-    adapter, prompts, texts, out = trained
-    exported = export(adapter, out / "adapter-hf", fmt="adapter")
-    # transformers follows base_model_name_or_path and attaches the adapter itself
-    direct = AutoModelForCausalLM.from_pretrained(exported.path)
-    assert direct.active_adapters() and _greedy(direct, _tokenizer(exported.path), prompts) == texts
 
 
 def test_merged_export_is_a_plain_model_with_the_same_greedy_text(trained, capsys):

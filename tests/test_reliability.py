@@ -1,5 +1,6 @@
 """Faults injected on purpose: kills, signals, partial checkpoints, divergence, unsafe code."""
 
+import dataclasses
 import json
 import os
 import re
@@ -14,10 +15,11 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from transformers import TrainerCallback
 
 from peftune import config_from_dict
 from peftune.cli import main
-from peftune.errors import Diverged
+from peftune.errors import Diverged, Interrupted
 from peftune.train import COMPLETE_MARKER, last_complete_checkpoint, run
 
 SRC = Path(__file__).resolve().parent.parent / "src"
@@ -88,7 +90,8 @@ def test_a_checkpoint_cut_short_is_never_resumed_from(resume_cfg, tmp_path):
     _assert_same(_weights(run_dir), straight)
 
 
-def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(resume_cfg, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_saves_a_checkpoint_and_says_how_to_resume(resume_cfg, tmp_path, signum):
     resume_cfg["train"].update(save_steps=5, max_steps=400)
     cmd, env = _train_cmd(resume_cfg, tmp_path, "term")
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
@@ -100,14 +103,59 @@ def test_sigterm_saves_a_checkpoint_and_says_how_to_resume(resume_cfg, tmp_path)
         time.sleep(0.05)
     first = last_complete_checkpoint(log_dir)
     assert first is not None, "training never saved its first checkpoint"
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-3000:]
-    assert "rerun the same command to resume" in err
+    assert "rerun the same command to resume" in err and f"signal {int(signum)} " in err
     saved = last_complete_checkpoint(log_dir)
     step = int(saved.name.split("-")[1])
     assert int(first.name.split("-")[1]) < step < 400
     assert f"at step {step}" in err
+
+
+class _SignalsAt(TrainerCallback):
+    """Sends this process ``signals`` as optimizer step ``step`` begins, as a terminal's
+    Ctrl-C or a scheduler's SIGTERM would: at an exact step, so the test is deterministic."""
+
+    def __init__(self, step, *signals):
+        self.step, self.signals = step, signals
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step + 1 == self.step:
+            for signum in self.signals:
+                signal.raise_signal(signum)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_resume_after_a_signal_equals_an_uninterrupted_run(resume_cfg, tmp_path, signum):
+    straight = run(config_from_dict(dict(resume_cfg, output_dir=str(tmp_path / "straight"))))
+    cfg = config_from_dict(resume_cfg)
+    with pytest.raises(Interrupted, match=f"stopped by signal {int(signum)} at step 4"):
+        run(cfg, callbacks=[_SignalsAt(4, signum)])
+    run_dir = tmp_path / "run"
+    assert last_complete_checkpoint(run_dir / "checkpoints").name == "checkpoint-4"
+    assert not (run_dir / "adapter").exists()
+    resumed = run(cfg)
+    expected = _weights(tmp_path / "straight")
+    got = _weights(run_dir)
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(got[k], expected[k]) for k in expected), "resume is not exact"
+    assert resumed.metrics["train_loss"] == pytest.approx(straight.metrics["train_loss"],
+                                                          rel=1e-6)
+    assert signal.getsignal(signum) is signal.default_int_handler or \
+        signal.getsignal(signum) == signal.SIG_DFL, "the handler was not restored"
+
+
+def test_a_second_ctrl_c_stops_at_once_without_saving(resume_cfg, tmp_path):
+    cfg = config_from_dict(resume_cfg)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, callbacks=[_SignalsAt(4, signal.SIGINT, signal.SIGINT)])
+    run_dir = tmp_path / "run"
+    # the first Ctrl-C would have saved step 4 once it ended; the second did not wait for it
+    assert last_complete_checkpoint(run_dir / "checkpoints").name == "checkpoint-3"
+    assert not (run_dir / "adapter").exists()
+    run(cfg)  # and the rerun resumes from step 3 to the end
+    assert last_complete_checkpoint(run_dir / "checkpoints").name == "checkpoint-8"
 
 
 def test_divergence_stops_without_saving_an_adapter(tiny_cfg, tmp_path):
@@ -169,17 +217,34 @@ def test_out_of_memory_halves_the_micro_batch_and_keeps_the_batch(tiny_cfg, capl
     from peftune.assembly import prepare
     from peftune.train import fit, wrap
 
-    tiny_cfg["train"].update(batch_size=4, micro_batch_size=4, max_steps=2)
+    tiny_cfg["train"].update(batch_size=4, micro_batch_size=4, max_steps=3)
+    tiny_cfg["lora"] = {"dropout": 0.0}  # the same network in both runs, whatever the RNG
     cfg = config_from_dict(tiny_cfg)
     base, tok = models.load_base(cfg.model)
     data = prepare(cfg, tok)
     model = wrap(base, cfg)
+    initial = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
     oom = _OutOfMemoryAbove(2)
     base.model.register_forward_pre_hook(oom, with_kwargs=True)
     with caplog.at_level("WARNING", logger="peftune"):
         metrics = fit(cfg, model, data, output_dir=Path(cfg.output_dir) / "ckpt")
     assert "retrying with 2 (gradient accumulation keeps the batch size at 4)" in caplog.text
-    assert metrics["train_loss"] > 0 and 4 in oom.sizes and oom.sizes[-1] <= 2
+    assert 4 in oom.sizes and oom.sizes[-1] <= 2
+    # the promise: the same training as a run asked for micro-batch 2 from the start
+    halved = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, micro_batch_size=2))
+    other_base, _ = models.load_base(cfg.model)
+    other = wrap(other_base, halved)
+    with torch.no_grad():
+        for name, param in other.named_parameters():
+            if name in initial:
+                param.copy_(initial[name])
+    expected = fit(halved, other, data, output_dir=Path(cfg.output_dir) / "halved")
+    assert metrics["train_loss"] == pytest.approx(expected["train_loss"], rel=1e-5)
+    trained = {k: v for k, v in other.named_parameters() if k in initial}
+    for name, param in model.named_parameters():
+        if name in initial:
+            assert not torch.equal(param, initial[name]) or "lora_B" not in name
+            torch.testing.assert_close(param, trained[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
 def test_disk_full_is_one_clear_error_and_keeps_the_last_checkpoint(tiny_cfg, tmp_path,

@@ -1,3 +1,7 @@
+import dataclasses
+import math
+
+import pytest
 import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
@@ -6,7 +10,7 @@ from peftune import config_from_dict
 from peftune.config import EvalConfig
 from peftune.data import Collator
 from peftune.evaluate import generate, prompts_of, rouge, split_sentences
-from peftune.train import run
+from peftune.train import fit, run
 
 
 def test_train_save_load_in_plain_peft_gives_same_logits(tiny_cfg, tiny_model_dir):
@@ -70,13 +74,43 @@ def test_generation_strips_prompt_and_sorts_by_length(tiny_cfg):
     assert all(len(out.split()) <= 5 for out in batched)
 
 
-def test_rouge_scale_stemming_and_lsum():
-    assert rouge(["the cats ran"], ["the cat runs"])["rouge1"] > 60
+# Multi-sentence pairs where sentence order, stemming and repeated words matter, so the mean
+# over documents differs from any single document's score.
+ROUGE_PAIRS = [
+    ("The cats ran home. They were tired.", "The cat runs home. It was tired!"),
+    ("Results improve with data. The method is simple. We release code.",
+     "We release the code. The simple method improves results with more data."),
+    ("B b b. A a a.", "A a a. B b b."),
+    ("Nothing in common here.", "Completely different words appear."),
+    ("A model of data. A model of the data? 3 results follow.",
+     "The model of data gives 3 results. A model."),
+]
+
+
+def test_rouge_equals_rouge_scores_own_on_multi_sentence_pairs():
+    from rouge_score import rouge_scorer
+
+    preds, refs = [p for p, _ in ROUGE_PAIRS], [r for _, r in ROUGE_PAIRS]
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL", "rougeLsum"],
+                                      use_stemmer=True)
+    per_doc = [scorer.score(r, p) for p, r in zip(preds, refs, strict=True)]
+    # rougeLsum is defined on one sentence per line
+    lsum = [scorer.score(r.replace(". ", ".\n").replace("! ", "!\n").replace("? ", "?\n"),
+                         p.replace(". ", ".\n").replace("! ", "!\n").replace("? ", "?\n"))
+            for p, r in zip(preds, refs, strict=True)]
+    expected = {k: 100 * sum(s[k].fmeasure for s in per_doc) / len(per_doc)
+                for k in ("rouge1", "rouge2", "rougeL")}
+    expected["rougeLsum"] = 100 * sum(s["rougeLsum"].fmeasure for s in lsum) / len(lsum)
+    got = rouge(preds, refs)
+    assert got == pytest.approx(expected, abs=1e-4)
+    assert len({round(v, 2) for v in got.values()}) == 4  # four different numbers
+    assert expected["rougeLsum"] > expected["rougeL"]  # sentence order matters to L only
+    # stemming: "cats"/"cat", "ran"/"runs" differ only without it
+    plain = rouge_scorer.RougeScorer(["rouge1"], use_stemmer=False).score(refs[0], preds[0])
+    assert 100 * per_doc[0]["rouge1"].fmeasure > 100 * plain["rouge1"].fmeasure + 5
     assert rouge(["a b c"], ["a b c"]) == dict.fromkeys(("rouge1", "rouge2", "rougeL",
                                                           "rougeLsum"), 100.0)
     assert split_sentences("One fact. Two facts! three") == "One fact.\nTwo facts! three"
-    swapped = rouge(["B b b. A a a."], ["A a a. B b b."])
-    assert swapped["rougeLsum"] > swapped["rougeL"]
 
 
 def test_summary_only_loss_equals_the_models_own_loss_and_gradients(tiny_cfg, tmp_path):
@@ -110,6 +144,47 @@ def test_summary_only_loss_equals_the_models_own_loss_and_gradients(tiny_cfg, tm
     n = (batch["labels"][:, 1:] != -100).sum()
     scaled = trainer.compute_loss(peft_model, dict(batch), num_items_in_batch=2 * n)
     torch.testing.assert_close(scaled, plain / 2, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not __import__("peftune.devices").devices.bf16_supported(),
+                    reason="this CPU has no bf16 arithmetic (AVX512-BF16 or AMX): precision "
+                           "auto resolves to fp32 here")
+def test_default_precision_trains_in_bf16_with_the_models_own_loss(tiny_cfg, tmp_path):
+    """precision auto, what shipped configs use: the Trainer autocasts to bf16, and the
+    summary-only loss equals the model's own loss under that same autocast."""
+    from peftune import models
+    from peftune.assembly import prepare
+    from peftune.train import build_trainer, wrap
+
+    del tiny_cfg["train"]["precision"]
+    cfg = config_from_dict(tiny_cfg)
+    assert cfg.train.precision == "auto"
+    model, tok = models.load_base(cfg.model)
+    data = prepare(cfg, tok)
+    peft_model = wrap(model, cfg)
+    torch.nn.init.normal_(peft_model.base_model.model.model.layers[0].self_attn.q_proj
+                          .lora_B["default"].weight)
+    trainer = build_trainer(cfg, peft_model, data, output_dir=tmp_path / "ckpt")
+    assert trainer.accelerator.mixed_precision == "bf16" and trainer.summary_loss
+    batch = data.collator([data.splits["train"][i] for i in range(4)])
+    peft_model.eval()
+    with torch.no_grad():
+        full = peft_model(**batch).loss
+        with trainer.accelerator.autocast():
+            assert peft_model(**batch).logits.dtype == torch.bfloat16  # autocast is on
+            fast = trainer.compute_loss(peft_model, dict(batch))
+            own = peft_model(**batch).loss
+    # the same bf16 matmuls on fewer rows: equal up to bf16 rounding (8 bits of mantissa)
+    torch.testing.assert_close(fast, own, rtol=1e-2, atol=1e-3)
+    torch.testing.assert_close(fast, full, rtol=2e-2, atol=1e-2)
+    # and the real loop: a few bf16 steps lower the loss on the training rows
+    cfg.train = dataclasses.replace(cfg.train, max_steps=6, eval_each_epoch=False)
+    peft_model.train()
+    metrics = fit(cfg, peft_model, data, output_dir=tmp_path / "ckpt2")
+    peft_model.eval()
+    with torch.no_grad(), trainer.accelerator.autocast():
+        after = trainer.compute_loss(peft_model, dict(batch))
+    assert math.isfinite(metrics["train_loss"]) and after < fast
 
 
 def _head_rows(model):
@@ -196,6 +271,24 @@ def _tiny_lora_llama():
     return get_peft_model(LlamaForCausalLM(config), LoraConfig(r=4, init_lora_weights=False))
 
 
+def _onednn_packs_bf16():
+    """Whether this torch build can pack a bf16 weight for oneDNN (what half_precision uses
+    on a CPU); builds without oneDNN, or without its bf16 kernels, generate unpacked."""
+    if not (torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+        return False
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(4, 8, dtype=torch.bfloat16))
+    except RuntimeError:
+        return False
+    return True
+
+
+needs_onednn = pytest.mark.skipif(not _onednn_packs_bf16(),
+                                  reason="this torch build cannot pack bf16 weights for oneDNN")
+
+
+@needs_onednn
 def test_half_precision_matches_a_bf16_copy_and_puts_the_fp32_weights_back():
     import copy
 
@@ -227,6 +320,7 @@ def test_half_precision_matches_a_bf16_copy_and_puts_the_fp32_weights_back():
         assert torch.equal(model(input_ids=ids).logits, expected)
 
 
+@needs_onednn
 def test_packed_linear_falls_back_where_it_cannot_apply():
     from peftune.fast_generation import half_precision
 

@@ -3,7 +3,7 @@
 Run it with ``peftune export runs/x --format merged --out exports/x``:
 
 - ``adapter``: the PEFT adapter as is, pointing at its base; ``peft.PeftModel.from_pretrained``
-  and ``AutoModelForCausalLM.from_pretrained(out)`` both load it.
+  onto that base loads it (the printed line).
 - ``merged``: the adapter folded into the base weights (safetensors, tokenizer and generation
   config); plain ``AutoModelForCausalLM.from_pretrained(out)`` loads it. A quantized base is
   merged into a 16-bit copy, never into its quantized weights.
@@ -62,6 +62,11 @@ def run_config(adapter: Path, *, trust_remote_code: bool = False) -> Config:
     return config_from_dict(settings)
 
 
+def auto_class(config: Any) -> str:
+    """The transformers class that loads a model of this config."""
+    return "AutoModelForSeq2SeqLM" if config.is_encoder_decoder else "AutoModelForCausalLM"
+
+
 def base_path(cfg: Config) -> str:
     """Where the base loads from: a hub id, or an absolute local folder."""
     name = str(models.load_config(cfg.model).name_or_path)
@@ -80,7 +85,11 @@ def export_adapter(adapter: Path, out: Path, *, trust_remote_code: bool = False)
     meta = json.loads((out / "adapter_config.json").read_text())
     meta["base_model_name_or_path"] = base_path(cfg)
     (out / "adapter_config.json").write_text(json.dumps(meta, indent=2))
-    return Exported(out, f'AutoModelForCausalLM.from_pretrained("{out}")')
+    # transformers' own adapter loading (from_pretrained(out)) needs a newer peft than the
+    # pinned one: name the base explicitly
+    auto = auto_class(models.load_config(cfg.model))
+    return Exported(out, f'PeftModel.from_pretrained({auto}.from_pretrained('
+                         f'"{meta["base_model_name_or_path"]}"), "{out}")')
 
 
 # ---------------------------------------------------------------- merged
@@ -138,7 +147,7 @@ def export_merged(adapter: Path, out: Path, *, dtype: str = "auto",
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
-    return Exported(out, f'AutoModelForCausalLM.from_pretrained("{out}")')
+    return Exported(out, f'{auto_class(model.config)}.from_pretrained("{out}")')
 
 
 # ---------------------------------------------------------------- gguf

@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import struct
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -107,11 +108,18 @@ def _gguf_as_plain(path: str, gguf_file: str) -> str:
     model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(gguf_model.state_dict())
     model.generation_config = gguf_model.generation_config
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    # one temporary folder per converting process and thread
+    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}-{threading.get_ident()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    tmp.replace(target)
+    try:
+        tmp.replace(target)
+    except OSError:
+        # another worker converted the same file meanwhile: its folder is as good as ours
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").is_file():
+            raise
     return str(target)
 
 
