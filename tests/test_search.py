@@ -295,7 +295,8 @@ def test_a_killed_worker_trial_is_retried_and_the_study_completes(search_cfg, tm
     if storage == "journal":
         search_cfg["search"]["storage"] = "journal"
     study_file = tmp_path / "run" / ("study.journal" if storage == "journal" else "study.db")
-    search_cfg["train"]["max_steps"] = 4
+    # long enough that a poll of the study finds a trial training on a loaded machine
+    search_cfg["train"]["max_steps"] = 30
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(search_cfg))
     cmd, env = _cli(path, "--search.workers", "2")
