@@ -27,7 +27,7 @@ from transformers import (
     TrainingArguments,
 )
 
-from peftune import models
+from peftune import card, models
 from peftune.assembly import Prepared, load_base, prepare
 from peftune.config import Config, save_yaml
 from peftune.data import IGNORE_INDEX, LengthGroupedSampler
@@ -372,5 +372,6 @@ def run(cfg: Config, *, base: PreTrainedModel | None = None, data: Prepared | No
                   resume=cfg.train.resume, save_to=adapter_dir)
     if is_main_process():
         save_yaml(cfg, adapter_dir / "peftune.yaml")
+        card.write_for_run(adapter_dir, cfg, data.tokenizer, data.splits)
         update_metrics(out, "train", metrics)
     return TrainResult(model=model, adapter_dir=adapter_dir, metrics=metrics)
