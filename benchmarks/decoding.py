@@ -1,6 +1,6 @@
 """Which decoding default to ship, and how closely a merged export agrees with its adapter.
 
-    python benchmarks/decoding.py                  # ~30 min on 2 CPU cores, no network
+    python benchmarks/decoding.py                  # no network; 72 min on a shared 2-core CPU
     python benchmarks/decoding.py --work DIR       # where the run and exports go
 
 1. Trains one LoRA adapter on the embedded SmolLM2-135M-Instruct and ACLSum with the
@@ -8,12 +8,13 @@
    epochs; only checkpointing is off). A finished adapter in the work folder is reused.
 2. Decoding: generates for the validation split (40 papers; never the test split) with
    settings any client can reproduce, the adapter and the zero-shot base each, in the run's
-   precision: nothing (greedy), repetition_penalty 1.1 and 1.2, and today's
+   precision: nothing (greedy), repetition_penalty 1.1 and 1.2, and the old default
    no_repeat_ngram_size 3 for reference. transformers and vLLM apply both rules over the
-   prompt and the generated tokens together; llama.cpp's repeat penalty does the same with
-   ``--repeat-last-n -1``, and it has no no-repeat n-gram rule. Reports ROUGE-1/2/L, mean
-   words, and the share of outputs that ran into max_new_tokens (loops, mostly), and picks
-   the reproducible setting with the best adapter ROUGE-L.
+   prompt and the generated tokens together; llama.cpp's repeat penalty covers the last
+   ``--repeat-last-n`` tokens of the context (-1: all), and it has no no-repeat n-gram
+   rule. Reports ROUGE-1/2/L, mean words, and the share of outputs that ran into
+   max_new_tokens (loops, or answers longer than the limit), and picks the reproducible
+   setting with the best adapter ROUGE-L.
 3. Precision: with that setting, ``peftune export --format merged`` at bfloat16 and at
    float32, each loaded by plain transformers (``AutoModelForCausalLM``, the chat template,
    the export's ``generation_config.json``, one document at a time, as its model card
