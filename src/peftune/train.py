@@ -29,7 +29,7 @@ from transformers import (
     TrainingArguments,
 )
 
-from peftune import checkpoints, devices, models, plan, tracking
+from peftune import card, checkpoints, devices, models, plan, tracking
 from peftune.assembly import Prepared, load_base, prepare
 from peftune.checkpoints import COMPLETE_MARKER, last_complete_checkpoint
 from peftune.config import Config, save_yaml
@@ -493,5 +493,6 @@ def run(cfg: Config, *, base: PreTrainedModel | None = None, data: Prepared | No
                   resume=cfg.train.resume, save_to=adapter_dir)
     if is_main_process():
         save_yaml(cfg, adapter_dir / "peftune.yaml")
+        card.write_for_run(adapter_dir, cfg, data.tokenizer, data.splits)
         update_metrics(out, "train", metrics)
     return TrainResult(model=model, adapter_dir=adapter_dir, metrics=metrics)
