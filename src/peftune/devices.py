@@ -25,7 +25,11 @@ import torch
 
 log = logging.getLogger(__name__)
 
-HALF_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# The one dtype table: names of ``model.dtype`` and ``export --dtype``, and what each
+# ``train.precision`` computes in.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PRECISION_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+HALF_DTYPES = {p: DTYPES[name] for p, name in PRECISION_DTYPES.items() if p != "fp32"}
 
 
 def bf16_supported() -> bool:
@@ -59,9 +63,8 @@ def weights_dtype(name: str, precision: str) -> torch.dtype:
     forward; trainable adapter weights are kept in fp32 (``train.wrap``). On a CPU, or when
     ``train.precision`` is fp32: fp32 master weights (mixed precision is the Trainer's job).
     """
-    explicit = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if name != "auto":
-        return explicit[name]
+        return DTYPES[name]
     if not torch.cuda.is_available():
         return torch.float32
     return HALF_DTYPES.get(resolve_precision(precision), torch.float32)

@@ -30,7 +30,7 @@ import torch
 from peft import PeftConfig, PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from peftune import assembly, card, models
+from peftune import assembly, card, devices, models
 from peftune.config import Config, config_from_dict
 from peftune.errors import ModelError, PeftuneError
 from peftune.methods import get_method
@@ -38,7 +38,7 @@ from peftune.methods import get_method
 log = logging.getLogger(__name__)
 
 FORMATS = ("adapter", "merged", "gguf")
-MERGED_DTYPES = ("auto", "float32", "bfloat16", "float16")
+MERGED_DTYPES = ("auto", *devices.DTYPES)
 GGUF_DTYPES = {
     "f32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
     "f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
@@ -110,17 +110,13 @@ def is_quantized(cfg: Config) -> bool:
     return getattr(models.load_config(cfg.model), "quantization_config", None) is not None
 
 
-# the precision a run generates in -> the dtype of the weights that reproduce it
-PRECISION_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-
-
 def merged_dtype(cfg: Config, dtype: str) -> str:
     """``auto``: the precision the run was evaluated in (its ``train.precision`` resolved on
     this machine), so the merged model generates what ``evaluate`` scored; bfloat16 at least
     for a quantized base (a 16-bit copy to merge into)."""
     if dtype != "auto":
         return dtype
-    chosen = PRECISION_DTYPES[assembly.precision(cfg)]
+    chosen = devices.PRECISION_DTYPES[assembly.precision(cfg)]
     return "bfloat16" if chosen == "float32" and is_quantized(cfg) else chosen
 
 

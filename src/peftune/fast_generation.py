@@ -16,7 +16,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-HALF_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+from peftune.devices import HALF_DTYPES
 
 
 @contextlib.contextmanager
