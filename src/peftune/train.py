@@ -364,7 +364,8 @@ def fit(cfg: Config, model: PeftModel, data: Prepared, *, output_dir: Path,
     Trainer, which gathers FSDP/DeepSpeed shards and writes from the main process only.
     Out of memory in a single process, the micro-batch is halved (accumulation doubles, so
     the effective batch stays) and training restarts from the last checkpoint, or from the
-    initial adapter.
+    initial adapter. (``accelerate.utils.find_executable_batch_size`` only calls again with a
+    smaller batch: it would neither keep the effective batch nor put the adapter back.)
     """
     use_checkpointing(model, plan.checkpointing(cfg, data=data))
     initial = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
