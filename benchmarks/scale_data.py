@@ -145,12 +145,14 @@ def prepare(source: Path) -> dict[str, Any]:
     lengths = token_lengths(prepared.splits["train"])
     order = list(LengthGroupedSampler(lengths, 8, seed=0))
     end = time.perf_counter()
-    self_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    self_rss = usage.ru_maxrss / 1024
     workers_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     train = prepared.splits["train"]
     return {"wall_s": round(end - start, 1), "tokenizer_s": round(t_tokenizer - start, 1),
             "load_tokenize_s": round(t_prepare - t_tokenizer, 1),
             "length_order_s": round(end - t_prepare, 1),
+            "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
             "peak_rss_mb": round(self_rss), "worker_peak_rss_mb": round(workers_rss),
             "rows": {role: len(ds) for role, ds in prepared.splits.items()},
             "train_tokens": int(sum(lengths)),
