@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO   ?= configs/aclsum-smollm2-search.yaml
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast bench bench-scale clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ test-fast: setup
 # Speed and memory against in-run baselines (about 20 minutes on 2 CPU cores).
 bench: setup
 	$(BIN)/python benchmarks/bench.py
+
+# XSum-sized synthetic data (generated under /tmp, not in the repo): load, validate, tokenize
+# and length-group it twice, on an empty and on a filled datasets cache.
+bench-scale: setup
+	$(BIN)/python benchmarks/scale_data.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

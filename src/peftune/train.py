@@ -33,7 +33,7 @@ from peftune import card, checkpoints, devices, models, plan, tracking
 from peftune.assembly import Prepared, load_base, prepare
 from peftune.checkpoints import COMPLETE_MARKER, last_complete_checkpoint
 from peftune.config import Config, save_yaml
-from peftune.data import IGNORE_INDEX, LengthGroupedSampler
+from peftune.data import IGNORE_INDEX, LengthGroupedSampler, token_lengths
 from peftune.devices import resolve_precision
 from peftune.errors import ConfigError, Diverged, Interrupted, PeftuneError
 from peftune.logs import show_progress
@@ -236,7 +236,7 @@ class PeftuneTrainer(Trainer):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if not self.group_by_length:
             return super()._get_train_sampler(train_dataset)
-        lengths = [len(ids) for ids in dataset["input_ids"]]
+        lengths = token_lengths(dataset)
         return LengthGroupedSampler(lengths, self.args.per_device_train_batch_size,
                                     seed=self.args.data_seed or self.args.seed)
 
