@@ -216,3 +216,20 @@ def test_non_utf8_bytes_name_the_line(tmp_path, name):
     line = 10 if name.endswith(".csv") else 9
     with pytest.raises(DataError, match=f"{name}: line {line} is not UTF-8 text \\(byte 0xe9\\)"):
         load_splits(DataConfig(source=str(tmp_path / name)))
+
+
+def test_a_cached_tokenization_is_keyed_by_the_prompt_code(tmp_path, monkeypatch):
+    """Local files stay on datasets' cache, so tokenizing is cached; a cache written by other
+    prompt code (another peftune or transformers version) must never be reused."""
+    import peftune.data as data_module
+
+    path = write_jsonl(tmp_path / "train.jsonl", make_rows(12))
+    cfg = DataConfig(source=str(path))
+    tok = make_tokenizer()
+    fmt = PromptFormat.for_tokenizer(tok, "Summarize the following text.")
+    first = tokenize(load_splits(cfg)["train"], tok, fmt, 64)
+    again = tokenize(load_splits(cfg)["train"], tok, fmt, 64)
+    assert again.cache_files == first.cache_files  # cached: the same files
+    monkeypatch.setattr(data_module, "_CODE_VERSION", "other-code")
+    changed = tokenize(load_splits(cfg)["train"], tok, fmt, 64)
+    assert changed.cache_files != first.cache_files

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import codecs
 import csv
+import hashlib
 import importlib.metadata
 import json
 import logging
@@ -29,6 +30,7 @@ import datasets
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
+import transformers
 from transformers import PreTrainedTokenizerBase
 
 from peftune.config import DataConfig
@@ -41,6 +43,8 @@ LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "
 SPLIT_ALIASES = {"train": ("train",), "validation": ("validation", "val", "dev", "valid"),
                  "test": ("test",)}
 IGNORE_INDEX = -100
+_CODE_VERSION = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16] + \
+    f"-transformers-{transformers.__version__}"
 # Splits this long are tokenized in one process per CPU (see `tokenize`).
 PARALLEL_TOKENIZE_ROWS = 50_000
 
@@ -441,7 +445,7 @@ def tokenize(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, fmt: Prom
     (``benchmarks/scale_data.py --compare-num-proc``).
     """
 
-    def encode(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    def encode(batch: dict[str, list[Any]], code: str = "") -> dict[str, list[Any]]:
         prompts, cut = fmt.prompts(batch["document"], max_source_tokens)
         sums = tokenizer(batch["summary"], add_special_tokens=False)["input_ids"]
         out: dict[str, list[Any]] = {"input_ids": [], "labels": [], "prompt_len": [],
@@ -459,8 +463,10 @@ def tokenize(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, fmt: Prom
 
     if num_proc is None:
         num_proc = (os.cpu_count() or 1) if len(ds) >= PARALLEL_TOKENIZE_ROWS else 1
-    ds = ds.map(encode, batched=True, desc="tokenizing", num_proc=num_proc if num_proc > 1
-                else None)
+    # ``code`` joins datasets' cache key: a cached tokenization made by other prompt code (an
+    # older peftune, another transformers) is never reused
+    ds = ds.map(encode, batched=True, desc="tokenizing", fn_kwargs={"code": _CODE_VERSION},
+                num_proc=num_proc if num_proc > 1 else None)
     cut = pc.sum(ds.with_format("arrow")["truncated"]).as_py() or 0
     if cut:
         log.info("truncated %d of %d documents to %d tokens (summaries are never cut)",
