@@ -11,7 +11,7 @@ from transformers import LlamaConfig
 from peftune import config_from_dict, load_yaml, plan
 from peftune.assembly import prepare
 from peftune.cli import main
-from peftune.train import SUMMARY_LOSS_TYPES, wrap
+from peftune.train import wrap
 
 from .conftest import make_llama
 
@@ -89,10 +89,6 @@ def test_auto_checkpointing_follows_the_plan_and_explicit_settings_win(tmp_path)
     cfg = _plan_7b(tmp_path, "xsum-llama7b-lora.yaml", "200GB").cfg
     cfg.method = "qlora"  # a k-bit method's own option decides under auto
     assert plan.checkpointing(cfg)
-
-
-def test_summary_loss_families_agree_with_training():
-    assert plan.SUMMARY_LOSS_TYPES == SUMMARY_LOSS_TYPES
 
 
 @pytest.mark.parametrize("value,message", [

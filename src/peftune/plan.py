@@ -66,8 +66,6 @@ benchmarks/plan_check.py)."""
 LOGIT_COPIES = 3
 ADAPTER_BYTES = 16
 RUNTIME = {"cpu": 0.55 * GIB, "cuda": 1.0 * GIB}
-# the decoder families train.summary_head computes the LM head at label positions for
-SUMMARY_LOSS_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 DTYPE_BYTES = {"auto": 4, "float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -264,7 +262,7 @@ def estimate(plan: Plan, *, micro_batch: int, tokens: int, summary: int,
     half_autocast = plan.precision in ("bf16", "fp16")
     autocast = params.linear * 2 if fmt == "float32" and half_autocast else 0
     residual = 4 if quantized or fmt == "float32" else 2
-    summary_only = (plan.cfg.train.summary_loss and shape.model_type in SUMMARY_LOSS_TYPES
+    summary_only = (plan.cfg.train.summary_loss and shape.model_type in models.SUMMARY_LOSS_TYPES
                     and not params.prompt_learning)
     logit_tokens = summary if summary_only else tokens
     activations = activation_bytes(shape, precision=plan.precision,

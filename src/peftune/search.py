@@ -14,10 +14,8 @@ import dataclasses
 import logging
 import math
 import os
-import signal
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -396,7 +394,7 @@ def spawn_workers(argv: list[str], n: int) -> list[int]:
             if proc.poll() is None:
                 proc.send_signal(signum)
 
-    restore = _handle_signals(forward)
+    restore = training.handle_signals(forward)
     try:
         codes = [p.wait() for p in procs]
     finally:
@@ -407,18 +405,6 @@ def spawn_workers(argv: list[str], n: int) -> list[int]:
     if any(codes):
         log.warning("search workers exited with %s; finishing the study here", codes)
     return codes
-
-
-def _handle_signals(handler: Any) -> Any:
-    """Install ``handler`` for SIGTERM and SIGINT; return the function that undoes it."""
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
-
-    def restore() -> None:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-    return restore
 
 
 def _test_score(cfg: Config, model: Any, data: assembly.Prepared, out_dir: Path,

@@ -149,16 +149,11 @@ def per_process_batch(batch: int, micro: int, world: int) -> tuple[int, int]:
     return fitted, batch // (fitted * world)
 
 
-# Decoder-only families whose forward slices the hidden states with ``logits_to_keep`` (a
-# boolean mask included) before the LM head and hands extra keywords to its loss function.
-SUMMARY_LOSS_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
-
-
 def summary_loss_applies(model: Any) -> bool:
     """Whether the LM head of ``model`` can run at label positions only."""
     if not isinstance(model, PeftModel) or model.active_peft_config.is_prompt_learning:
         return False
-    return model.get_base_model().config.model_type in SUMMARY_LOSS_TYPES
+    return model.get_base_model().config.model_type in models.SUMMARY_LOSS_TYPES
 
 
 def summary_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
@@ -326,6 +321,20 @@ class StopOnDivergence(TrainerCallback):
             control.should_training_stop = True
 
 
+def handle_signals(handler: Callable[[int, Any], None]) -> Callable[[], None]:
+    """Install ``handler`` for SIGTERM and SIGINT; return the function that puts the previous
+    handlers back. Only the main thread can install handlers; elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore() -> None:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+    return restore
+
+
 class StopOnSignal(TrainerCallback):
     """SIGTERM / SIGINT: finish the current step, save a checkpoint, stop."""
 
@@ -333,16 +342,7 @@ class StopOnSignal(TrainerCallback):
         self.signal: int | None = None
 
     def install(self) -> Callable[[], None]:
-        if threading.current_thread() is not threading.main_thread():
-            return lambda: None
-        previous = {sig: signal.signal(sig, self._handle)
-                    for sig in (signal.SIGTERM, signal.SIGINT)}
-
-        def restore() -> None:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-
-        return restore
+        return handle_signals(self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signal is not None:  # a second Ctrl-C stops at once
@@ -357,7 +357,7 @@ class StopOnSignal(TrainerCallback):
 
 def fit(cfg: Config, model: PeftModel, data: Prepared, *, output_dir: Path,
         callbacks: list[Any] | None = None, resume: bool = False,
-        save_to: Path | None = None) -> dict[str, Any]:
+        save_to: Path | None = None, memory_plan: plan.Plan | None = None) -> dict[str, Any]:
     """Train an already wrapped model; return the Trainer's metrics plus the last eval loss.
 
     With ``save_to``, the adapter (PEFT format) and tokenizer are saved there through the
@@ -367,7 +367,7 @@ def fit(cfg: Config, model: PeftModel, data: Prepared, *, output_dir: Path,
     initial adapter. (``accelerate.utils.find_executable_batch_size`` only calls again with a
     smaller batch: it would neither keep the effective batch nor put the adapter back.)
     """
-    use_checkpointing(model, plan.checkpointing(cfg, data=data))
+    use_checkpointing(model, plan.checkpointing(cfg, memory_plan, data=data))
     initial = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
     while True:
         try:
@@ -480,9 +480,10 @@ def run(cfg: Config, *, base: PreTrainedModel | None = None, data: Prepared | No
     settings = checkpoints.fingerprint(cfg, len(data.splits["train"]))
     checkpoints.resume_point(out / "checkpoints", settings, resume=cfg.train.resume,
                              discard=is_main_process())
+    memory_plan = plan.make(cfg, data=data)
     if is_main_process():
         save_yaml(cfg, out / "config.yaml")
-        log.info("%s", plan.brief(plan.make(cfg, data=data)))
+        log.info("%s", plan.brief(memory_plan))
     if base is None:
         base = load_base(cfg, data.tokenizer)
     model = wrap(base, cfg)
@@ -491,7 +492,7 @@ def run(cfg: Config, *, base: PreTrainedModel | None = None, data: Prepared | No
              f"{total:,}", 100 * trainable / total)
     adapter_dir = out / "adapter"
     metrics = fit(cfg, model, data, output_dir=out / "checkpoints", callbacks=callbacks,
-                  resume=cfg.train.resume, save_to=adapter_dir)
+                  resume=cfg.train.resume, save_to=adapter_dir, memory_plan=memory_plan)
     if is_main_process():
         save_yaml(cfg, adapter_dir / "peftune.yaml")
         card.write_for_run(adapter_dir, cfg, data.tokenizer, data.splits)
