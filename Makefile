@@ -33,7 +33,7 @@ test: setup
 test-fast: setup
 	$(BIN)/pytest -q -m "not slow"
 
-# Speed and memory against in-run baselines (about 20 minutes on 2 CPU cores).
+# Speed and memory against in-run baselines (about 25 minutes on 2 CPU cores).
 bench: setup
 	$(BIN)/python benchmarks/bench.py
 

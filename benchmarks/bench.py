@@ -1,6 +1,6 @@
 """Speed and memory of peftune against two baselines, measured in the same run.
 
-    python benchmarks/bench.py            # everything (make bench), ~15-20 min on 2 cores
+    python benchmarks/bench.py            # everything (make bench), ~25 min on 2 cores
     python benchmarks/bench.py --part train --variant peftune   # one measurement (JSON)
 
 Baselines, on the embedded SmolLM2-135M and ACLSum:
@@ -11,6 +11,8 @@ Baselines, on the embedded SmolLM2-135M and ACLSum:
   B  a careful expert's script: HF Trainer + peft, prompt+summary with dynamic padding,
      fp32, model loaded once, HF generate with left padding in dataset order; its search
      is plain Optuna (same sampler and seed) around the same objective at these settings.
+  B-ckpt  (part ``long``, 1,024-token documents) LLaMA-Factory's defaults: Trainer + peft on
+     bf16 weights under bf16 autocast, gradient checkpointing, the LM head at every position.
 Every part runs in its own process so peak resident memory is its own.
 """
 
@@ -35,6 +37,7 @@ VARIANTS = ("A", "B", "peftune")
 TRAIN_STEPS, MICRO_BATCH = 6, 4
 GEN_EXAMPLES, GEN_TOKENS = 16, 64
 SEARCH_TRIALS = 6
+LONG_TOKENS, LONG_STEPS = 1024, 4
 
 
 # ---------------------------------------------------------------- shared set-up
@@ -139,6 +142,71 @@ def train_speed(variant: str) -> dict[str, float]:
             "flops_per_token": 4 * n_params, "seconds": timer.seconds}
 
 
+def _long_source() -> str:
+    """ACLSum with long documents (abstract, introduction and conclusion: ~1,200 tokens, cut at
+    1,024), as a local JSONL folder."""
+    from peftune.data import _detok
+
+    out = Path("/tmp/peftune-bench/aclsum-long")
+    out.mkdir(parents=True, exist_ok=True)
+    root = Path(__import__("aclsum").__file__).parent / "dataset"
+    for name in ("train", "val", "test"):
+        rows = []
+        for line in (root / f"{name}.jsonl").read_text(encoding="utf-8").splitlines():
+            paper = json.loads(line)
+            parts = [paper["sentences"][k] for k in ("abstract", "introduction", "conclusion")]
+            rows.append(json.dumps({
+                "id": paper["id"], "document": "\n\n".join(" ".join(map(_detok, p))
+                                                            for p in parts),
+                "summary": " ".join(paper["summary"][k]
+                                    for k in ("challenge", "approach", "outcome"))}))
+        (out / f"{'validation' if name == 'val' else name}.jsonl").write_text(
+            "\n".join(rows) + "\n", encoding="utf-8")
+    return str(out)
+
+
+def long_train(variant: str, overrides: list[str]) -> dict[str, float]:
+    """Training on 1,024-token documents, LoRA r=8 on q,v, batch 4, bf16.
+
+    B-ckpt is what LLaMA-Factory does by default: Trainer + peft on bf16 weights under bf16
+    autocast, gradient checkpointing on, the LM head over every position, rows in dataset
+    order. peftune is its defaults (plus ``overrides``, dotted ``key=value``).
+    """
+    from peftune import config_from_dict, models, plan, train
+    from peftune.config import set_dotted
+
+    fast = variant == "peftune"
+    data: dict[str, Any] = {
+        "output_dir": f"/tmp/peftune-bench/long-{variant}",
+        "data": {"source": _long_source(), "max_source_tokens": LONG_TOKENS},
+        "train": {"batch_size": MICRO_BATCH, "max_steps": LONG_STEPS + 1,
+                  "save_checkpoints": False, "eval_each_epoch": False, "logging_steps": 1000,
+                  "precision": "bf16"},
+        "lora": {"r": 8, "target_modules": ["q_proj", "v_proj"]}}
+    if not fast:
+        data["model"] = {"dtype": "bfloat16"}
+        data["train"].update(micro_batch_size=MICRO_BATCH, summary_loss=False,
+                             group_by_length=False, gradient_checkpointing=True)
+    for item in overrides:
+        key, value = item.split("=", 1)
+        set_dotted(data, key, json.loads(value) if value[:1] in "[{0123456789tf" else value)
+    cfg = config_from_dict(data)
+    prepared = _data(cfg, variant)
+    memory_plan = plan.make(cfg, data=prepared)
+    cfg = plan.with_micro_batch(cfg, memory_plan)  # as `peftune train` does
+    base = models.load_model(cfg.model, pad_token_id=prepared.tokenizer.pad_token_id,
+                             precision=cfg.train.precision)
+    model = train.wrap(base, cfg)
+    checkpointing = plan.checkpointing(cfg, memory_plan)
+    train.use_checkpointing(model, checkpointing)
+    timer = _StepTimer()
+    trainer = train.build_trainer(cfg, model, prepared, output_dir=Path(cfg.output_dir),
+                                  callbacks=[timer])
+    trainer.train()
+    return {"tokens_per_s": timer.tokens / timer.seconds, "seconds": timer.seconds,
+            "checkpointing": checkpointing, "micro_batch": cfg.train.micro_batch_size}
+
+
 def generation_speed(variant: str) -> dict[str, Any]:
     from peftune import models
     from peftune.evaluate import generate, prompts_of, rouge
@@ -220,10 +288,13 @@ def search_time(variant: str) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- driver
 
-def measure(part: str, variant: str) -> dict[str, Any]:
+def measure(part: str, variant: str, overrides: list[str]) -> dict[str, Any]:
     torch.manual_seed(0)
-    result = {"matmul": lambda _: matmul(), "train": train_speed, "generate": generation_speed,
-              "search": search_time}[part](variant)
+    if part == "long":
+        result = long_train(variant, overrides)
+    else:
+        result = {"matmul": lambda _: matmul(), "train": train_speed,
+                  "generate": generation_speed, "search": search_time}[part](variant)
     result.setdefault("peak_rss_mb", _peak_rss_mb())
     return result
 
@@ -240,7 +311,24 @@ def run_part(part: str, variant: str) -> dict[str, Any]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def long_table(results: dict[str, dict]) -> str:
+    """1,024-token documents: peftune's defaults against B with gradient checkpointing."""
+    b, p = results["B-ckpt"], results["peftune"]
+    lines = [f"1,024-token documents, LoRA r=8 on q,v, batch {MICRO_BATCH}, bf16:", "",
+             "| | B-ckpt (LLaMA-Factory's defaults) | peftune defaults | peftune/B-ckpt |",
+             "|---|---|---|---|"]
+    for name, key, fmt in (("training real tokens/s", "tokens_per_s", "{:.1f}"),
+                           ("training peak RSS (MB)", "peak_rss_mb", "{:.0f}")):
+        lines.append(f"| {name} | {fmt.format(b[key])} | {fmt.format(p[key])} | "
+                     f"{p[key] / b[key]:.2f}x |")
+    lines.append(f"| micro-batch, checkpointing | {b['micro_batch']}, {b['checkpointing']} | "
+                 f"{p['micro_batch']}, {p['checkpointing']} | |")
+    return "\n".join(lines)
+
+
 def table(results: dict[str, dict[str, dict]]) -> str:
+    if "matmul" not in results:
+        return ""
     peak = results["matmul"]["-"]
     lines = [f"matmul peak: {peak['float32']:.0f} GFLOP/s fp32, {peak['bfloat16']:.0f} "
              "GFLOP/s bf16", "",
@@ -277,22 +365,26 @@ def table(results: dict[str, dict[str, dict]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("matmul", "train", "generate", "search"))
-    parser.add_argument("--variant", choices=(*VARIANTS, "-"), default="peftune")
-    parser.add_argument("--parts", default="matmul,train,generate,search")
+    parser.add_argument("--part", choices=("matmul", "train", "long", "generate", "search"))
+    parser.add_argument("--variant", choices=(*VARIANTS, "B-ckpt", "-"), default="peftune")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a peftune setting for --part long (dotted, repeatable)")
+    parser.add_argument("--parts", default="matmul,train,long,generate,search")
     args = parser.parse_args()
     if args.part:
-        result = measure(args.part, args.variant)
+        result = measure(args.part, args.variant, args.set)
         print(json.dumps(result, default=str))
         return
     results: dict[str, dict[str, dict]] = {}
     for part in args.parts.split(","):
-        variants = ["-"] if part == "matmul" else (
-            ["B", "peftune"] if part == "search" else list(VARIANTS))
+        variants = {"matmul": ["-"], "search": ["B", "peftune"],
+                    "long": ["B-ckpt", "peftune"]}.get(part, list(VARIANTS))
         for variant in variants:
             print(f"measuring {part} {variant} ...", file=sys.stderr, flush=True)
             results.setdefault(part, {})[variant] = run_part(part, variant)
     print(table(results))
+    if "long" in results:
+        print("\n" + long_table(results["long"]))
 
 
 if __name__ == "__main__":

@@ -36,6 +36,8 @@ def test_method_options_round_trip():
     ({"bogus": 1}, "unknown config key 'bogus'"),
     ({"train": {"batch_size": "many"}}, "train.batch_size must be int"),
     ({"train": {"batch_size": 6, "micro_batch_size": 4}}, "multiple of"),
+    ({"train": {"micro_batch_size": "most"}}, "train.micro_batch_size must be 'auto' or in"),
+    ({"train": {"micro_batch_size": 0}}, "train.micro_batch_size must be 'auto' or in"),
     ({"method": "magic"}, "unknown method 'magic'"),
     ({"lora": {"r": 1.5}}, "lora.r must be an integer"),
     ({"model": {"dtype": "int3"}}, "model.dtype must be one of"),

@@ -45,7 +45,7 @@ def test_one_process_with_several_gpus_trains_on_one_not_in_data_parallel(monkey
                                                                          tmp_path):
     from peftune.train import training_args
 
-    cfg = config_from_dict({"train": {"precision": "fp32"}})
+    cfg = config_from_dict({"train": {"precision": "fp32", "micro_batch_size": 4}})
     gpus(monkeypatch, 4)
     with caplog.at_level("WARNING", logger="peftune"):
         args = training_args(cfg, output_dir=tmp_path, has_eval=False)

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from transformers import TrainingArguments
 
 import peftune
-from peftune import config_from_dict
+from peftune import config_from_dict, plan
 from peftune.config import load_yaml
 from peftune.train import run, training_args
 
@@ -94,7 +94,9 @@ def test_every_shipped_config_splits_its_batch_over_the_processes(config, proces
     monkeypatch.setenv("WORLD_SIZE", str(processes))  # what accelerate launch sets
     # one test process cannot join a group of N: the Trainer's device setup is skipped
     monkeypatch.setattr(TrainingArguments, "_setup_devices", property(_no_process_group))
-    cfg = config_from_dict(load_yaml(config))
+    cfg = config_from_dict({**load_yaml(config), "plan": {"use_data": False}})
+    if cfg.train.micro_batch_size == "auto":  # what it is on this machine
+        cfg = plan.with_micro_batch(cfg, plan.make(cfg))
     args = training_args(cfg, output_dir=tmp_path, has_eval=True)
     micro, steps = args.per_device_train_batch_size, args.gradient_accumulation_steps
     assert micro * steps * processes == cfg.train.batch_size

@@ -34,11 +34,13 @@ def _logits(model, prompts):
                           for p in prompts])
 
 
-# Rounding every weight to 16 bits moves a logit of this model (values of order 1) by about
-# 1e-3 (measured: bf16 compute 0.0033, bf16 GGUF read in fp32 0.0011, float16 below 0.0005),
-# while removing the adapter moves it by about 1: a 0.02 bound tells the adapter's model from
-# any other. Greedy tokens follow the argmax, equal unless two logits tie within rounding.
-MAX_LOGIT_DIFF = 0.02
+# Rounding every weight to 16 bits moves a logit of this model (values of order 1) by 1e-3 to
+# 2e-2 (measured on two adapters trained on different batch orders: bf16 compute 0.0033 and
+# 0.024, bf16 GGUF read in fp32 0.0011 and 0.014, float16 below 0.006), while removing the
+# adapter moves it by about 1. bfloat16 keeps 8 significant bits to float16's 11, so its
+# bound is looser; both tell the adapter's model from any other. Greedy tokens follow the
+# argmax, equal unless two logits tie within rounding.
+MAX_LOGIT_DIFF = {"float16": 0.02, "f16": 0.02, "bfloat16": 0.05, "bf16": 0.05}
 
 
 @pytest.mark.parametrize("fmt,dtype", [("merged", "bfloat16"), ("merged", "float16"),
@@ -57,8 +59,8 @@ def test_16_bit_exports_predict_what_the_adapter_predicts(trained, tiny_bpe_mode
         model = AutoModelForCausalLM.from_pretrained(str(exported.parent),
                                                      gguf_file=exported.name)
     got = _logits(model, prompts)
-    assert (bare - reference).abs().max() > 25 * MAX_LOGIT_DIFF  # the adapter matters
-    assert (got - reference).abs().max() <= MAX_LOGIT_DIFF
+    assert (bare - reference).abs().max() > 10 * MAX_LOGIT_DIFF[dtype]  # the adapter matters
+    assert (got - reference).abs().max() <= MAX_LOGIT_DIFF[dtype]
     agree = (got.argmax(-1) == reference.argmax(-1)).float().mean()
     assert agree >= 0.98, f"greedy tokens agree at {agree:.1%} of positions"
 

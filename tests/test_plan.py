@@ -109,3 +109,48 @@ def test_cli_plan_prints_memory_and_tokens_and_measures(tiny_cfg, tmp_path, caps
     out = capsys.readouterr().out
     assert "measured on 12 training rows" in out and "largest that fits" in out
     assert "per search trial" in out and "tokens/s" in out
+
+
+def _rows_plan(tmp_path, *, rows: int, tokens: int, memory: str, batch: int = 8):
+    p = _plan_7b(tmp_path, "xsum-llama7b-lora.yaml", memory, batch_size=batch,
+                 micro_batch_size="auto")
+    lengths = dataclasses.replace(p.lengths, p90=tokens, max=tokens, examples=rows)
+    return dataclasses.replace(p, lengths=lengths)
+
+
+@pytest.mark.parametrize(("kind", "tokens", "expected"), [
+    ("cpu", 1100, 1),   # a long row is a micro-batch's worth on a CPU
+    ("cpu", 330, 4),    # short rows: four of them (1,320 tokens), not eight
+    ("cpu", 90, 8),     # never more than the batch
+    ("cuda", 1100, 4),  # a GPU's budget is larger: 8 rows would be 8,800 tokens
+])
+def test_auto_micro_batch_fills_the_device_s_token_budget(tmp_path, kind, tokens, expected):
+    p = _rows_plan(tmp_path, rows=100, tokens=tokens, memory="1TB")
+    p.device_kind = kind
+    chosen = p.auto_micro_batch()
+    assert chosen == expected and p.cfg.train.batch_size % chosen == 0
+    assert chosen * tokens <= plan.TOKENS_PER_MICRO_BATCH[kind] or chosen == 1
+
+
+def test_auto_micro_batch_stays_within_device_memory(tmp_path):
+    p = _rows_plan(tmp_path, rows=100, tokens=1100, memory="24GB")
+    assert 0 < p.largest_micro_batch(False) < 4  # the budget alone would give 4 on a GPU
+    chosen = p.auto_micro_batch()
+    assert chosen <= p.largest_micro_batch(False)
+    tight = _rows_plan(tmp_path, rows=100, tokens=1100, memory="14GB")
+    assert tight.largest_micro_batch(False) == 0 and tight.auto_micro_batch() == 1
+
+
+def test_auto_micro_batch_is_what_trains_and_what_the_run_records(tiny_cfg, caplog):
+    from peftune.train import run
+
+    tiny_cfg["train"]["micro_batch_size"] = "auto"
+    cfg = config_from_dict(tiny_cfg)
+    with caplog.at_level("INFO", logger="peftune"):
+        result = run(cfg)
+    chosen = plan.make(cfg).micro_batch
+    assert f"micro-batch {chosen} (auto)" in caplog.text
+    saved = yaml.safe_load((Path(cfg.output_dir) / "config.yaml").read_text())
+    assert saved["train"]["micro_batch_size"] == chosen == 4  # tiny rows: the whole batch
+    assert yaml.safe_load((result.adapter_dir / "peftune.yaml").read_text())[
+        "train"]["micro_batch_size"] == chosen

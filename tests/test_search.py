@@ -51,6 +51,18 @@ def test_space_is_conditional_and_fills_the_config(search_cfg):
     assert all(not k.startswith(("adalora.", "ia3.")) for k in trial.params)
 
 
+def test_method_options_can_stay_as_configured(search_cfg):
+    search_cfg["search"]["tune_method_options"] = False
+    search_cfg["lora"] = {"r": 16, "alpha": 32, "dropout": 0.05}
+    cfg = config_from_dict(search_cfg)
+    trial = optuna.create_study().ask()
+    drawn = searching.suggest(trial, cfg)
+    assert set(trial.params) == {"method", "batch_size", "learning_rate", "epochs",
+                                 "warmup_ratio", "weight_decay"}
+    assert (drawn.method_options.r, drawn.method_options.alpha,
+            drawn.method_options.dropout) == (16, 32, 0.05)
+
+
 def test_bad_space_is_rejected():
     with pytest.raises(ConfigError, match=r"search.space.learning_rate must be \[low, high\]"):
         config_from_dict({"search": {"space": {"learning_rate": [1e-3, 1e-5]}}})
@@ -154,6 +166,21 @@ def test_trial_scores_do_not_depend_on_earlier_trials(search_cfg):
     assert first.params == last.params
     for key in ("eval_loss", "rougeL", "rouge1"):
         assert first.user_attrs[key] == pytest.approx(last.user_attrs[key], abs=1e-6)
+
+
+@pytest.mark.parametrize(("pruner", "eval_steps"), [("none", None), ("median", 1)])
+def test_trials_compute_intermediate_validation_loss_only_for_a_pruner(search_cfg, monkeypatch,
+                                                                       pruner, eval_steps):
+    search_cfg["search"].update(n_trials=1, final=False, pruner=pruner)
+    fit, seen = searching.training.fit, []
+
+    def recording(cfg, *args, **kwargs):
+        seen.append(cfg.train.eval_steps)
+        return fit(cfg, *args, **kwargs)
+
+    monkeypatch.setattr(searching.training, "fit", recording)
+    study, _ = searching.run(config_from_dict(search_cfg))
+    assert seen == [eval_steps] and study.trials[0].state == TrialState.COMPLETE
 
 
 def test_resuming_with_another_question_refuses(search_cfg, tmp_path):

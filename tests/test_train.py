@@ -1,5 +1,6 @@
 import dataclasses
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -384,3 +385,35 @@ def test_prompts_prefilled_one_by_one_continue_like_a_padded_batch():
     assert torch.equal(padded.sequences, prefilled.sequences)
     for a, b in zip(padded.logits, prefilled.logits, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_the_micro_batch_splits_each_step_s_examples_without_changing_them(tiny_cfg):
+    """Length grouping is by optimizer step, so a step trains on the same examples whatever
+    the micro-batch, and the results agree (the out-of-memory retry and
+    ``micro_batch_size: auto`` rely on it)."""
+    from peftune import models
+    from peftune.assembly import prepare
+    from peftune.train import build_trainer, fit, wrap
+
+    tiny_cfg["train"].update(batch_size=4, max_steps=3, group_by_length=True)
+    tiny_cfg["lora"] = {"dropout": 0.0}
+    steps, results = {}, {}
+    for micro in (1, 2, 4):
+        tiny_cfg["train"]["micro_batch_size"] = micro
+        cfg = config_from_dict(tiny_cfg)
+        base, tok = models.load_base(cfg.model)
+        data = prepare(cfg, tok)
+        order = list(build_trainer(cfg, wrap(base, cfg), data,
+                                   output_dir=Path(cfg.output_dir) / "x")._get_train_sampler())
+        steps[micro] = [sorted(order[i:i + 4]) for i in range(0, len(order), 4)]
+        base, _ = models.load_base(cfg.model)
+        model = wrap(base, cfg)
+        metrics = fit(cfg, model, data, output_dir=Path(cfg.output_dir) / f"m{micro}")
+        results[micro] = (metrics["train_loss"],
+                          {k: v.detach().clone() for k, v in model.named_parameters()
+                           if v.requires_grad})
+    assert steps[1] == steps[2] == steps[4]
+    for micro in (1, 2):
+        assert results[micro][0] == pytest.approx(results[4][0], rel=1e-5)
+        for name, param in results[micro][1].items():
+            torch.testing.assert_close(param, results[4][1][name], atol=1e-6, rtol=1e-5)

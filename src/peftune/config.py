@@ -75,8 +75,10 @@ class TrainConfig:
                                         within="(0, inf)")
     batch_size: int = _help("effective batch size (examples per optimizer step)", 8,
                             within=f"[1, {MAX_BATCH}]")
-    micro_batch_size: int = _help("examples per forward pass; the rest is gradient "
-                                  "accumulation", 4, within=f"[1, {MAX_BATCH}]")
+    micro_batch_size: int | str = _help(
+        "examples per forward pass; the rest is gradient accumulation. auto: as many rows as "
+        "make about a device's worth of tokens (`peftune plan` shows the choice)", "auto",
+        within=f"[1, {MAX_BATCH}]", also=("auto",))
     epochs: float = _help("training epochs", 2.0, within="(0, 100000]")
     max_steps: int = _help("stop after this many optimizer steps (-1: use epochs)", -1,
                            within=f"[1, {MAX_COUNT}]", also=(-1,))
@@ -108,7 +110,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_fields(self, "train")
-        if self.batch_size % self.micro_batch_size:
+        if self.micro_batch_size != "auto" and self.batch_size % self.micro_batch_size:
             raise ConfigError(f"train.batch_size ({self.batch_size}) must be a multiple of "
                               f"train.micro_batch_size ({self.micro_batch_size})")
         if isinstance(self.gradient_checkpointing, str) and \
@@ -222,6 +224,9 @@ class SearchConfig:
     train_examples: int | None = _help("training rows per trial (a cheaper fidelity; the "
                                        "final model uses all)", None,
                                        within=f"[1, {MAX_COUNT}]")
+    tune_method_options: bool = _help("also search each method's own options (rank, alpha, "
+                                      "dropout, targets, ...); false keeps the configured ones",
+                                      True)
     final: bool = _help("retrain the best configuration and score it on the test split", True)
     baselines: bool = _help("also score zero-shot and the default configuration on the test "
                             "split, trained like the final model", False)

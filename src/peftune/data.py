@@ -480,10 +480,12 @@ def token_lengths(ds: datasets.Dataset) -> list[int]:
 
 
 class LengthGroupedSampler(torch.utils.data.Sampler[int]):
-    """Shuffled order in which each micro-batch holds examples of similar length.
+    """Shuffled order in which each batch holds examples of similar length.
 
     Shuffle, sort by length inside windows of ``window`` batches, cut into batches, shuffle
-    the batches. The order depends only on (seed, epoch), so a resumed run replays it.
+    the batches. The order depends only on (seed, epoch, batch_size), so a resumed run
+    replays it. Given the examples of an optimizer step as ``batch_size``, any split into
+    micro-batches (consecutive slices, longest first) trains on the same examples.
     """
 
     def __init__(self, lengths: list[int], batch_size: int, *, seed: int, window: int = 8):

@@ -19,26 +19,29 @@ from peftune.errors import ConfigError
 @dataclass(frozen=True)
 class Range:
     """The values a numeric option accepts: an interval such as ``(0, inf)`` or ``[0, 1)``,
-    plus any special values outside it (``-1`` for "use epochs"). Floats must be finite."""
+    plus any special values outside it (``-1`` for "use epochs", ``"auto"``). Floats must be
+    finite."""
 
     low: float
     high: float
     low_open: bool
     high_open: bool
-    also: tuple[float, ...] = ()
+    also: tuple[float | str, ...] = ()
 
     @classmethod
-    def parse(cls, text: str, also: tuple[float, ...] = ()) -> Range:
+    def parse(cls, text: str, also: tuple[float | str, ...] = ()) -> Range:
         low, high = (float(part) for part in text[1:-1].split(","))
         if text[0] not in "([" or text[-1] not in ")]" or low > high:
             raise ValueError(f"not an interval: {text!r}")
         return cls(low, high, text[0] == "(", text[-1] == ")", also)
 
     def __contains__(self, value: object) -> bool:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool):
             return False
         if value in self.also:
             return True
+        if not isinstance(value, (int, float)):
+            return False
         if not math.isfinite(value):
             return False
         above = value > self.low if self.low_open else value >= self.low
@@ -54,12 +57,14 @@ class Range:
         return "".join(f"{_number(v)} or " for v in self.also) + text
 
 
-def _number(value: float) -> str:
+def _number(value: float | str) -> str:
+    if isinstance(value, str):
+        return repr(value)
     return str(int(value)) if float(value).is_integer() else str(value)
 
 
 def option(text: str, default: Any = dataclasses.MISSING, *, within: str | None = None,
-          also: tuple[float, ...] = (),
+          also: tuple[float | str, ...] = (),
           choices: tuple[str, ...] | Callable[[], tuple[str, ...]] | None = None,
           **kw: Any) -> Any:
     """A field with its ``--help`` text and, checked by :func:`check_fields`, the interval a

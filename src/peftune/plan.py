@@ -66,6 +66,12 @@ benchmarks/plan_check.py)."""
 LOGIT_COPIES = 3
 ADAPTER_BYTES = 16
 RUNTIME = {"cpu": 0.55 * GIB, "cuda": 1.0 * GIB}
+TOKENS_PER_MICRO_BATCH = {"cpu": 1536, "cuda": 8192}
+"""``train.micro_batch_size: auto`` puts about this many tokens (rows at the p90 length) in a
+micro-batch. On a 2-core CPU, training throughput stops growing near a thousand tokens per
+forward pass and falls beyond two thousand, while activation memory grows with every row
+(BENCHMARKS.md, "Long documents"). A GPU needs more rows to fill its cores; its figure is a
+reasoned one (no GPU was measured) and is capped by what fits the device."""
 DTYPE_BYTES = {"auto": 4, "float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -156,6 +162,19 @@ class Plan:
         fixed = one.weights + one.autocast_copies + one.adapter + one.runtime
         per_example = one.activations + one.backward + one.logits
         return max(0, int((self.device_memory - fixed) // per_example))
+
+    def auto_micro_batch(self) -> int:
+        """The micro-batch ``train.micro_batch_size: auto`` trains with: the largest divisor
+        of the batch whose rows at the p90 length stay within the device's token budget
+        (:data:`TOKENS_PER_MICRO_BATCH`) and whose longest rows fit the device without
+        gradient checkpointing; at least 1. The optimizer sees the same batches whatever
+        the choice (:class:`peftune.data.LengthGroupedSampler`)."""
+        batch = self.cfg.train.batch_size
+        budget = TOKENS_PER_MICRO_BATCH[self.device_kind]
+        fits = self.largest_micro_batch(False)
+        sizes = [m for m in range(1, batch + 1) if batch % m == 0
+                 and m * max(self.lengths.p90, 1) <= budget and m <= fits]
+        return max(sizes, default=1)
 
     def needs_checkpointing(self) -> bool:
         """Whether ``train.gradient_checkpointing: auto`` turns checkpointing on."""
@@ -304,11 +323,14 @@ def make(cfg: Config, *, data: Any = None, model_config: Any = None) -> Plan:
     lengths = measure_lengths(data.splits["train"]) if data is not None else \
         assumed_lengths(cfg)
     kind, memory = device_memory(cfg.plan.device_memory)
+    auto = cfg.train.micro_batch_size == "auto"
     plan = Plan(cfg=cfg, shape=Shape.of(model_config), params=params, lengths=lengths,
                 weight_format=weight_format(cfg),
                 precision=devices.resolve_precision(cfg.train.precision),
                 device_kind=kind, device_memory=memory,
-                micro_batch=cfg.train.micro_batch_size)
+                micro_batch=1 if auto else cfg.train.micro_batch_size)
+    if auto:
+        plan.micro_batch = plan.auto_micro_batch()
     for name in ("p50", "p90", "max"):
         tokens = getattr(lengths, name)
         summary = getattr(lengths, "summary_" + name)
@@ -316,6 +338,13 @@ def make(cfg: Config, *, data: Any = None, model_config: Any = None) -> Plan:
                                           summary=summary, checkpointing=gc)
                              for gc in (False, True)}
     return plan
+
+
+def with_micro_batch(cfg: Config, plan: Plan) -> Config:
+    """``cfg`` with ``train.micro_batch_size: auto`` replaced by the plan's choice."""
+    if cfg.train.micro_batch_size != "auto":
+        return cfg
+    return replace(cfg, train=replace(cfg.train, micro_batch_size=plan.micro_batch))
 
 
 def checkpointing(cfg: Config, plan: Plan | None = None, **make_kwargs: Any) -> bool:
@@ -392,7 +421,7 @@ def render(plan: Plan, *, tokens_per_s: float | None = None,
            f"tokens per example ({'measured on' if n.measured else 'assumed for'} "
            f"{n.examples or '?'} training rows): p50 {n.p50}, p90 {n.p90}, max {n.max} "
            f"(summary {n.summary_p50}/{n.summary_p90}/{n.summary_max})",
-           f"memory per device (GiB) at micro-batch {plan.micro_batch}, device "
+           f"memory per device (GiB) at micro-batch {plan.micro_batch}{_auto(cfg)}, device "
            f"{_gib(plan.device_memory)} GiB ({plan.device_kind}):",
            f"  {'':<30}{'weights':>8}{'autocast':>9}{'adapter':>8}{'activ.':>8}"
            f"{'backw.':>8}{'logits':>8}{'runtime':>8}{'total':>8}"]
@@ -429,12 +458,17 @@ def render(plan: Plan, *, tokens_per_s: float | None = None,
     return "\n".join(out)
 
 
+def _auto(cfg: Config) -> str:
+    return " (auto)" if cfg.train.micro_batch_size == "auto" else ""
+
+
 def brief(plan: Plan) -> str:
     """One line for the start of ``train`` and ``search``."""
     m = plan.memory["max"]
     return (f"plan: {_count(plan.params.trainable)} of {_count(plan.params.total)} parameters "
             f"trainable; peak ~{_gib(m[False].total)} GiB ({_gib(m[True].total)} with gradient "
             f"checkpointing) of {_gib(plan.device_memory)} GiB at micro-batch "
-            f"{plan.micro_batch} x {plan.lengths.max} tokens; largest micro-batch that fits: "
+            f"{plan.micro_batch}{_auto(plan.cfg)} x {plan.lengths.max} tokens; largest "
+            "micro-batch that fits: "
             f"{plan.largest_micro_batch(False)} ({plan.largest_micro_batch(True)} "
             "checkpointed); `peftune plan` for details")

@@ -59,7 +59,8 @@ def suggest(trial: optuna.trial.BaseTrial, cfg: Config) -> Config:
     space = cfg.search.space
     name = trial.suggest_categorical("method", cfg.search.methods)
     batch = trial.suggest_categorical("batch_size", space.batch_size)
-    micro = math.gcd(batch, cfg.train.micro_batch_size)
+    micro = cfg.train.micro_batch_size
+    micro = micro if micro == "auto" else math.gcd(batch, micro)
     train = replace(
         cfg.train,
         learning_rate=trial.suggest_float("learning_rate", *space.learning_rate, log=True),
@@ -70,7 +71,8 @@ def suggest(trial: optuna.trial.BaseTrial, cfg: Config) -> Config:
         weight_decay=trial.suggest_float("weight_decay", *space.weight_decay),
     )
     method = get_method(name)
-    options = replace(cfg.methods[name], **method.search_space(trial))
+    options = replace(cfg.methods[name], **method.search_space(trial)) \
+        if cfg.search.tune_method_options else cfg.methods[name]
     new = copy.deepcopy(cfg)
     new.method, new.train = name, train
     new.methods[name] = options
@@ -273,8 +275,12 @@ class Objective:
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
         cfg = suggest(trial, self.cfg)
         cfg.output_dir = str(Path(self.cfg.output_dir) / "trials" / f"trial-{trial.number:04d}")
-        cfg.train = replace(cfg.train, eval_steps=self.cfg.search.intermediate_steps,
-                            save_checkpoints=False, report_to=self.cfg.train.report_to)
+        # validation loss at intermediate steps is for the pruner; without one, a trial's
+        # only validation loss is the one at the end of each epoch
+        pruning = self.cfg.search.pruner != "none" and not self.cfg.search.second_objective
+        cfg.train = replace(cfg.train, save_checkpoints=False,
+                            eval_steps=self.cfg.search.intermediate_steps if pruning else None,
+                            report_to=self.cfg.train.report_to)
         trial.set_user_attr("config", cfg.to_dict())
         base = self.bases.get(cfg)
         keys = self.keys.setdefault(assembly.base_key(cfg), set(base.state_dict()))

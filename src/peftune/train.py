@@ -90,6 +90,9 @@ def is_main_process() -> bool:
 
 def training_args(cfg: Config, *, output_dir: Path, has_eval: bool) -> TrainingArguments:
     t = cfg.train
+    if t.micro_batch_size == "auto":
+        raise ValueError("train.micro_batch_size 'auto' is decided by the memory plan: pass "
+                         "plan.with_micro_batch(cfg, plan.make(cfg, data=...))")
     micro, accumulation = per_process_batch(t.batch_size, t.micro_batch_size, world_size())
     precision = resolve_precision(t.precision)
     save = "no" if not t.save_checkpoints else "epoch" if t.save_steps is None else "steps"
@@ -232,8 +235,11 @@ class PeftuneTrainer(Trainer):
         if not self.group_by_length:
             return super()._get_train_sampler(train_dataset)
         lengths = token_lengths(dataset)
-        return LengthGroupedSampler(lengths, self.args.per_device_train_batch_size,
-                                    seed=self.args.data_seed or self.args.seed)
+        # grouped by optimizer step (all processes, all micro-batches): the micro-batch size
+        # splits a step's examples without changing which examples they are
+        step = self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps \
+            * self.args.world_size
+        return LengthGroupedSampler(lengths, step, seed=self.args.data_seed or self.args.seed)
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
@@ -367,6 +373,10 @@ def fit(cfg: Config, model: PeftModel, data: Prepared, *, output_dir: Path,
     initial adapter. (``accelerate.utils.find_executable_batch_size`` only calls again with a
     smaller batch: it would neither keep the effective batch nor put the adapter back.)
     """
+    if memory_plan is None and "auto" in (cfg.train.micro_batch_size,
+                                           cfg.train.gradient_checkpointing):
+        memory_plan = plan.make(cfg, data=data)
+    cfg = plan.with_micro_batch(cfg, memory_plan) if memory_plan else cfg
     use_checkpointing(model, plan.checkpointing(cfg, memory_plan, data=data))
     initial = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
     while True:
@@ -481,6 +491,7 @@ def run(cfg: Config, *, base: PreTrainedModel | None = None, data: Prepared | No
     checkpoints.resume_point(out / "checkpoints", settings, resume=cfg.train.resume,
                              discard=is_main_process())
     memory_plan = plan.make(cfg, data=data)
+    cfg = plan.with_micro_batch(cfg, memory_plan)  # config.yaml says what trains
     if is_main_process():
         save_yaml(cfg, out / "config.yaml")
         log.info("%s", plan.brief(memory_plan))
