@@ -137,6 +137,10 @@ def test_auto_micro_batch_stays_within_device_memory(tmp_path):
     assert 0 < p.largest_micro_batch(False) < 4  # the budget alone would give 4 on a GPU
     chosen = p.auto_micro_batch()
     assert chosen <= p.largest_micro_batch(False)
+    planned = plan.estimate(p, micro_batch=chosen, tokens=p.lengths.max,
+                            summary=p.lengths.summary_max, checkpointing=False).total
+    if planned > plan.AUTO_HEADROOM * p.device_memory:  # room for what the plan misses
+        assert chosen == 1 and p.needs_checkpointing()
     tight = _rows_plan(tmp_path, rows=100, tokens=1100, memory="14GB")
     assert tight.largest_micro_batch(False) == 0 and tight.auto_micro_batch() == 1
 

@@ -72,6 +72,9 @@ micro-batch. On a 2-core CPU, training throughput stops growing near a thousand 
 forward pass and falls beyond two thousand, while activation memory grows with every row
 (BENCHMARKS.md, "Long documents"). A GPU needs more rows to fill its cores; its figure is a
 reasoned one (no GPU was measured) and is capped by what fits the device."""
+AUTO_HEADROOM = 0.9
+"""``auto`` (micro-batch and gradient checkpointing) counts on this share of the device only:
+the plan's GPU constants are unmeasured, and an allocator fragments."""
 DTYPE_BYTES = {"auto": 4, "float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -153,8 +156,8 @@ class Plan:
     memory: dict[str, dict[bool, Memory]] = field(default_factory=dict)
     """By length percentile (``p50``, ``p90``, ``max``), then by gradient checkpointing."""
 
-    def fits(self, checkpointing: bool) -> bool:
-        return self.memory["max"][checkpointing].total <= self.device_memory
+    def fits(self, checkpointing: bool, share: float = 1.0) -> bool:
+        return self.memory["max"][checkpointing].total <= self.device_memory * share
 
     def largest_micro_batch(self, checkpointing: bool) -> int:
         one = estimate(self, micro_batch=1, tokens=self.lengths.max,
@@ -171,14 +174,15 @@ class Plan:
         the choice (:class:`peftune.data.LengthGroupedSampler`)."""
         batch = self.cfg.train.batch_size
         budget = TOKENS_PER_MICRO_BATCH[self.device_kind]
-        fits = self.largest_micro_batch(False)
+        room = replace(self, device_memory=int(self.device_memory * AUTO_HEADROOM))
+        fits = room.largest_micro_batch(False)
         sizes = [m for m in range(1, batch + 1) if batch % m == 0
                  and m * max(self.lengths.p90, 1) <= budget and m <= fits]
         return max(sizes, default=1)
 
     def needs_checkpointing(self) -> bool:
         """Whether ``train.gradient_checkpointing: auto`` turns checkpointing on."""
-        return not self.fits(False)
+        return not self.fits(False, AUTO_HEADROOM)
 
 
 def count_parameters(cfg: Config, model_config: Any) -> Params:
