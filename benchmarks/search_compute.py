@@ -2,6 +2,8 @@
 
     python benchmarks/search_compute.py           # ~1 hour on 2 CPU cores
     python benchmarks/search_compute.py --quick   # a few minutes: 3 + 3 trials, a smoke run
+    python benchmarks/search_compute.py --report  # the last run's tables and plot again
+    python benchmarks/search_compute.py --arms peftune  # rerun one arm against the saved other
 
 Both arms run on the embedded SmolLM2-135M and ACLSum through the same training and
 generation code, so what differs is the protocol alone:
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -169,26 +172,61 @@ def plot(results: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def summary(results: dict[str, Any]) -> str:
+    """Markdown: each arm's trials with their cost, then compute and test side by side."""
+    lines = []
+    for arm in ("seed", "peftune"):
+        lines += ["", f"{arm}:", "",
+                  "| trial | learning rate | batch | state | validation ROUGE-L | training "
+                  "tokens | CPU s | wall s |", "|---|---|---|---|---|---|---|---|"]
+        for row in results[arm]["trials"]:
+            value = f"{row['rougeL']:.2f}" if row["rougeL"] is not None else "-"
+            lines.append(f"| {row['number']} | {row['params']['learning_rate']:.2e} | "
+                         f"{row['params']['batch_size']} | {row['state'].lower()} | {value} | "
+                         f"{row['train_tokens']:,} | {row['cpu_s']:.0f} | {row['wall_s']:.0f} |")
+    test = results["test"]
+    lines += ["", "| | seed | peftune | peftune/seed |", "|---|---|---|---|"]
+    for key, name, fmt in (("train_tokens", "search training tokens", "{:,.0f}"),
+                           ("cpu_s", "search CPU seconds", "{:,.0f}"),
+                           ("wall_s", "search wall seconds", "{:,.0f}")):
+        a, b = results["seed"]["search"][key], results["peftune"]["search"][key]
+        lines.append(f"| {name} | {fmt.format(a)} | {fmt.format(b)} | {b / a:.2f} |")
+    best = {arm: max((r["rougeL"] for r in results[arm]["trials"] if r["rougeL"] is not None),
+                     default=math.nan) for arm in ("seed", "peftune")}
+    lines.append(f"| best validation ROUGE-L | {best['seed']:.2f} | {best['peftune']:.2f} | |")
+    lines.append("| test ROUGE-L of the final model [95% interval] | "
+                 + " | ".join(f"{test[arm][0]:.2f} [{test[arm][1]:.2f}, {test[arm][2]:.2f}]"
+                              for arm in ("seed", "peftune")) + " | |")
+    d = test["peftune - seed"]
+    lines.append(f"| peftune - seed, test ROUGE-L, paired [95% interval] | | "
+                 f"{d['difference']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}] | |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3 trials an arm (smoke run)")
     parser.add_argument("--png", type=Path, default=ROOT / "benchmarks" / "search_compute.png")
+    parser.add_argument("--arms", default="seed,peftune",
+                        help="arms to run; any other arm's results are the last run's")
+    parser.add_argument("--report", action="store_true",
+                        help="only print the tables and draw the plot of the last run's results")
     args = parser.parse_args()
-    from peftune.logs import setup_logging
+    saved = OUT / "search_compute.json"
+    if args.report:
+        results = json.loads(saved.read_text())
+    else:
+        from peftune.logs import setup_logging
 
-    setup_logging(False)
-    results = {arm: run_arm(arm, 3 if args.quick else None) for arm in ("seed", "peftune")}
-    results["test"] = test_comparison()
-    (OUT / "search_compute.json").write_text(json.dumps(results, indent=1, default=str))
+        setup_logging(False)
+        results = json.loads(saved.read_text()) if saved.is_file() else {}
+        for arm in args.arms.split(","):  # the others' results are the last run's
+            shutil.rmtree(OUT / arm, ignore_errors=True)
+            results[arm] = run_arm(arm, 3 if args.quick else None)
+        results["test"] = test_comparison()
+        saved.write_text(json.dumps(results, indent=1, default=str))
     plot(results, args.png if not args.quick else OUT / "search_compute.png")
-    for arm in ("seed", "peftune"):
-        r = results[arm]
-        print(f"{arm}: search {r['search']['cpu_s'] / 3600:.2f} CPU h, "
-              f"{r['search']['wall_s'] / 60:.1f} min, {r['search']['train_tokens']:,} training "
-              f"tokens; best {r['best_params']}; test ROUGE-L {results['test'][arm]}")
-    ratio = {k: results["peftune"]["search"][k] / results["seed"]["search"][k]
-             for k in ("cpu_s", "wall_s", "train_tokens")}
-    print(f"peftune/seed compute: {ratio}; test difference {results['test']['peftune - seed']}")
+    print(summary(results))
 
 
 if __name__ == "__main__":
