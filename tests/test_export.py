@@ -127,24 +127,33 @@ def test_wordlevel_tokenizer_has_no_gguf_form(tiny_cfg, tmp_path, capsys):
     assert "byte-level BPE" in capsys.readouterr().err
 
 
+def _embedded_random_adapter(cfg, folder):
+    """A seeded, non-zero LoRA on the embedded model, saved to ``folder`` with ``cfg`` as its
+    run config; returns the model and tokenizer."""
+    from peft import LoraConfig
+
+    from peftune import models
+    from peftune.config import ModelConfig
+
+    base, tok = models.load_base(ModelConfig())
+    torch.manual_seed(0)
+    model = get_peft_model(base, LoraConfig(task_type=TaskType.CAUSAL_LM, r=4,
+                                            init_lora_weights=False))
+    model.save_pretrained(folder)
+    (folder / "peftune.yaml").write_text(json.dumps(cfg.to_dict()))
+    return model, tok
+
+
 @pytest.mark.slow
 def test_smollm2_adapter_exports_to_gguf_with_the_same_greedy_text(tmp_path):
     """The embedded model is a quantized GGUF: merging goes into a 16-bit copy, and the GGUF
     written from it keeps SmolLM2's tokenizer and llama.cpp pre-tokenizer name."""
     import gguf
-    from peft import LoraConfig
 
-    from peftune import models
-    from peftune.config import ModelConfig
     from peftune.export import merged_dtype
 
     cfg = config_from_dict({"output_dir": str(tmp_path / "run")})
-    base, tok = models.load_base(ModelConfig())
-    torch.manual_seed(0)
-    model = get_peft_model(base, LoraConfig(task_type=TaskType.CAUSAL_LM, r=4,
-                                            init_lora_weights=False))
-    model.save_pretrained(tmp_path / "adapter")
-    (tmp_path / "adapter" / "peftune.yaml").write_text(json.dumps(cfg.to_dict()))
+    model, tok = _embedded_random_adapter(cfg, tmp_path / "adapter")
     assert merged_dtype(cfg, "auto") == "bfloat16"
     prompts = [tok.apply_chat_template([{"role": "user", "content": text}],
                                        add_generation_prompt=True, return_dict=True)["input_ids"]
@@ -236,20 +245,12 @@ def test_gguf_through_llama_cpp_chat_completion_gives_the_same_greedy_text(
 def test_an_embedded_model_adapter_loads_where_peftune_never_ran(tmp_path):
     """The exported adapter of the embedded model, loaded by its card's lines in a fresh
     Python without peftune, its cache or a network, gives peftune's fp32 texts."""
-    from peft import LoraConfig
 
-    from peftune import models
-    from peftune.config import ModelConfig
 
     cfg = config_from_dict({"output_dir": str(tmp_path / "run"),
                             "train": {"precision": "fp32"},
                             "eval": {"max_new_tokens": 24}, "data": {"max_source_tokens": 16}})
-    base, tok = models.load_base(ModelConfig())
-    torch.manual_seed(0)
-    model = get_peft_model(base, LoraConfig(task_type=TaskType.CAUSAL_LM, r=4,
-                                            init_lora_weights=False))
-    model.save_pretrained(tmp_path / "adapter")
-    (tmp_path / "adapter" / "peftune.yaml").write_text(json.dumps(cfg.to_dict()))
+    model, tok = _embedded_random_adapter(cfg, tmp_path / "adapter")
     docs = ["The cat sat on the mat because the mat was warm and the cat was cold after the "
             "long walk home.", "Two plus two is four."]
     prompts, cut = prompt_format(cfg, tok).prompts(docs, cfg.data.max_source_tokens)

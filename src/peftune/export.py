@@ -66,11 +66,6 @@ def run_config(adapter: Path, *, trust_remote_code: bool = False) -> Config:
     return config_from_dict(settings)
 
 
-def auto_class(config: Any) -> str:
-    """The transformers class that loads a model of this config."""
-    return "AutoModelForSeq2SeqLM" if config.is_encoder_decoder else "AutoModelForCausalLM"
-
-
 # ---------------------------------------------------------------- adapter
 
 def export_adapter(adapter: Path, out: Path, *, trust_remote_code: bool = False) -> Exported:
@@ -88,7 +83,7 @@ def export_adapter(adapter: Path, out: Path, *, trust_remote_code: bool = False)
     # transformers' own adapter loading (from_pretrained(out)) needs a newer peft than the
     # pinned one: name the base explicitly
     base_name = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
-    auto = auto_class(models.load_config(cfg.model))
+    auto = models.auto_class(models.load_config(cfg.model)).__name__
     return Exported(out, f'PeftModel.from_pretrained({auto}.from_pretrained("{base_name}"), '
                          f'"{out}")')
 
@@ -146,7 +141,8 @@ def export_merged(adapter: Path, out: Path, *, dtype: str = "auto",
     tokenizer.save_pretrained(str(out))
     card.write(out, cfg, tokenizer, kind="merged", facts=card.read_facts(adapter),
                weights=str(model.dtype).removeprefix("torch."))
-    return Exported(out, f'{auto_class(model.config)}.from_pretrained("{out}")')
+    auto = models.auto_class(model.config).__name__
+    return Exported(out, f'{auto}.from_pretrained("{out}")')
 
 
 # ---------------------------------------------------------------- gguf

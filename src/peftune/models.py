@@ -156,13 +156,18 @@ def is_seq2seq(cfg: ModelConfig) -> bool:
     return bool(load_config(cfg).is_encoder_decoder)
 
 
+def auto_class(config: Any) -> type:
+    """The transformers class that loads a model of this config."""
+    return AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+
+
 def load_model(cfg: ModelConfig, *, pad_token_id: int | None = None,
                extra: dict[str, Any] | None = None, precision: str = "fp32") -> PreTrainedModel:
     """Causal or encoder-decoder LM, as its config says; ``extra`` goes to ``from_pretrained``
     (a method's quantization config). ``precision`` is the one the model will run in: with
     ``model.dtype: auto`` it decides the weights' dtype on a GPU (:func:`devices.weights_dtype`)."""
     config = load_config(cfg)
-    auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+    auto = auto_class(config)
     extra = dict(extra or {})
     if "quantization_config" in extra:
         extra = {**devices.quantized_load_kwargs(), **extra}

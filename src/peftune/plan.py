@@ -159,12 +159,13 @@ class Plan:
     def fits(self, checkpointing: bool, share: float = 1.0) -> bool:
         return self.memory["max"][checkpointing].total <= self.device_memory * share
 
-    def largest_micro_batch(self, checkpointing: bool) -> int:
+    def largest_micro_batch(self, checkpointing: bool, share: float = 1.0) -> int:
+        """The most rows of the longest length that fit ``share`` of the device."""
         one = estimate(self, micro_batch=1, tokens=self.lengths.max,
                        summary=self.lengths.summary_max, checkpointing=checkpointing)
         fixed = one.weights + one.autocast_copies + one.adapter + one.runtime
         per_example = one.activations + one.backward + one.logits
-        return max(0, int((self.device_memory - fixed) // per_example))
+        return max(0, int((self.device_memory * share - fixed) // per_example))
 
     def auto_micro_batch(self) -> int:
         """The micro-batch ``train.micro_batch_size: auto`` trains with: the largest divisor
@@ -174,8 +175,7 @@ class Plan:
         the choice (:class:`peftune.data.LengthGroupedSampler`)."""
         batch = self.cfg.train.batch_size
         budget = TOKENS_PER_MICRO_BATCH[self.device_kind]
-        room = replace(self, device_memory=int(self.device_memory * AUTO_HEADROOM))
-        fits = room.largest_micro_batch(False)
+        fits = self.largest_micro_batch(False, AUTO_HEADROOM)
         sizes = [m for m in range(1, batch + 1) if batch % m == 0
                  and m * max(self.lengths.p90, 1) <= budget and m <= fits]
         return max(sizes, default=1)

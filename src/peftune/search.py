@@ -164,6 +164,12 @@ def directions(search: SearchConfig) -> list[str]:
     return [first] + (["minimize"] if search.second_objective else [])
 
 
+def pruner_name(search: SearchConfig) -> str:
+    """The pruner a study uses: none for a Pareto search (Optuna prunes single objectives
+    only)."""
+    return "none" if search.second_objective else search.pruner
+
+
 def sampler_seed(seed: int, worker: int) -> int:
     """The sampler seed of worker ``worker`` (0: the main process keeps ``seed``). Workers
     sharing a study each draw their own stream; the same (seed, worker) draws the same one."""
@@ -188,7 +194,7 @@ def create_study(cfg: Config, *, worker: int | None = None) -> optuna.Study:
         "hyperband": optuna.pruners.HyperbandPruner(min_resource=1, reduction_factor=3),
         "median": optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1),
         "none": optuna.pruners.NopPruner(),
-    }[search.pruner if not search.second_objective else "none"]
+    }[pruner_name(search)]
     name = search.study_name or Path(cfg.output_dir).resolve().name
     study = optuna.create_study(study_name=name, storage=storage_for(cfg), sampler=sampler,
                                 pruner=pruner, directions=directions(search),
@@ -277,7 +283,7 @@ class Objective:
         cfg.output_dir = str(Path(self.cfg.output_dir) / "trials" / f"trial-{trial.number:04d}")
         # validation loss at intermediate steps is for the pruner; without one, a trial's
         # only validation loss is the one at the end of each epoch
-        pruning = self.cfg.search.pruner != "none" and not self.cfg.search.second_objective
+        pruning = pruner_name(self.cfg.search) != "none"
         cfg.train = replace(cfg.train, save_checkpoints=False,
                             eval_steps=self.cfg.search.intermediate_steps if pruning else None,
                             report_to=self.cfg.train.report_to)
