@@ -119,6 +119,18 @@ def tiny_cfg(tiny_model_dir: Path, tiny_data_dir: Path, tmp_path: Path) -> dict:
     }
 
 
+def bpe_adapter_config(model_dir: Path, data_dir: Path, out: Path) -> dict:
+    """A seconds-long LoRA run (all linear layers, fp32) on the byte-level BPE tiny LLaMA,
+    which exports to GGUF: the export tests' trained adapter."""
+    return {
+        "output_dir": str(out / "run"),
+        "data": {"source": str(data_dir), "max_source_tokens": 24},
+        "model": {"name": str(model_dir)}, "lora": {"target_modules": ["all-linear"]},
+        "train": {"max_steps": 3, "batch_size": 4, "micro_batch_size": 2, "learning_rate": 5e-2,
+                  "precision": "fp32", "eval_each_epoch": False},
+    }
+
+
 def make_bpe_tokenizer() -> PreTrainedTokenizerFast:
     """A GPT-2 style byte-level BPE tokenizer (what GGUF's 'gpt2' tokenizer model holds),
     trained in milliseconds on the fixture words; the WordLevel one has no GGUF form."""

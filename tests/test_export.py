@@ -23,7 +23,7 @@ from peftune.errors import ModelError, PeftuneError
 from peftune.evaluate import generate, prompts_of
 from peftune.export import export
 from peftune.train import run
-from tests.conftest import make_llama, make_tokenizer
+from tests.conftest import bpe_adapter_config, make_llama, make_tokenizer
 
 N_NEW = 8
 
@@ -32,14 +32,10 @@ N_NEW = 8
 def trained(tiny_bpe_model_dir, tiny_data_dir, tmp_path_factory):
     """One trained adapter on the byte-level BPE tiny LLaMA, its prompts and greedy text."""
     out = tmp_path_factory.mktemp("export-run")
-    cfg = config_from_dict({
-        "output_dir": str(out / "run"), "data": {"source": str(tiny_data_dir),
-                                                 "max_source_tokens": 24},
-        "model": {"name": str(tiny_bpe_model_dir)}, "lora": {"target_modules": ["all-linear"]},
-        "train": {"max_steps": 3, "batch_size": 4, "micro_batch_size": 2, "learning_rate": 5e-2,
-                  "precision": "fp32", "eval_each_epoch": False},
-        # not the defaults, so a client that misses the run's settings gives other text
-        "eval": {"max_new_tokens": 12, "repetition_penalty": 1.3, "no_repeat_ngram_size": 0}})
+    # decoding not the defaults, so a client that misses the run's settings gives other text
+    cfg = config_from_dict({**bpe_adapter_config(tiny_bpe_model_dir, tiny_data_dir, out),
+                            "eval": {"max_new_tokens": 12, "repetition_penalty": 1.3,
+                                     "no_repeat_ngram_size": 0}})
     result = run(cfg)
     data = prepare(cfg, _tokenizer(result.adapter_dir), roles=("test",))
     prompts = prompts_of(data.splits["test"])

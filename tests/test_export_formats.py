@@ -11,18 +11,14 @@ from peftune import config_from_dict
 from peftune.cli import main
 from peftune.export import export
 from peftune.train import run
+from tests.conftest import bpe_adapter_config
 
 
 @pytest.fixture(scope="module")
 def trained(tiny_bpe_model_dir, tiny_data_dir, tmp_path_factory):
     """A LoRA adapter on the byte-level BPE tiny LLaMA (exportable to GGUF) and prompts."""
     out = tmp_path_factory.mktemp("export-formats")
-    cfg = config_from_dict({
-        "output_dir": str(out / "run"), "data": {"source": str(tiny_data_dir),
-                                                 "max_source_tokens": 24},
-        "model": {"name": str(tiny_bpe_model_dir)}, "lora": {"target_modules": ["all-linear"]},
-        "train": {"max_steps": 3, "batch_size": 4, "micro_batch_size": 2, "learning_rate": 5e-2,
-                  "precision": "fp32", "eval_each_epoch": False}})
+    cfg = config_from_dict(bpe_adapter_config(tiny_bpe_model_dir, tiny_data_dir, out))
     result = run(cfg)
     prompts = [[2, *range(10, 40)], [2, *range(40, 60)], [2, 7, 9, 11, 13, 200, 250]]
     return result.adapter_dir, prompts, out
