@@ -12,6 +12,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
+    PreTrainedModel,
     PreTrainedTokenizerFast,
     T5Config,
     T5ForConditionalGeneration,
@@ -20,6 +21,26 @@ from transformers import (
 # Tiny matrices gain nothing from a second thread, and on a busy machine OpenMP threads
 # waiting for each other make every op hundreds of times slower.
 torch.set_num_threads(1)
+
+
+def _process_globals() -> dict[str, object]:
+    """What transformers, accelerate and torch patch while they build a model and must put
+    back: a test that leaves one patched breaks every later model in the run."""
+    return {"PreTrainedModel.tie_weights": PreTrainedModel.tie_weights,
+            "PreTrainedModel.init_weights": PreTrainedModel.init_weights,
+            "Module.register_parameter": torch.nn.Module.register_parameter,
+            "Module.register_buffer": torch.nn.Module.register_buffer,
+            "default dtype": torch.get_default_dtype(),
+            "default device": torch.get_default_device()}
+
+
+@pytest.fixture(autouse=True)
+def _globals_restored():
+    before = _process_globals()
+    yield
+    changed = [name for name, value in _process_globals().items() if value != before[name]]
+    assert not changed, f"this test left process-wide state patched: {', '.join(changed)}"
+
 
 WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi "
          "rho sigma tau upsilon phi chi psi omega the a of and model data result method").split()

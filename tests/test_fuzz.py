@@ -267,35 +267,43 @@ def test_a_whole_gguf_loads(tmp_path, monkeypatch, tiny_gguf):
     assert tokenizer("alpha beta")["input_ids"]
 
 
-def test_two_conversions_of_one_gguf_at_once_both_succeed(tmp_path, monkeypatch, tiny_gguf):
-    """Two workers loading the same GGUF base at the same moment both convert it; the one
-    that finishes second finds the cached folder already there and uses it."""
-    import threading
-
-    monkeypatch.setenv("PEFTUNE_CACHE", str(tmp_path))
-    barrier = threading.Barrier(2, timeout=60)
+def _convert_after_barrier(gguf: str, barrier, out) -> None:
+    """One worker process: convert ``gguf``, meeting the other worker just after the cache
+    check (at ``from_config``), so that neither has written the cached folder yet."""
     real = models.AutoModelForCausalLM.from_config
 
     def both_past_the_cache_check(*args, **kwargs):
-        barrier.wait()  # neither has written the cached folder yet
+        barrier.wait()
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(models.AutoModelForCausalLM, "from_config", both_past_the_cache_check)
-    results, errors = [], []
+    models.AutoModelForCausalLM.from_config = both_past_the_cache_check
+    path = Path(gguf)
+    try:
+        out.put(("ok", models._gguf_as_plain(str(path.parent), path.name)))
+    except Exception as err:  # noqa: BLE001 - reported by the test with its type
+        out.put(("error", repr(err)))
 
-    def convert():
-        try:
-            results.append(models._gguf_as_plain(str(tiny_gguf.parent), tiny_gguf.name))
-        except Exception as err:  # noqa: BLE001 - reported below with its type
-            errors.append(repr(err))
 
-    threads = [threading.Thread(target=convert) for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
-    assert errors == [] and len(results) == 2 and results[0] == results[1]
+def test_two_conversions_of_one_gguf_at_once_both_succeed(tmp_path, monkeypatch, tiny_gguf):
+    """Two worker processes loading the same GGUF base at the same moment both convert it;
+    the one that finishes second finds the cached folder already there and uses it.
+    Processes, as real workers are: transformers patches global state while it builds a
+    model, so two threads building at once leave every later model in the process untied."""
+    import multiprocessing
+
+    monkeypatch.setenv("PEFTUNE_CACHE", str(tmp_path))  # the workers inherit it
+    ctx = multiprocessing.get_context("spawn")
+    barrier, out = ctx.Barrier(2, timeout=120), ctx.Queue()
+    workers = [ctx.Process(target=_convert_after_barrier, args=(str(tiny_gguf), barrier, out))
+               for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    results = [out.get(timeout=300) for _ in workers]
+    for worker in workers:
+        worker.join(timeout=60)
+    assert [status for status, _ in results] == ["ok", "ok"], results
+    assert results[0][1] == results[1][1]
     cached = tmp_path / "models"
-    assert [p.name for p in cached.iterdir()] == [Path(results[0]).name]  # no tmp left over
+    assert [p.name for p in cached.iterdir()] == [Path(results[0][1]).name]  # no tmp left over
     assert models.load_tokenizer(models.ModelConfig(name=str(tiny_gguf)))("alpha beta")[
         "input_ids"]
