@@ -6,25 +6,26 @@ from pathlib import Path
 
 import pytest
 import yaml
-from transformers import LlamaConfig
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from peftune import config_from_dict, load_yaml, plan
 from peftune.assembly import prepare
 from peftune.cli import main
 from peftune.train import wrap
 
-from .conftest import make_llama
-
 ROOT = Path(__file__).resolve().parent.parent
 LLAMA_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
             "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000}
 
 
-def test_counts_on_an_empty_model_equal_the_real_model(tiny_cfg, tiny_model_dir):
+@pytest.mark.parametrize("tied", [False, True])
+def test_counts_on_an_empty_model_equal_the_real_model(tiny_cfg, tiny_model_dir, tied):
+    """Tied input and output embeddings (SmolLM2, Gemma) are one tensor: counted once."""
     cfg = config_from_dict({**tiny_cfg, "lora": {"target_modules": ["all-linear"]}})
-    real = wrap(make_llama(LlamaConfig.from_pretrained(tiny_model_dir).vocab_size), cfg)
+    config = LlamaConfig.from_pretrained(tiny_model_dir, tie_word_embeddings=tied)
+    real = wrap(LlamaForCausalLM(config), cfg)
     trainable, total = real.get_nb_trainable_parameters()
-    counted = plan.count_parameters(cfg, LlamaConfig.from_pretrained(tiny_model_dir))
+    counted = plan.count_parameters(cfg, config)
     assert (counted.trainable, counted.total) == (trainable, total - trainable)
 
 

@@ -186,16 +186,14 @@ class Plan:
 
 
 def count_parameters(cfg: Config, model_config: Any) -> Params:
-    """Base and trainable parameters of ``cfg.method`` on an empty (meta) model."""
-    from accelerate import init_empty_weights
+    """Base and trainable parameters of ``cfg.method`` on an empty (meta) model. The meta
+    device, not accelerate's ``init_empty_weights``: under the latter, tied input and output
+    embeddings stay two tensors and are counted twice."""
     from peft import get_peft_model
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-    auto = AutoModelForSeq2SeqLM if model_config.is_encoder_decoder else AutoModelForCausalLM
     method = get_method(cfg.method)
-    with init_empty_weights():
-        base = auto.from_config(model_config)
-        base.tie_weights()  # an empty model is not tied by from_config
+    with torch.device("meta"):
+        base = models.auto_class(model_config).from_config(model_config)
         params = _base_counts(base)
         info = replace(models.model_info(base), instruction=cfg.data.instruction)
         peft_config = method.build(cfg.method_options, info)
