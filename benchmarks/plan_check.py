@@ -31,7 +31,7 @@ TINYLLAMA = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers"
 CELLS = [  # model, micro-batch, tokens per row, gradient checkpointing, steps
     ("smollm2", 2, 256, False, 3), ("smollm2", 2, 512, False, 3),
     ("smollm2", 4, 256, False, 3), ("smollm2", 4, 512, False, 3),
-    ("smollm2", 4, 512, True, 3),
+    ("smollm2", 4, 512, True, 3), ("smollm2", 1, 1024, False, 4),
     ("tinyllama", 1, 256, False, 2), ("tinyllama", 1, 512, False, 2),
     ("tinyllama", 2, 256, False, 2), ("tinyllama", 2, 512, False, 2),
 ]
