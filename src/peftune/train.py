@@ -373,9 +373,8 @@ def fit(cfg: Config, model: PeftModel, data: Prepared, *, output_dir: Path,
     initial adapter. (``accelerate.utils.find_executable_batch_size`` only calls again with a
     smaller batch: it would neither keep the effective batch nor put the adapter back.)
     """
-    if memory_plan is None and "auto" in (cfg.train.micro_batch_size,
-                                           cfg.train.gradient_checkpointing):
-        memory_plan = plan.make(cfg, data=data)
+    if memory_plan is None and cfg.train.micro_batch_size == "auto":
+        memory_plan = plan.make(cfg, data=data)  # plan.checkpointing makes one if it needs it
     cfg = plan.with_micro_batch(cfg, memory_plan) if memory_plan else cfg
     use_checkpointing(model, plan.checkpointing(cfg, memory_plan, data=data))
     initial = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
