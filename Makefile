@@ -1,13 +1,21 @@
-# `make demo` and `make test` work on a fresh machine with only Python 3.10+.
+# `make demo` and `make test` work on a fresh machine with only Python 3.11+.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO   ?= configs/aclsum-smollm2-search.yaml
 
-.PHONY: setup demo test test-fast bench bench-scale clean
+.PHONY: setup demo test test-fast bench bench-scale check-python gpu-bundle clean
+
+# transformers 5.24 and aclsum need 3.11: say so before a venv of the wrong Python is made
+check-python:
+	@v=$$($(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])') && \
+	printf '3.11\n%s\n' "$$v" | sort -V -C || \
+	{ echo "peftune needs Python 3.11 or newer; $(PYTHON) is Python $$v: make PYTHON=python3.11" >&2; \
+	  exit 1; }
 
 $(STAMP): pyproject.toml Makefile
+	@$(MAKE) --no-print-directory check-python
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# CPU build of torch; GPU users install their own torch first (see README).

@@ -60,9 +60,10 @@ def test_one_process_with_several_gpus_trains_on_one_not_in_data_parallel(monkey
 
 def test_search_workers_get_a_gpu_each_round_robin(monkeypatch):
     gpus(monkeypatch, 2)
+    share = devices.GPU_SHARE_ENV  # workers 0 and 2 share GPU 0
     assert [devices.worker_env(i, 3) for i in range(3)] == [
-        {"CUDA_VISIBLE_DEVICES": "0"}, {"CUDA_VISIBLE_DEVICES": "1"},
-        {"CUDA_VISIBLE_DEVICES": "0"}]
+        {"CUDA_VISIBLE_DEVICES": "0", share: "2"}, {"CUDA_VISIBLE_DEVICES": "1", share: "1"},
+        {"CUDA_VISIBLE_DEVICES": "0", share: "2"}]
     # ids are taken from what this process sees, so a restricted parent stays restricted
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")
     assert [devices.worker_env(i, 2)["CUDA_VISIBLE_DEVICES"] for i in range(2)] == ["5", "7"]
@@ -123,16 +124,155 @@ def test_cpu_keeps_fp32_weights_and_computes_in_bf16_where_it_has_it(monkeypatch
     assert devices.weights_dtype("auto", "bf16") == torch.float32
 
 
-def test_qlora_stores_4bit_weights_in_the_compute_dtype_only_when_sharded(monkeypatch):
+def gpu_memory(monkeypatch, total):
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device=None: type("Props", (), {"total_memory": total})())
+
+
+def test_workers_sharing_a_gpu_each_plan_for_their_part_of_it(monkeypatch):
+    from peftune import plan
+
+    gpus(monkeypatch, 1)
+    gpu_memory(monkeypatch, 80 * 2**30)
+    assert plan.device_memory("auto") == ("cuda", 80 * 2**30)  # alone on it
+    for key, value in devices.worker_env(1, 2).items():  # 2 workers, 1 GPU
+        monkeypatch.setenv(key, value)
+    assert devices.gpu_share() == 2
+    assert plan.device_memory("auto") == ("cuda", 40 * 2**30)
+    assert plan.device_memory("24GiB") == ("cuda", 24 * 2**30)  # a stated size is not split
+
+
+@pytest.mark.parametrize("capability, sharding, fmt", [
+    ((9, 0), None, "bfloat16"), ((7, 0), None, "float16"), ((9, 0), "fsdp", "float32"),
+    (None, None, "float32")])
+def test_plan_loads_model_dtype_auto_as_loading_does(tiny_cfg, monkeypatch, capability,
+                                                     sharding, fmt):
+    """``model.dtype: auto`` is 16 bits on a GPU (fp32 under FSDP, or on a CPU) for the plan
+    and the auto micro-batch as for loading: one rule, :func:`devices.weights_dtype`."""
+    from peftune import plan
+
+    gpus(monkeypatch, 0 if capability is None else 1, capability or (0, 0))
+    gpu_memory(monkeypatch, 80 * 2**30)
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    if sharding:
+        monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    tiny_cfg["train"]["precision"] = "auto"
+    tiny_cfg["plan"] = {"use_data": False}
+    p = plan.make(config_from_dict(tiny_cfg))
+    assert p.weight_format == fmt == devices.DTYPE_NAMES[devices.weights_dtype("auto", "auto")]
+    bytes_per_weight = 4 if fmt == "float32" else 2
+    assert p.memory["max"][False].weights == bytes_per_weight * p.params.total
+
+
+def test_free_generation_memory_counts_what_the_allocator_reserved_but_does_not_use(
+        monkeypatch):
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda where=None: (1 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda where=None: 10 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda where=None: 4 * gib)
+    assert devices.free_bytes(torch.device("cuda", 0)) == 7 * gib  # 1 free + 6 cached
+    assert devices.free_bytes(torch.device("cpu")) is None
+
+
+ACCELERATE_ENV = ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED",
+                  "ACCELERATE_DEEPSPEED_ZERO_STAGE")
+
+
+def launch_env(monkeypatch, sharding):
+    """The variables ``accelerate launch`` sets for an FSDP or DeepSpeed config."""
+    for key in ACCELERATE_ENV:
+        monkeypatch.delenv(key, raising=False)
+    if sharding == "fsdp":
+        monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    elif sharding:
+        monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+        monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", sharding[-1])
+
+
+@pytest.mark.parametrize("method, sharding, dtype, refused", [
+    ("qlora", "fsdp", "auto", "cannot train under FSDP: its 4-bit"),
+    ("lora-int8", "fsdp", "auto", "cannot train under FSDP: its int8"),
+    ("qlora", "zero3", "auto", "cannot train under DeepSpeed ZeRO-3"),
+    ("lora-int8", "zero3", "auto", "cannot train under DeepSpeed ZeRO-3"),
+    ("adalora", "zero3", "auto", "cannot train under DeepSpeed ZeRO-3: its rank allocator"),
+    ("ia3", "fsdp", "bfloat16", "needs model.dtype auto or float32, not bfloat16"),
+    ("adalora", "fsdp", "float16", "needs model.dtype auto or float32"),
+    ("llama-adapter", "fsdp", "bfloat16", "needs model.dtype auto or float32"),
+])
+def test_sharded_launches_a_method_cannot_train_under_are_refused_before_loading(
+        tiny_cfg, monkeypatch, method, sharding, dtype, refused):
+    from peftune import assembly, models
+    from peftune.errors import ConfigError
+
+    launch_env(monkeypatch, sharding)
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    cfg = config_from_dict({**tiny_cfg, "method": method, "model": {
+        **tiny_cfg["model"], "dtype": dtype}})
+    with pytest.raises(ConfigError, match=f"method '{method}'.*{refused}"):
+        assembly.load_base(cfg, tokenizer=type("Tok", (), {"pad_token_id": 0})())
+
+
+def test_fsdp_config_advertises_exactly_the_methods_that_train_under_it(monkeypatch):
+    """configs/accelerate/fsdp.yaml names the methods it trains; every other one is refused,
+    and a base loaded under it is fp32 (FSDP's mixed precision computes in bf16)."""
+    import re
+    from pathlib import Path
+
+    from peftune.errors import ConfigError
+    from peftune.methods import registry
+
+    text = (Path(__file__).parent.parent / "configs/accelerate/fsdp.yaml").read_text()
+    advertised = set(re.search(r"# methods: (.*)", text).group(1).replace(",", " ").split())
+    launch_env(monkeypatch, "fsdp")
+    gpus(monkeypatch, 1)
+    assert devices.sharding() == "fsdp" and devices.weights_dtype("auto", "bf16") == \
+        torch.float32
+    trains = set()
+    for name, method in registry().items():
+        try:
+            method.check_sharding(devices.sharding(), model_dtype="auto")
+            trains.add(name)
+        except ConfigError:
+            pass
+    assert advertised == trains
+    launch_env(monkeypatch, "zero2")  # ZeRO-1/2 shard optimizer state only: all may run
+    assert devices.sharding() == "deepspeed"
+    for method in registry().values():
+        method.check_sharding(devices.sharding(), model_dtype="bfloat16")
+
+
+def test_qlora_packs_4bit_weights_in_bytes(monkeypatch):
     from peftune.methods.qlora import QLoraOptions, nf4_load_kwargs
 
-    for key in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):
-        monkeypatch.delenv(key, raising=False)
-    plain = nf4_load_kwargs(QLoraOptions())["quantization_config"]
-    assert plain.bnb_4bit_quant_storage == torch.uint8
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what accelerate launch sets for FSDP
-    fsdp = nf4_load_kwargs(QLoraOptions())["quantization_config"]
-    assert fsdp.bnb_4bit_quant_storage == fsdp.bnb_4bit_compute_dtype == devices.compute_dtype()
+    quant = nf4_load_kwargs(QLoraOptions())["quantization_config"]
+    assert quant.bnb_4bit_quant_storage == torch.uint8
+    assert quant.bnb_4bit_compute_dtype == devices.compute_dtype()
+
+
+def test_fp16_overflows_the_grad_scaler_skips_do_not_stop_training():
+    """Under fp16 an infinite gradient norm is a step the GradScaler skipped (and lowered its
+    scale for); only a long run of them, or any non-finite norm in bf16/fp32, is divergence."""
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl
+
+    from peftune.train import StopOnDivergence
+
+    def run(fp16, norms):
+        guard, control = StopOnDivergence(), TrainerControl()
+        for step, norm in enumerate(norms, 1):
+            guard.on_log(SimpleNamespace(fp16=fp16), SimpleNamespace(global_step=step),
+                         control, logs={"loss": 2.0, "grad_norm": norm})
+        return guard.reason, control.should_training_stop
+
+    inf = float("inf")
+    assert run(True, [inf, inf, float("nan"), 1.5, 1.2, inf, 1.1]) == (None, False)
+    reason, stopped = run(False, [inf, 1.5])
+    assert stopped and reason == "grad_norm became inf at step 1"
+    reason, stopped = run(True, [1.5] + [inf] * StopOnDivergence.MAX_OVERFLOWS)
+    assert stopped and "grad_norm became inf" in reason
+    assert run(True, [1.5] + [inf] * (StopOnDivergence.MAX_OVERFLOWS - 1) + [1.4]) == (
+        None, False)
 
 
 def test_kv_cache_estimate_and_the_generation_batch_it_allows():

@@ -137,3 +137,17 @@ def test_out_of_memory_is_not_retried_when_other_processes_train_along(tiny_cfg,
     with pytest.raises(RuntimeError, match="out of memory"):
         train_module.fit(cfg, model, data, output_dir=Path(cfg.output_dir))
     assert len(calls) == 2  # micro-batch 2, then 1
+
+
+def test_all_finite_gives_every_rank_the_same_answer(tmp_path):
+    """Under FSDP each rank checks only its shard; a rank that skipped the save while the
+    others entered its collectives would hang them, so one non-finite shard is everyone's."""
+    import torch.multiprocessing as mp
+
+    from peftune.checkpoints import all_finite
+    from tests.dist_all_finite import all_finite_on_rank
+
+    address = f"file://{tmp_path / 'rendezvous'}"
+    mp.spawn(all_finite_on_rank, args=(2, address, str(tmp_path)), nprocs=2, join=True)
+    assert [(tmp_path / f"rank{r}").read_text() for r in range(2)] == ["False", "False"]
+    assert all_finite(torch.nn.Linear(2, 2))  # no process group: this process's weights

@@ -63,6 +63,7 @@ def load_base(cfg: Config, tokenizer: PreTrainedTokenizerBase) -> PreTrainedMode
     """The base model as ``cfg.method`` needs it (quantized for the k-bit methods), its
     weights in the dtype the run computes in (see :func:`devices.weights_dtype`)."""
     method = get_method(cfg.method)
+    method.check_sharding(devices.sharding(), model_dtype=cfg.model.dtype)
     return models.load_model(cfg.model, pad_token_id=tokenizer.pad_token_id,
                              extra=method.load_kwargs(cfg.method_options),
                              precision=precision(cfg))

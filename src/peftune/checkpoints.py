@@ -56,8 +56,21 @@ def fingerprint(cfg: Config, train_examples: int) -> dict[str, Any]:
 
 
 def all_finite(model: torch.nn.Module) -> bool:
-    """Whether every trainable weight is finite: the rest is frozen and cannot diverge."""
-    return all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.requires_grad)
+    """Whether every trainable weight is finite: the rest is frozen and cannot diverge.
+
+    In a distributed run every rank gets the same answer: under FSDP or ZeRO-3 each rank
+    holds only its shard, and a rank that skipped the save while the others entered its
+    collectives would leave them waiting forever.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    finite = all(bool(torch.isfinite(p).all()) for p in params)
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return finite
+    nccl = torch.distributed.get_backend() == "nccl"  # it reduces GPU tensors only
+    flag = torch.tensor([0 if finite else 1],
+                        device=torch.device("cuda", torch.cuda.current_device()) if nccl else "cpu")
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return not bool(flag.item())
 
 
 def mark_complete(folder: Path, *, fingerprint: dict[str, Any], loss_sum: float) -> None:

@@ -7,9 +7,11 @@ policy:
   otherwise the first visible GPU, also when several are visible (one process trains on one
   GPU: :func:`one_gpu_per_process` keeps the Trainer from spreading it with
   ``nn.DataParallel``; ``accelerate launch`` uses them all).
-- :func:`worker_env`: search worker ``i`` of ``n`` sees one GPU of its own.
+- :func:`worker_env`: search worker ``i`` of ``n`` sees one GPU of its own, or a share of one
+  (:func:`gpu_share`).
 - :func:`weights_dtype`: ``model.dtype: auto`` is the 16-bit type the GPU computes in; fp32
-  master weights on a CPU.
+  master weights on a CPU and under FSDP (whose mixed precision computes in 16 bits).
+- :func:`sharding`: which sharded launch (FSDP, DeepSpeed) this process runs under.
 - :func:`generation_batch`: as many prompts per generation batch as their KV cache leaves
   room for on the GPU.
 """
@@ -55,19 +57,29 @@ def compute_dtype() -> torch.dtype:
     return HALF_DTYPES.get(resolve_precision("auto"), torch.float32)
 
 
-def weights_dtype(name: str, precision: str) -> torch.dtype:
-    """The dtype base weights are loaded in for ``model.dtype`` = ``name``.
+def weights_dtype(name: str, precision: str, *, gpu: bool | None = None) -> torch.dtype:
+    """The dtype base weights are loaded in for ``model.dtype`` = ``name``, on a GPU if
+    ``gpu`` (default: whether this machine has one). Loading and ``peftune plan`` both ask here.
 
     ``auto`` on a GPU: the 16-bit type training autocasts to (bf16 from compute capability
     8.0, fp16 below), so frozen weights are neither twice their size nor re-cast every
     forward; trainable adapter weights are kept in fp32 (``train.wrap``). On a CPU, or when
     ``train.precision`` is fp32: fp32 master weights (mixed precision is the Trainer's job).
+    Under FSDP: fp32 too. FSDP flattens every parameter of a wrapped unit into one tensor of
+    one dtype, and (IA)^3, AdaLoRA and LLaMA-Adapter keep fp32 trainable parameters inside
+    the base's units; FSDP's own mixed precision (``mixed_precision: bf16`` in the accelerate
+    config) casts the gathered weights to 16 bits for compute.
     """
     if name != "auto":
         return DTYPES[name]
-    if not torch.cuda.is_available():
+    if sharding() == "fsdp":
+        return torch.float32
+    if not (torch.cuda.is_available() if gpu is None else gpu):
         return torch.float32
     return HALF_DTYPES.get(resolve_precision(precision), torch.float32)
+
+
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
 # ---------------------------------------------------------------- placement
@@ -107,22 +119,46 @@ def one_gpu_per_process(args: Any) -> Any:
     return args
 
 
+# Set by worker_env: how many search workers share this process's GPU.
+GPU_SHARE_ENV = "PEFTUNE_GPU_SHARE"
+
+
 def worker_env(index: int, workers: int) -> dict[str, str]:
     """Environment for search worker ``index`` of ``workers``: one visible GPU of its own,
-    round-robin over the GPUs this process sees (more workers than GPUs share them). Nothing
-    to add without a GPU."""
+    round-robin over the GPUs this process sees. More workers than GPUs share them, and each
+    is told how many share its GPU (:func:`gpu_share`). Nothing to add without a GPU."""
     if not torch.cuda.is_available():
         return {}
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     ids = ([v.strip() for v in visible.split(",") if v.strip()] if visible
            else [str(i) for i in range(torch.cuda.device_count())])
-    return {"CUDA_VISIBLE_DEVICES": ids[index % len(ids)]} if ids else {}
+    if not ids:
+        return {}
+    gpu = index % len(ids)
+    share = sum(1 for i in range(workers) if i % len(ids) == gpu)
+    return {"CUDA_VISIBLE_DEVICES": ids[gpu], GPU_SHARE_ENV: str(share)}
 
 
-def sharded() -> bool:
-    """True when ``accelerate launch`` shards parameters (FSDP or DeepSpeed)."""
-    return any(os.environ.get(key, "").lower() in ("1", "true")
-               for key in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"))
+def gpu_share() -> int:
+    """How many processes share this process's GPU (search workers on one GPU each plan for
+    their part of it): 1 unless :func:`worker_env` said otherwise."""
+    return max(1, int(os.environ.get(GPU_SHARE_ENV, "1") or 1))
+
+
+def _env_true(key: str) -> bool:
+    return os.environ.get(key, "").lower() in ("1", "true")
+
+
+def sharding() -> str:
+    """How ``accelerate launch`` shards this process's model: ``fsdp``, ``zero3`` (DeepSpeed
+    stage 3, parameters too), ``deepspeed`` (stages 1-2, optimizer state and gradients only),
+    or ``""`` (not sharded: one process, or DDP)."""
+    if _env_true("ACCELERATE_USE_FSDP"):
+        return "fsdp"
+    if _env_true("ACCELERATE_USE_DEEPSPEED"):
+        return "zero3" if os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3" else \
+            "deepspeed"
+    return ""
 
 
 def quantized_load_kwargs() -> dict[str, Any]:
@@ -185,8 +221,11 @@ def generation_batch(*, cap: int, per_sequence: int | None, free: int | None) ->
 
 
 def free_bytes(where: torch.device) -> int | None:
-    """Free memory of a GPU (None for a CPU: the operating system decides there)."""
+    """Memory of a GPU this process can still fill (None for a CPU: the operating system
+    decides there): what the driver has free, plus what torch's caching allocator holds
+    reserved but unused (after training, often most of what the driver counts as taken)."""
     if where.type != "cuda":
         return None
     free, _ = torch.cuda.mem_get_info(where)
-    return int(free)
+    cached = torch.cuda.memory_reserved(where) - torch.cuda.memory_allocated(where)
+    return int(free + max(cached, 0))

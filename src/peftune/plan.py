@@ -75,7 +75,7 @@ reasoned one (no GPU was measured) and is capped by what fits the device."""
 AUTO_HEADROOM = 0.9
 """``auto`` (micro-batch and gradient checkpointing) counts on this share of the device only:
 the plan's GPU constants are unmeasured, and an allocator fragments."""
-DTYPE_BYTES = {"auto": 4, "float32": 4, "bfloat16": 2, "float16": 2}
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 @dataclass(frozen=True)
@@ -244,15 +244,18 @@ def assumed_lengths(cfg: Config, examples: int = 0) -> Lengths:
                    mean=float(total), measured=False)
 
 
-def weight_format(cfg: Config) -> str:
-    """``nf4``, ``nf4-dq``, ``int8`` or the dtype the base model is loaded in."""
+def weight_format(cfg: Config, device_kind: str) -> str:
+    """``nf4``, ``nf4-dq``, ``int8`` or the dtype the base model is loaded in on a device of
+    ``device_kind`` (the loading rule, :func:`devices.weights_dtype`)."""
     load = get_method(cfg.method).load_kwargs(cfg.method_options)
     quant = load.get("quantization_config")
     if quant is not None and getattr(quant, "load_in_4bit", False):
         return "nf4-dq" if getattr(quant, "bnb_4bit_use_double_quant", False) else "nf4"
     if quant is not None and getattr(quant, "load_in_8bit", False):
         return "int8"
-    return {"auto": "float32"}.get(cfg.model.dtype, cfg.model.dtype)
+    dtype = devices.weights_dtype(cfg.model.dtype, cfg.train.precision,
+                                  gpu=device_kind == "cuda")
+    return devices.DTYPE_NAMES[dtype]
 
 
 def weight_bytes(params: Params, fmt: str) -> float:
@@ -301,13 +304,14 @@ def estimate(plan: Plan, *, micro_batch: int, tokens: int, summary: int,
 
 
 def device_memory(setting: str) -> tuple[str, int]:
-    """(device kind, bytes): the setting (planned as a GPU), or this machine's GPU, or its
-    RAM."""
+    """(device kind, bytes): the setting (planned as a GPU), or this machine's GPU (its part
+    of it, where search workers share one: :func:`devices.gpu_share`), or its RAM."""
     kind = "cuda" if torch.cuda.is_available() or setting != "auto" else "cpu"
     if setting != "auto":
         return kind, parse_memory(setting)
     if kind == "cuda":
-        return kind, torch.cuda.get_device_properties(devices.device()).total_memory
+        total = torch.cuda.get_device_properties(devices.device()).total_memory
+        return kind, total // devices.gpu_share()
     import psutil
 
     return kind, psutil.virtual_memory().total
@@ -327,7 +331,7 @@ def make(cfg: Config, *, data: Any = None, model_config: Any = None) -> Plan:
     kind, memory = device_memory(cfg.plan.device_memory)
     auto = cfg.train.micro_batch_size == "auto"
     plan = Plan(cfg=cfg, shape=Shape.of(model_config), params=params, lengths=lengths,
-                weight_format=weight_format(cfg),
+                weight_format=weight_format(cfg, kind),
                 precision=devices.resolve_precision(cfg.train.precision),
                 device_kind=kind, device_memory=memory,
                 micro_batch=1 if auto else cfg.train.micro_batch_size)

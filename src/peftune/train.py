@@ -301,23 +301,31 @@ class StopOnDivergence(TrainerCallback):
 
     Explosion is a pre-clipping gradient norm ``EXPLODE_FACTOR`` times the first one
     logged: clipping hides it from the loss for a while, and no healthy run gets there.
+
+    Under fp16 an infinite gradient norm is an overflow that the GradScaler handles: it skips
+    that step and halves its scale. Only ``MAX_OVERFLOWS`` of those logged in a row stop the
+    run (the scale is then 2^-4 of its start and the weights have not moved for as long).
     """
 
     EXPLODE_FACTOR = 1e4
+    MAX_OVERFLOWS = 20
 
     def __init__(self) -> None:
         self.reason: str | None = None
         self.first_grad_norm: float | None = None
+        self.overflows = 0
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None,
                **kwargs: Any) -> None:
         logs = logs or {}
         for key in ("loss", "eval_loss", "grad_norm"):
             value = logs.get(key)
-            if value is not None and not math.isfinite(value):
+            if value is not None and not math.isfinite(value) and \
+                    not (key == "grad_norm" and self._scaler_skipped(args)):
                 self.reason = f"{key} became {value} at step {state.global_step}"
         norm = logs.get("grad_norm")
         if norm is not None and math.isfinite(norm):
+            self.overflows = 0
             if self.first_grad_norm is None:
                 self.first_grad_norm = max(norm, 1e-8)
             elif norm > self.EXPLODE_FACTOR * self.first_grad_norm:
@@ -325,6 +333,13 @@ class StopOnDivergence(TrainerCallback):
                                f"{state.global_step} (first: {self.first_grad_norm:.3g})")
         if self.reason:
             control.should_training_stop = True
+
+    def _scaler_skipped(self, args: Any) -> bool:
+        """Count an fp16 overflow as a step the GradScaler skipped, until too many in a row."""
+        if not getattr(args, "fp16", False):
+            return False
+        self.overflows += 1
+        return self.overflows < self.MAX_OVERFLOWS
 
 
 def handle_signals(handler: Callable[[int, Any], None]) -> Callable[[], None]:

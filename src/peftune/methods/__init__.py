@@ -72,6 +72,27 @@ class Method:
     share one base model; the plain base's key is ``()``."""
     mergeable: bool = True
     seq2seq: bool = True
+    trains_inside_base_layers: bool = False
+    """Its trainable parameters sit inside the base's layers (not in leaf modules of their
+    own), so FSDP flattens them into one tensor with the frozen weights: one dtype for both."""
+    refused_sharding: tuple[tuple[str, str], ...] = ()
+    """(``devices.sharding()`` value, why) for each sharded launch the method cannot train
+    under."""
+
+    def check_sharding(self, sharding: str, *, model_dtype: str) -> None:
+        """Refuse, before any model is loaded, a sharded launch this method cannot train
+        under (``sharding`` as :func:`peftune.devices.sharding` names it)."""
+        label = SHARDING_LABELS.get(sharding, sharding)
+        for refused, why in self.refused_sharding:
+            if refused == sharding:
+                raise ConfigError(f"method '{self.name}' cannot train under {label}: {why}; "
+                                  "launch with configs/accelerate/multi-gpu.yaml (DDP) instead")
+        if sharding == "fsdp" and self.trains_inside_base_layers and \
+                model_dtype not in ("auto", "float32"):
+            raise ConfigError(f"method '{self.name}' under FSDP needs model.dtype auto or "
+                              f"float32, not {model_dtype}: its fp32 parameters share FSDP "
+                              "units with the base weights, which must have one dtype (FSDP's "
+                              "mixed_precision still computes in 16 bits)")
 
     def check_mergeable(self, peft_config: Any) -> None:
         """The one mergeability rule (``export`` and ``merge`` use it): weight deltas fold
@@ -90,6 +111,8 @@ class Method:
         self.check_mergeable(model.active_peft_config)
         return model.merge_and_unload()
 
+
+SHARDING_LABELS = {"fsdp": "FSDP", "zero3": "DeepSpeed ZeRO-3", "deepspeed": "DeepSpeed"}
 
 _REGISTRY: dict[str, Method] = {}
 

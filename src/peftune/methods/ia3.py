@@ -64,4 +64,4 @@ def search_space(trial: Any) -> dict[str, Any]:
 
 register(Method(name="ia3", summary="(IA)^3: learned rescaling of keys, values and "
                 "feed-forward activations", options=IA3Options, build=build,
-                search_space=search_space, learning_rate=5e-3))
+                search_space=search_space, learning_rate=5e-3, trains_inside_base_layers=True))

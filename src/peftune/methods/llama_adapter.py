@@ -49,4 +49,5 @@ def search_space(trial: Any) -> dict[str, Any]:
 
 register(Method(name="llama-adapter", summary="LLaMA-Adapter: gated adaption prompts in the "
                 "top layers (LLaMA family)", options=LlamaAdapterOptions, build=build,
-                search_space=search_space, learning_rate=9e-3, mergeable=False, seq2seq=False))
+                search_space=search_space, learning_rate=9e-3, mergeable=False, seq2seq=False,
+                trains_inside_base_layers=True))

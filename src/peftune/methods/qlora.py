@@ -56,16 +56,12 @@ def nf4_load_kwargs(options: QLoraOptions) -> dict[str, Any]:
     import torch
     from transformers import BitsAndBytesConfig
 
-    from peftune.devices import compute_dtype, sharded
+    from peftune.devices import compute_dtype
 
-    compute = compute_dtype()
-    # FSDP and ZeRO-3 flatten the 4-bit weights together with the 16-bit ones: the packed
-    # storage must have the same dtype, or they refuse to shard the model
-    storage = compute if sharded() else torch.uint8
     return {"quantization_config": BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=options.double_quant,
-        bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=storage)}
+        bnb_4bit_compute_dtype=compute_dtype(), bnb_4bit_quant_storage=torch.uint8)}
 
 
 def prepare(model: Any, options: KbitOptions) -> Any:
@@ -103,9 +99,17 @@ class _Prefixed:
         return renamed
 
 
-for _name, _options, _load, _summary in (
-        ("lora-int8", KbitOptions, int8_load_kwargs, "LoRA on an 8-bit (LLM.int8) base"),
-        ("qlora", QLoraOptions, nf4_load_kwargs, "QLoRA: LoRA on a 4-bit NF4 base")):
+# FSDP and ZeRO-3 flatten (or partition) each layer's parameters as one tensor of one dtype.
+# Int8 weights cannot be flattened at all; 4-bit ones only packed in the compute dtype and
+# with no upcast norms, which prepare_model_for_kbit_training leaves in fp32. Neither was
+# tried on a GPU, so both are refused; DDP keeps a whole base on every GPU.
+for _name, _options, _load, _summary, _why in (
+        ("lora-int8", KbitOptions, int8_load_kwargs, "LoRA on an 8-bit (LLM.int8) base",
+         "its int8 base weights cannot be flattened with the rest of a layer"),
+        ("qlora", QLoraOptions, nf4_load_kwargs, "QLoRA: LoRA on a 4-bit NF4 base",
+         "its 4-bit base weights cannot be flattened with the fp32 norms "
+         "prepare_model_for_kbit_training leaves")):
     register(Method(name=_name, summary=_summary, options=_options, build=build_lora,
                     search_space=search_space_for(_name), learning_rate=1e-3,
-                    load_kwargs=_load, prepare=prepare, base_key=base_key_for(_name)))
+                    load_kwargs=_load, prepare=prepare, base_key=base_key_for(_name),
+                    refused_sharding=(("fsdp", _why), ("zero3", _why))))
