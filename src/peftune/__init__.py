@@ -10,8 +10,8 @@ import logging
 import sys
 
 if sys.version_info < (3, 11):  # transformers 5.24 and aclsum need 3.11 (so does search.py)
-    raise ImportError(f"peftune needs Python 3.11 or newer; this is Python "
-                      f"{sys.version.split()[0]} ({sys.executable})")
+    raise ImportError("peftune needs Python 3.11 or newer; this is Python "
+                      f"{sys.version_info[0]}.{sys.version_info[1]} ({sys.executable})")
 
 # bitsandbytes (imported by peft) warns on import that an optional CPU kernel, fetched from
 # the hub by the `kernels` package, is missing; its own CPU kernels work without it.
