@@ -50,5 +50,10 @@ bench: setup
 bench-scale: setup
 	$(BIN)/python benchmarks/scale_data.py
 
+# Wheels (no torch), peftune and a tokenizer for a GPU machine with no package registry, at
+# most 60 MiB; there: benchmarks/gpu_smoke.sh --bundle gpu-bundle (README, "GPUs").
+gpu-bundle: setup
+	$(BIN)/python scripts/gpu_bundle.py build gpu-bundle
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache gpu-bundle gpu-smoke-out

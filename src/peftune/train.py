@@ -255,7 +255,8 @@ def build_trainer(cfg: Config, model: PeftModel, data: Prepared, *, output_dir: 
     train_ds = data.splits["train"].select_columns(columns)
     eval_ds = data.splits.get("validation")
     args = training_args(cfg, output_dir=output_dir, has_eval=eval_ds is not None)
-    log.info("training on %s", args.device)
+    log.info("training on %s in %s", args.device,
+             "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32")
     trainer = PeftuneTrainer(
         model=model,
         summary_loss=cfg.train.summary_loss,
