@@ -96,7 +96,8 @@ rng = random.Random(0)
 for split, n in (("train", 32), ("validation", 8), ("test", 8)):
     rows = []
     for i in range(n):
-        doc = " ".join(rng.choice(words) for _ in range(rng.randint(40, 120)))
+        # 150-400 words: rows of a few hundred tokens for gpu.py (the commands cut at 256)
+        doc = " ".join(rng.choice(words) for _ in range(rng.randint(150, 400)))
         rows.append({"id": f"{split}{i}", "document": doc + " .",
                      "summary": " ".join(doc.split()[:8]) + " ."})
     (work / "data" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -226,7 +227,7 @@ EOF
 
 stage_gpu_bench() {
     mkdir -p "$WORK/bench" && OUT="$WORK/bench" "$PYTHON" benchmarks/gpu.py --tokenizer "$WORK/model" \
-        --data "$WORK/data" --steps 10 --warmup 2 --micro-batch 8 --max-source-tokens 512
+        --data "$WORK/data" --steps 10 --warmup 2 --micro-batch 16 --max-source-tokens 512
 }
 
 if [ "${1:-}" = --stage ]; then  # one stage, run by run_stage below under its time limit
@@ -287,8 +288,13 @@ run_stage() {
         case $rc in
             0) status=ok ;;
             124 | 137) status=timeout note="over $limit s" ;;
-            *) status=failed note=$(grep -v '^\s*$' "$WORK/$name.log" | tail -1 | cut -c1-200) ;;
+            *) status=failed note=$(grep -v '^\s*$' "$WORK/$name.log" | tail -1 | tr '\t' ' ' | cut -c1-200) ;;
         esac
+        # on a GPU, every command must say its model and training were there
+        if [ "$status" = ok ] && [ "$DEVICE" = cuda ] &&
+            grep -Eq "(model|training) on cpu" "$WORK/$name.log"; then
+            status=failed note="ran (partly) on the CPU"
+        fi
     fi
     printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$status" "$((SECONDS - start))" "$limit" \
         "$peak" "$note" >> "$WORK/stages.tsv"
@@ -302,11 +308,11 @@ run_stage train-lora 90 all
 run_stage train-qlora 120 cuda
 run_stage evaluate 90 all
 run_stage summarize 60 all
-run_stage search 150 cuda
 run_stage export 90 all
-run_stage fsdp-lora 120 cuda
 run_stage plan 90 cuda
 run_stage gpu-bench 200 cuda
+run_stage fsdp-lora 120 cuda
+run_stage search 150 cuda  # last: the slowest, and the least bound to the GPU
 
 "$PYTHON" - "$WORK" "$OUT" "$DEVICE" "$SECONDS" <<'EOF'
 import json, re, sys

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from peftune import devices
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -91,11 +93,14 @@ def test_the_gpu_smoke_runs_offline_from_the_bundle_in_a_fresh_venv(tmp_path):
                          env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     summary = json.loads((tmp_path / "out" / "smoke.json").read_text())
-    status = {s["stage"]: s["status"] for s in summary["stages"]}
-    assert status == {"install": "ok", "versions": "ok", "setup": "ok", "train-lora": "ok",
-                      "train-qlora": "skipped", "evaluate": "ok", "summarize": "ok",
-                      "search": "skipped", "export": "ok", "fsdp-lora": "skipped",
-                      "plan": "skipped", "gpu-bench": "skipped"}
+    status = {s["stage"]: (s["status"], s["note"]) for s in summary["stages"]}
+    cuda = ("skipped", "needs CUDA")
+    assert status == {"install": ("ok", ""), "versions": ("ok", ""), "setup": ("ok", ""),
+                      "train-lora": ("ok", ""), "train-qlora": cuda, "evaluate": ("ok", ""),
+                      "summarize": ("ok", ""), "export": ("ok", ""), "plan": cuda,
+                      "gpu-bench": cuda, "fsdp-lora": cuda, "search": cuda}
+    assert next(s for s in summary["stages"] if s["stage"] == "train-lora")["training"] == [
+        "cpu " + ("bf16" if devices.bf16_supported() else "fp32")]  # precision auto
     versions = summary["versions"]["versions"]
     assert versions["peftune_from"].startswith(str(tmp_path / "work" / "site"))  # the wheel's
     assert versions["transformers"] == "5.24.0" and versions["bitsandbytes"] == "0.50.2"
