@@ -4,7 +4,8 @@
 # workers, export (merged, GGUF), FSDP on 1 process, `peftune plan` predicted against measured
 # peak memory, and benchmarks/gpu.py (tokens/s and MFU of a ~1B LLaMA, 10 steps). Each stage
 # has its own time limit; a failed stage is recorded and the next one runs. Writes
-# smoke.json and smoke.md to $OUT (default ./gpu-smoke-out); exits non-zero if a stage failed.
+# smoke.json, smoke.md and logs.tar.gz to $OUT (default ./gpu-smoke-out); exits non-zero if
+# a stage failed.
 #
 #   benchmarks/gpu_smoke.sh --bundle gpu-bundle   # a bare GPU machine: `make gpu-bundle` here,
 #                                                 # carry gpu-bundle/ there; no registry needed
@@ -359,5 +360,6 @@ if bench:
 (out / "smoke.md").write_text("\n".join(md) + "\n")
 print("\n".join(md))
 EOF
+(cd "$WORK" && tar -czf "$OUT/logs.tar.gz" ./*.log stages.tsv)  # every stage's output
 ! awk -F'\t' '$2 == "failed" || $2 == "timeout" {bad = 1} END {exit !bad}' \
     "$WORK/stages.tsv"

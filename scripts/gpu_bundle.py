@@ -97,7 +97,7 @@ def download(packages: dict[str, str], folder: Path, python: str) -> None:
                    check=True)
     built = [p for n, p in pins.items() if n in BUILT_HERE]
     if built:
-        subprocess.run([*pip, "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+        subprocess.run([*pip, "wheel", "-q", "--no-deps", "-w",
                         str(folder), *built], check=True)
 
 
@@ -125,8 +125,8 @@ def peftune_wheel(folder: Path) -> None:
         # a copy: building in the checkout would leave build/ and egg-info behind
         shutil.copytree(ROOT, build, dirs_exist_ok=True, ignore=shutil.ignore_patterns(
             ".git", ".venv", "runs", "gpu-bundle", "build", "*.egg-info", "__pycache__"))
-        subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
-                        "--no-build-isolation", "-w", str(folder), build], check=True)
+        subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w",
+                        str(folder), build], check=True)
 
 
 def tokenizer(folder: Path) -> None:

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 import tomllib
 import zipfile
 from pathlib import Path
@@ -105,3 +106,5 @@ def test_the_gpu_smoke_runs_offline_from_the_bundle_in_a_fresh_venv(tmp_path):
     assert versions["peftune_from"].startswith(str(tmp_path / "work" / "site"))  # the wheel's
     assert versions["transformers"] == "5.24.0" and versions["bitsandbytes"] == "0.50.2"
     assert "| train-lora | ok |" in (tmp_path / "out" / "smoke.md").read_text()
+    with tarfile.open(tmp_path / "out" / "logs.tar.gz") as logs:  # each stage's output
+        assert "./train-lora.log" in logs.getnames()
