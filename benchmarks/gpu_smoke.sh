@@ -61,10 +61,19 @@ pins = [r for r in map(Requirement, md.requires("peftune") or []) if r.marker is
 off = {r.name: f"{version(r.name)} (pinned {r.specifier})" for r in pins
        if version(r.name) not in r.specifier}
 wrong = sorted(n for n in off if n not in image)
-json.dump({"versions": found, "not_as_pinned": off}, open(sys.argv[1], "w"))
+# what pip's resolver would have said: a bundled package that the machine's packages (or
+# the bundle) do not satisfy, e.g. datasets on too old a pyarrow
+bundled = json.loads(Path(sys.argv[2]).read_text())["packages"] if sys.argv[2] else {}
+unmet = sorted(f"{name} needs {r.name}{r.specifier}, found {version(r.name) or 'none'}"
+               for name in bundled for r in map(Requirement, md.requires(name) or [])
+               if (r.marker is None or r.marker.evaluate({"extra": ""}))
+               and (version(r.name) is None
+                    or not r.specifier.contains(version(r.name), prereleases=True)))
+json.dump({"versions": found, "not_as_pinned": off, "unmet": unmet}, open(sys.argv[1], "w"))
 print(json.dumps(found), "\nthe machine's own, not as pinned:",
       {n: v for n, v in off.items() if n in image})
 assert not wrong, "not as pyproject.toml pins them: " + ", ".join(f"{n} {off[n]}" for n in wrong)
+assert not unmet, "; ".join(unmet)
 EOF
 }
 

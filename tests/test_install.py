@@ -102,6 +102,7 @@ def test_the_gpu_smoke_runs_offline_from_the_bundle_in_a_fresh_venv(tmp_path):
                       "gpu-bench": cuda, "fsdp-lora": cuda, "search": cuda}
     assert next(s for s in summary["stages"] if s["stage"] == "train-lora")["training"] == [
         "cpu " + ("bf16" if devices.bf16_supported() else "fp32")]  # precision auto
+    assert summary["versions"]["unmet"] == []  # every bundled package's needs are met
     versions = summary["versions"]["versions"]
     assert versions["peftune_from"].startswith(str(tmp_path / "work" / "site"))  # the wheel's
     assert versions["transformers"] == "5.24.0" and versions["bitsandbytes"] == "0.50.2"
