@@ -342,20 +342,23 @@ for line in (work / "stages.tsv").read_text().splitlines():
     # "training on cuda:0 in bf16"
     model = sorted(set(re.findall(r"model on (\S+), weights in (\w+)", text)))
     train = sorted(set(re.findall(r"training on (\S+) in (\w+)", text)))
+    weights = sorted(set(re.findall(r"base weights in (\w+)", text)))
     stages.append({"stage": name, "status": status, "seconds": int(seconds),
                    "limit_s": int(limit), "peak_gpu_mib": int(peak) if peak else None,
                    "model": [f"{d} {t}" for d, t in model],
-                   "training": [f"{d} {p}" for d, p in train], "note": note})
+                   "training": [f"{d} {p}" for d, p in train],
+                   "training_weights": weights, "note": note})
 bench = read("bench/gpu.json")
 summary = {"device": device, "total_s": total, "versions": read("versions.json"),
            "stages": stages, "plan": read("plan.json"), "gpu_bench": bench, "work": str(work)}
 (out / "smoke.json").write_text(json.dumps(summary, indent=1))
 md = [f"# GPU smoke: {device}, {total} s", "",
       f"versions: {json.dumps((summary['versions'] or {}).get('versions'))}", "",
-      "| stage | status | s | peak GPU MiB (nvidia-smi) | model on | training on | note |",
-      "|---|---|---|---|---|---|---|"]
+      "| stage | status | s | peak GPU MiB (nvidia-smi) | model on | training on "
+      "| base weights in training | note |", "|---|---|---|---|---|---|---|---|"]
 md += [f"| {s['stage']} | {s['status']} | {s['seconds']} | {s['peak_gpu_mib'] or ''} | "
-       f"{', '.join(s['model'])} | {', '.join(s['training'])} | {s['note']} |" for s in stages]
+       f"{', '.join(s['model'])} | {', '.join(s['training'])} | "
+       f"{', '.join(s['training_weights'])} | {s['note']} |" for s in stages]
 if summary["plan"]:
     p = summary["plan"]
     md.append(f"\npeftune plan: predicted {p['predicted_gib']:.2f} GiB, measured peak "

@@ -100,8 +100,9 @@ def test_the_gpu_smoke_runs_offline_from_the_bundle_in_a_fresh_venv(tmp_path):
                       "train-lora": ("ok", ""), "train-qlora": cuda, "evaluate": ("ok", ""),
                       "summarize": ("ok", ""), "export": ("ok", ""), "plan": cuda,
                       "gpu-bench": cuda, "fsdp-lora": cuda, "search": cuda}
-    assert next(s for s in summary["stages"] if s["stage"] == "train-lora")["training"] == [
-        "cpu " + ("bf16" if devices.bf16_supported() else "fp32")]  # precision auto
+    train = next(s for s in summary["stages"] if s["stage"] == "train-lora")
+    assert train["training"] == ["cpu " + ("bf16" if devices.bf16_supported() else "fp32")]
+    assert train["training_weights"] == ["float32"]  # model.dtype auto on a CPU
     assert summary["versions"]["unmet"] == []  # every bundled package's needs are met
     versions = summary["versions"]["versions"]
     assert versions["peftune_from"].startswith(str(tmp_path / "work" / "site"))  # the wheel's

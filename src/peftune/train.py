@@ -514,8 +514,10 @@ def run(cfg: Config, *, base: PreTrainedModel | None = None, data: Prepared | No
         base = load_base(cfg, data.tokenizer)
     model = wrap(base, cfg)
     trainable, total = model.get_nb_trainable_parameters()
-    log.info("%s: %s trainable parameters of %s (%.3f%%)", cfg.method, f"{trainable:,}",
-             f"{total:,}", 100 * trainable / total)
+    dtype = model.get_base_model().dtype
+    log.info("%s: %s trainable parameters of %s (%.3f%%); base weights in %s", cfg.method,
+             f"{trainable:,}", f"{total:,}", 100 * trainable / total,
+             devices.DTYPE_NAMES.get(dtype, dtype))
     adapter_dir = out / "adapter"
     metrics = fit(cfg, model, data, output_dir=out / "checkpoints", callbacks=callbacks,
                   resume=cfg.train.resume, save_to=adapter_dir, memory_plan=memory_plan)
