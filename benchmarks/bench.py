@@ -13,6 +13,10 @@ Baselines, on the embedded SmolLM2-135M and ACLSum:
      is plain Optuna (same sampler and seed) around the same objective at these settings.
   B-ckpt  (part ``long``, 1,024-token documents) LLaMA-Factory's defaults: Trainer + peft on
      bf16 weights under bf16 autocast, gradient checkpointing, the LM head at every position.
+  LLaMA-Factory  (parts ``anchor-abstracts`` and ``anchor-long``) LLaMA-Factory 0.9.5 itself,
+     in its own venv (``llamafactory_baseline.py``; skipped with the reason when it cannot
+     be set up), against peftune's defaults: ACLSum abstracts with its one ~1,400-token
+     paper, and the long documents, cut at 1,024 tokens; the arms alternate.
 Every part runs in its own process so peak resident memory is its own.
 """
 
