@@ -13,6 +13,10 @@ Baselines, on the embedded SmolLM2-135M and ACLSum:
      is plain Optuna (same sampler and seed) around the same objective at these settings.
   B-ckpt  (part ``long``, 1,024-token documents) LLaMA-Factory's defaults: Trainer + peft on
      bf16 weights under bf16 autocast, gradient checkpointing, the LM head at every position.
+  LLaMA-Factory  (parts ``anchor-abstracts`` and ``anchor-long``) LLaMA-Factory 0.9.5 itself,
+     in its own venv (``llamafactory_baseline.py``; skipped with the reason when it cannot
+     be set up), against peftune's defaults: ACLSum abstracts with its one ~1,400-token
+     paper, and the long documents, cut at 1,024 tokens; the arms alternate.
 Every part runs in its own process so peak resident memory is its own.
 """
 
@@ -172,7 +176,7 @@ def long_train(variant: str, overrides: list[str]) -> dict[str, float]:
     autocast, gradient checkpointing on, the LM head over every position, rows in dataset
     order. peftune is its defaults (plus ``overrides``, dotted ``key=value``).
     """
-    from peftune import config_from_dict, models, plan, train
+    from peftune import config_from_dict
     from peftune.config import set_dotted
 
     fast = variant == "peftune"
@@ -190,21 +194,75 @@ def long_train(variant: str, overrides: list[str]) -> dict[str, float]:
     for item in overrides:
         key, value = item.split("=", 1)
         set_dotted(data, key, json.loads(value) if value[:1] in "[{0123456789tf" else value)
-    cfg = config_from_dict(data)
-    prepared = _data(cfg, variant)
+    return _timed_fit(config_from_dict(data))
+
+
+def _timed_fit(cfg: Any) -> dict[str, Any]:
+    """What ``peftune train`` does for ``cfg`` (plan, micro-batch, checkpointing, Trainer),
+    timed step by step after a warm-up step."""
+    from peftune import assembly, plan, train
+
+    prepared = _data(cfg, "peftune")
     memory_plan = plan.make(cfg, data=prepared)
-    cfg = plan.with_micro_batch(cfg, memory_plan)  # as `peftune train` does
-    base = models.load_model(cfg.model, pad_token_id=prepared.tokenizer.pad_token_id,
-                             precision=cfg.train.precision)
-    model = train.wrap(base, cfg)
-    checkpointing = plan.checkpointing(cfg, memory_plan)
-    train.use_checkpointing(model, checkpointing)
+    cfg = plan.with_micro_batch(cfg, memory_plan)
+    model = train.wrap(assembly.load_base(cfg, prepared.tokenizer), cfg)
     timer = _StepTimer()
-    trainer = train.build_trainer(cfg, model, prepared, output_dir=Path(cfg.output_dir),
-                                  callbacks=[timer])
-    trainer.train()
+    train.fit(cfg, model, prepared, output_dir=Path(cfg.output_dir), callbacks=[timer],
+              memory_plan=memory_plan)
     return {"tokens_per_s": timer.tokens / timer.seconds, "seconds": timer.seconds,
-            "checkpointing": checkpointing, "micro_batch": cfg.train.micro_batch_size}
+            "checkpointing": plan.checkpointing(cfg, memory_plan),
+            "micro_batch": cfg.train.micro_batch_size,
+            "longest_part": memory_plan.rows_at(memory_plan.lengths.max)}
+
+
+ANCHOR = {"steps": 22, "rows": 0}
+"""Optimizer steps of each anchor run, and training papers (0: all 100; else the last ones,
+which hold ACLSum's one ~1,400-token abstract)."""
+
+
+def _anchor_source(workload: str) -> str:
+    """``abstracts``: ACLSum as shipped (one training document ~1,400 tokens, cut at 1,024;
+    the rest 200-400); ``long``: every document ~1,200 tokens (:func:`_long_source`)."""
+    source = "aclsum" if workload == "abstracts" else _long_source()
+    if not ANCHOR["rows"]:
+        return source
+    from peftune.config import DataConfig
+    from peftune.data import load_splits
+
+    out = Path(f"/tmp/peftune-bench/{workload}-last{ANCHOR['rows']}")
+    out.mkdir(parents=True, exist_ok=True)
+    for role, ds in load_splits(DataConfig(source=source)).items():
+        if role == "train":
+            ds = ds.select(range(len(ds) - ANCHOR["rows"], len(ds)))
+        ds.select_columns(["id", "document", "summary"]).to_json(out / f"{role}.jsonl")
+    return str(out)
+
+
+def anchor_train(workload: str, variant: str) -> dict[str, Any]:
+    """LLaMA-Factory itself against peftune's defaults: documents cut at 1,024 tokens, LoRA
+    r 8, alpha 32, dropout 0.1 on q,v, batch 4, bf16, lr 1e-4, ``ANCHOR["steps"]`` steps."""
+    source = _anchor_source(workload)
+    if variant == "LLaMA-Factory":
+        import llamafactory_baseline as lf
+
+        args = lf.prepare(f"aclsum_{workload}", source, max_source_tokens=LONG_TOKENS,
+                          steps=ANCHOR["steps"], batch=MICRO_BATCH,
+                          out=Path(f"/tmp/peftune-bench/lf-{workload}"))
+        out = subprocess.run([str(lf.VENV / "bin" / "python"), lf.__file__, "train",
+                              str(args)], capture_output=True, text=True, cwd=ROOT)
+        if out.returncode:
+            sys.exit(f"LLaMA-Factory failed:\n{out.stderr[-3000:]}")
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    from peftune import config_from_dict
+
+    return _timed_fit(config_from_dict({
+        "output_dir": f"/tmp/peftune-bench/anchor-{workload}",
+        "data": {"source": source, "max_source_tokens": LONG_TOKENS},
+        "train": {"batch_size": MICRO_BATCH, "max_steps": ANCHOR["steps"],
+                  "learning_rate": 1e-4, "precision": "bf16", "save_checkpoints": False,
+                  "eval_each_epoch": False, "logging_steps": 1000},
+        "lora": {"r": 8, "alpha": 32, "dropout": 0.1,
+                 "target_modules": ["q_proj", "v_proj"]}}))
 
 
 def generation_speed(variant: str) -> dict[str, Any]:
@@ -292,6 +350,8 @@ def measure(part: str, variant: str, overrides: list[str]) -> dict[str, Any]:
     torch.manual_seed(0)
     if part == "long":
         result = long_train(variant, overrides)
+    elif part.startswith("anchor-"):
+        result = anchor_train(part.removeprefix("anchor-"), variant)
     else:
         result = {"matmul": lambda _: matmul(), "train": train_speed,
                   "generate": generation_speed, "search": search_time}[part](variant)
@@ -304,7 +364,9 @@ def _peak_rss_mb() -> float:
 
 
 def run_part(part: str, variant: str) -> dict[str, Any]:
-    out = subprocess.run([sys.executable, __file__, "--part", part, "--variant", variant],
+    out = subprocess.run([sys.executable, __file__, "--part", part, "--variant", variant,
+                          "--anchor-steps", str(ANCHOR["steps"]),
+                          "--anchor-rows", str(ANCHOR["rows"])],
                          capture_output=True, text=True, cwd=ROOT)
     if out.returncode:
         sys.exit(f"{part} {variant} failed:\n{out.stderr[-3000:]}")
@@ -323,6 +385,28 @@ def long_table(results: dict[str, dict]) -> str:
                      f"{p[key] / b[key]:.2f}x |")
     lines.append(f"| micro-batch, checkpointing | {b['micro_batch']}, {b['checkpointing']} | "
                  f"{p['micro_batch']}, {p['checkpointing']} | |")
+    return "\n".join(lines)
+
+
+def anchor_table(results: dict[str, dict[str, dict]]) -> str:
+    """peftune's defaults against LLaMA-Factory's, both workloads."""
+    lines = [f"documents cut at {LONG_TOKENS:,} tokens, LoRA r=8 alpha 32 dropout 0.1 on q,v, "
+             f"batch {MICRO_BATCH}, bf16, {ANCHOR['steps']} steps on "
+             f"{ANCHOR['rows'] or 'all'} training papers (tokens/s after the first step):", "",
+             "| workload | | LLaMA-Factory 0.9.5 | peftune | peftune/LLaMA-Factory |",
+             "|---|---|---|---|---|"]
+    for workload in ("abstracts", "long"):
+        arms = results.get(f"anchor-{workload}", {})
+        lf, p = arms.get("LLaMA-Factory"), arms.get("peftune")
+        for name, key, fmt in (("real tokens/s", "tokens_per_s", "{:.1f}"),
+                               ("peak RSS (MB)", "peak_rss_mb", "{:.0f}")):
+            cells = [fmt.format(r[key]) if r else "-" for r in (lf, p)]
+            ratio = f"{p[key] / lf[key]:.2f}x" if lf and p else "-"
+            lines.append(f"| {workload} | {name} | {cells[0]} | {cells[1]} | {ratio} |")
+        if p:
+            lines.append(f"| {workload} | micro-batch, checkpointing | 4, True | "
+                         f"{p['micro_batch']} ({p['longest_part']} at the longest row), "
+                         f"{p['checkpointing']} | |")
     return "\n".join(lines)
 
 
@@ -365,26 +449,46 @@ def table(results: dict[str, dict[str, dict]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=("matmul", "train", "long", "generate", "search"))
-    parser.add_argument("--variant", choices=(*VARIANTS, "B-ckpt", "-"), default="peftune")
+    parser.add_argument("--part", choices=("matmul", "train", "long", "generate", "search",
+                                           "anchor-abstracts", "anchor-long"))
+    parser.add_argument("--variant", choices=(*VARIANTS, "B-ckpt", "LLaMA-Factory", "-"),
+                        default="peftune")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a peftune setting for --part long (dotted, repeatable)")
-    parser.add_argument("--parts", default="matmul,train,long,generate,search")
+    parser.add_argument("--parts",
+                        default="matmul,train,long,generate,search,anchor-abstracts,anchor-long")
+    parser.add_argument("--anchor-steps", type=int, default=ANCHOR["steps"],
+                        help="optimizer steps of the LLaMA-Factory comparison")
+    parser.add_argument("--anchor-rows", type=int, default=ANCHOR["rows"],
+                        help="training papers of the LLaMA-Factory comparison (0: all)")
     args = parser.parse_args()
+    ANCHOR.update(steps=args.anchor_steps, rows=args.anchor_rows)
     if args.part:
         result = measure(args.part, args.variant, args.set)
         print(json.dumps(result, default=str))
         return
     results: dict[str, dict[str, dict]] = {}
+    lf_problem = None
+    if "anchor-" in args.parts:
+        import llamafactory_baseline
+
+        print("setting up LLaMA-Factory (once) ...", file=sys.stderr, flush=True)
+        lf_problem = llamafactory_baseline.ensure_venv()
+        if lf_problem:
+            print(f"skipping the LLaMA-Factory baseline: {lf_problem}", file=sys.stderr)
     for part in args.parts.split(","):
         variants = {"matmul": ["-"], "search": ["B", "peftune"],
                     "long": ["B-ckpt", "peftune"]}.get(part, list(VARIANTS))
+        if part.startswith("anchor-"):  # alternating with the other workload's pair
+            variants = ["peftune"] + ([] if lf_problem else ["LLaMA-Factory"])
         for variant in variants:
             print(f"measuring {part} {variant} ...", file=sys.stderr, flush=True)
             results.setdefault(part, {})[variant] = run_part(part, variant)
     print(table(results))
     if "long" in results:
         print("\n" + long_table(results["long"]))
+    if any(part.startswith("anchor-") for part in results):
+        print("\n" + anchor_table(results))
 
 
 if __name__ == "__main__":

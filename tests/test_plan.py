@@ -159,3 +159,28 @@ def test_auto_micro_batch_is_what_trains_and_what_the_run_records(tiny_cfg, capl
     assert saved["train"]["micro_batch_size"] == chosen == 4  # tiny rows: the whole batch
     assert yaml.safe_load((result.adapter_dir / "peftune.yaml").read_text())[
         "train"]["micro_batch_size"] == chosen
+
+
+def test_auto_plans_the_step_with_a_long_outlier_as_parts_within_the_token_budget(
+        tmp_path, monkeypatch):
+    """Typical rows of 330 tokens make micro-batch 4 on a CPU; the step holding a 1,100-token
+    row trains it alone (1,100 tokens, within 1,536), and the plan's peak is that part's, not
+    four rows of 1,100. An explicit micro-batch is trained (and planned) as it is."""
+    def lengths(cfg, examples=0):
+        return plan.Lengths(p50=300, p90=330, max=1100, summary_p50=60, summary_p90=70,
+                            summary_max=90, examples=100, mean=310.0, measured=True)
+
+    monkeypatch.setattr(plan, "assumed_lengths", lengths)
+    monkeypatch.setattr(plan, "device_memory", lambda setting: ("cpu", 2**40))
+    auto = _plan_7b(tmp_path, "xsum-llama7b-lora.yaml", "auto", batch_size=8,
+                    micro_batch_size="auto")
+    assert auto.micro_batch == 4 and auto.token_budget == plan.TOKENS_PER_MICRO_BATCH["cpu"]
+    assert [auto.rows_at(n) for n in (330, 500, 1100, 2000)] == [4, 3, 1, 1]
+    one_row = plan.estimate(auto, micro_batch=1, tokens=1100, summary=90, checkpointing=False)
+    assert auto.memory["max"][False] == one_row
+    assert auto.memory["p90"][False].activations == plan.estimate(
+        auto, micro_batch=4, tokens=330, summary=70, checkpointing=False).activations
+    fixed = _plan_7b(tmp_path, "xsum-llama7b-lora.yaml", "auto", batch_size=8,
+                     micro_batch_size=4)
+    assert fixed.token_budget is None and fixed.rows_at(1100) == 4
+    assert fixed.memory["max"][False].activations == 4 * one_row.activations

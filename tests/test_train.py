@@ -417,3 +417,60 @@ def test_the_micro_batch_splits_each_step_s_examples_without_changing_them(tiny_
         assert results[micro][0] == pytest.approx(results[4][0], rel=1e-5)
         for name, param in results[micro][1].items():
             torch.testing.assert_close(param, results[4][1][name], atol=1e-6, rtol=1e-5)
+
+
+def test_split_by_tokens_keeps_every_row_once_within_the_budget():
+    from peftune.train import split_by_tokens
+
+    rows = [list(range(1, 11)), [1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    batch = Collator(pad_id=0)([{"input_ids": r, "labels": r} for r in rows])
+    assert split_by_tokens(batch, 40) == [batch]  # 4 rows x 10 tokens: within the budget
+    parts = split_by_tokens(batch, 12)
+    # the 10-token row alone; the other three at 4 tokens each make 12
+    assert [p["input_ids"].shape for p in parts] == [(1, 10), (3, 4)]
+    got = [[t for t in row if t] for p in parts for row in p["input_ids"].tolist()]
+    assert got == [rows[0], rows[1], rows[2], rows[3]]  # each once, batch order in a part
+    for part in parts:
+        assert torch.equal(part["labels"] != -100, part["attention_mask"].bool())
+    assert [p["input_ids"].shape[0] for p in split_by_tokens(batch, 1)] == [1, 1, 1, 1]
+
+
+def test_a_step_over_the_token_budget_trains_in_parts_with_the_same_gradients(tiny_cfg,
+                                                                             tmp_path):
+    """The step with one long row runs as several smaller forward passes; its loss and
+    gradients are the whole micro-batch's (the loss is summed over the step's labels)."""
+    from peftune import models
+    from peftune.assembly import prepare
+    from peftune.train import build_trainer, wrap
+
+    tiny_cfg["lora"] = {"dropout": 0.0}
+    cfg = config_from_dict(tiny_cfg)
+    base, tok = models.load_base(cfg.model)
+    data = prepare(cfg, tok)
+    model = wrap(base, cfg)
+    torch.nn.init.normal_(model.base_model.model.model.layers[0].self_attn.q_proj
+                          .lora_B["default"].weight)  # non-zero adapter: gradients flow to A
+    rows = [{k: data.splits["train"][i][k] for k in ("input_ids", "labels")}
+            for i in range(4)]
+    rows[1] = {k: v * 6 for k, v in rows[1].items()}  # one row six times as long
+    batch = data.collator(rows)
+    longest = int(batch["attention_mask"].sum(1).max())
+    n = (batch["labels"][:, 1:] != -100).sum()
+    params = [p for p in model.parameters() if p.requires_grad]
+    results, shapes = {}, {}
+    hook = model.get_base_model().model.embed_tokens.register_forward_hook(
+        lambda mod, args, out: shapes[budget].append(tuple(args[0].shape)))
+    for budget in (None, longest):
+        shapes[budget] = []
+        trainer = build_trainer(cfg, model, data, output_dir=tmp_path / "ckpt",
+                                token_budget=budget)
+        model.zero_grad()
+        loss = trainer.training_step(model, dict(batch), num_items_in_batch=n)
+        results[budget] = loss, [p.grad.clone() for p in params]
+    hook.remove()
+    assert shapes[None] == [(4, longest)]
+    assert shapes[longest][0] == (1, longest) and len(shapes[longest]) == 2
+    assert sum(s[0] for s in shapes[longest]) == 4
+    torch.testing.assert_close(results[longest][0], results[None][0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(results[longest][1], results[None][1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

@@ -38,7 +38,10 @@ Memory of one device (data parallel: every device holds all of it for its micro-
   transformers and the tokenized data in a CPU process's resident memory).
 
 The fit is judged at the longest training example (length grouping puts the longest rows
-in one micro-batch, so that batch sets the peak); p50 and p90 show the typical step.
+in one micro-batch, so that batch sets the peak); p50 and p90 show the typical step. With
+``train.micro_batch_size: auto`` a micro-batch of rows longer than the typical one trains in
+parts that stay within the token budget (:meth:`Plan.rows_at`), so one outlier document no
+longer multiplies the peak by the micro-batch.
 """
 
 from __future__ import annotations
@@ -153,8 +156,20 @@ class Plan:
     device_kind: str
     device_memory: int
     micro_batch: int
+    token_budget: int | None = None
+    """With ``train.micro_batch_size: auto``, the padded tokens one forward pass may hold: a
+    micro-batch whose rows exceed it trains in parts (:meth:`rows_at`)."""
     memory: dict[str, dict[bool, Memory]] = field(default_factory=dict)
     """By length percentile (``p50``, ``p90``, ``max``), then by gradient checkpointing."""
+
+    def rows_at(self, tokens: int) -> int:
+        """Rows of ``tokens`` tokens that one forward pass holds: the micro-batch, or under
+        the token budget as many as fit it (at least one). The micro-batch follows the
+        typical (p90) row; a step whose longest row is longer trains in smaller parts, on the
+        same examples (``train.PeftuneTrainer.training_step``)."""
+        if self.token_budget is None:
+            return self.micro_batch
+        return max(1, min(self.micro_batch, self.token_budget // max(tokens, 1)))
 
     def fits(self, checkpointing: bool, share: float = 1.0) -> bool:
         return self.memory["max"][checkpointing].total <= self.device_memory * share
@@ -337,11 +352,12 @@ def make(cfg: Config, *, data: Any = None, model_config: Any = None) -> Plan:
                 micro_batch=1 if auto else cfg.train.micro_batch_size)
     if auto:
         plan.micro_batch = plan.auto_micro_batch()
+        plan.token_budget = TOKENS_PER_MICRO_BATCH[kind]
     for name in ("p50", "p90", "max"):
         tokens = getattr(lengths, name)
         summary = getattr(lengths, "summary_" + name)
-        plan.memory[name] = {gc: estimate(plan, micro_batch=plan.micro_batch, tokens=tokens,
-                                          summary=summary, checkpointing=gc)
+        plan.memory[name] = {gc: estimate(plan, micro_batch=plan.rows_at(tokens),
+                                          tokens=tokens, summary=summary, checkpointing=gc)
                              for gc in (False, True)}
     return plan
 
@@ -427,8 +443,8 @@ def render(plan: Plan, *, tokens_per_s: float | None = None,
            f"tokens per example ({'measured on' if n.measured else 'assumed for'} "
            f"{n.examples or '?'} training rows): p50 {n.p50}, p90 {n.p90}, max {n.max} "
            f"(summary {n.summary_p50}/{n.summary_p90}/{n.summary_max})",
-           f"memory per device (GiB) at micro-batch {plan.micro_batch}{_auto(cfg)}, device "
-           f"{_gib(plan.device_memory)} GiB ({plan.device_kind}):",
+           f"memory per device (GiB) at micro-batch {plan.micro_batch}{_auto(cfg)}{_parts(plan)},"
+           f" device {_gib(plan.device_memory)} GiB ({plan.device_kind}):",
            f"  {'':<30}{'weights':>8}{'autocast':>9}{'adapter':>8}{'activ.':>8}"
            f"{'backw.':>8}{'logits':>8}{'runtime':>8}{'total':>8}"]
     for name in ("p50", "p90", "max") if n.measured else ("max",):
@@ -468,13 +484,21 @@ def _auto(cfg: Config) -> str:
     return " (auto)" if cfg.train.micro_batch_size == "auto" else ""
 
 
+def _parts(plan: Plan) -> str:
+    if plan.token_budget is None or plan.rows_at(plan.lengths.max) == plan.micro_batch:
+        return ""
+    return (f" ({plan.rows_at(plan.lengths.max)} at the longest row: rows longer than the "
+            f"typical train in parts of at most {plan.token_budget} tokens)")
+
+
 def brief(plan: Plan) -> str:
     """One line for the start of ``train`` and ``search``."""
     m = plan.memory["max"]
     return (f"plan: {_count(plan.params.trainable)} of {_count(plan.params.total)} parameters "
             f"trainable; peak ~{_gib(m[False].total)} GiB ({_gib(m[True].total)} with gradient "
             f"checkpointing) of {_gib(plan.device_memory)} GiB at micro-batch "
-            f"{plan.micro_batch}{_auto(plan.cfg)} x {plan.lengths.max} tokens; largest "
+            f"{plan.micro_batch}{_auto(plan.cfg)}{_parts(plan)} x {plan.lengths.max} tokens; "
+            "largest "
             "micro-batch that fits: "
             f"{plan.largest_micro_batch(False)} ({plan.largest_micro_batch(True)} "
             "checkpointed); `peftune plan` for details")

@@ -181,13 +181,19 @@ class PeftuneTrainer(Trainer):
       prompt-learning methods take the standard path.
     - ``group_by_length``: micro-batches of similar length (less padding), in an order
       fixed by (seed, epoch) so that resuming replays it.
+    - ``token_budget``: a micro-batch whose padded tokens exceed it trains in parts
+      (:func:`split_by_tokens`), so a step with one long document does not hold the
+      activations of micro-batch x that document; the step's examples and its loss
+      normalisation stay the same.
     """
 
     def __init__(self, *args: Any, summary_loss: bool, group_by_length: bool,
-                 fingerprint: dict[str, Any], **kwargs: Any) -> None:
+                 fingerprint: dict[str, Any], token_budget: int | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.summary_loss = summary_loss and summary_loss_applies(self.model)
         self.group_by_length = group_by_length
+        self.token_budget = token_budget
         self.fingerprint = fingerprint
         self.loss_before_resume = 0.0  # summed over the steps a resumed checkpoint holds
 
@@ -241,6 +247,18 @@ class PeftuneTrainer(Trainer):
             * self.args.world_size
         return LengthGroupedSampler(lengths, step, seed=self.args.data_seed or self.args.seed)
 
+    def training_step(self, model: Any, inputs: dict[str, Any],
+                      num_items_in_batch: Any = None) -> torch.Tensor:
+        # parts are weighted right only when the loss is a sum over the step's label count
+        # (the Trainer's num_items_in_batch); one process only, so that no collective runs
+        # once per part
+        if self.token_budget is None or num_items_in_batch is None or \
+                not self.model_accepts_loss_kwargs or self.args.world_size > 1:
+            return super().training_step(model, inputs, num_items_in_batch)
+        parts = split_by_tokens(inputs, self.token_budget)
+        return sum(super(PeftuneTrainer, self).training_step(model, part, num_items_in_batch)
+                   for part in parts)
+
     def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
         if self.summary_loss and "labels" in inputs:
@@ -248,8 +266,36 @@ class PeftuneTrainer(Trainer):
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
 
+def split_by_tokens(inputs: dict[str, torch.Tensor], budget: int) -> list[dict[str, Any]]:
+    """A padded micro-batch as parts of at most ``budget`` padded tokens each (a row longer
+    than that is a part of its own): rows longest first, a part closed when one more row at
+    its first row's length would pass the budget, each part cut to its longest row. The
+    parts hold every row once; within a part rows keep the batch's order."""
+    mask = inputs["attention_mask"]
+    lengths = mask.sum(1).tolist()
+    if len(lengths) * mask.shape[1] <= budget or set(inputs) - set(SPLIT_KEYS):
+        return [inputs]
+    parts: list[list[int]] = []
+    for row in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        if parts and (len(parts[-1]) + 1) * lengths[parts[-1][0]] <= budget:
+            parts[-1].append(row)
+        else:
+            parts.append([row])
+    out = []
+    for rows in parts:
+        index = torch.tensor(sorted(rows))
+        columns = mask[index].any(0)  # padding on either side
+        out.append({k: v[index][:, columns] for k, v in inputs.items()})
+    return out
+
+
+SPLIT_KEYS = ("input_ids", "attention_mask", "labels")
+"""What a training micro-batch holds (``data.Collator``); anything else is not split."""
+
+
 def build_trainer(cfg: Config, model: PeftModel, data: Prepared, *, output_dir: Path,
-                  callbacks: list[Any] | None = None) -> Trainer:
+                  callbacks: list[Any] | None = None,
+                  token_budget: int | None = None) -> Trainer:
     method = get_method(cfg.method)
     columns = ["input_ids", "labels"]
     train_ds = data.splits["train"].select_columns(columns)
@@ -262,6 +308,7 @@ def build_trainer(cfg: Config, model: PeftModel, data: Prepared, *, output_dir: 
         summary_loss=cfg.train.summary_loss,
         group_by_length=cfg.train.group_by_length,
         fingerprint=checkpoints.fingerprint(cfg, len(train_ds)),
+        token_budget=token_budget,
         args=args,
         train_dataset=train_ds,
         eval_dataset=eval_ds.select_columns(columns) if eval_ds is not None else None,
@@ -393,11 +440,12 @@ def fit(cfg: Config, model: PeftModel, data: Prepared, *, output_dir: Path,
         memory_plan = plan.make(cfg, data=data)  # plan.checkpointing makes one if it needs it
     cfg = plan.with_micro_batch(cfg, memory_plan) if memory_plan else cfg
     use_checkpointing(model, plan.checkpointing(cfg, memory_plan, data=data))
+    budget = memory_plan.token_budget if memory_plan else None
     initial = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
     while True:
         try:
             return _fit_once(cfg, model, data, output_dir=output_dir, callbacks=callbacks,
-                             resume=resume, save_to=save_to)
+                             resume=resume, save_to=save_to, token_budget=budget)
         except RuntimeError as err:
             micro = cfg.train.micro_batch_size
             # other ranks of a DDP/FSDP/ZeRO-3 run would wait in a collective for this one
@@ -419,10 +467,11 @@ def fit(cfg: Config, model: PeftModel, data: Prepared, *, output_dir: Path,
 
 def _fit_once(cfg: Config, model: PeftModel, data: Prepared, *, output_dir: Path,
               callbacks: list[Any] | None, resume: bool,
-              save_to: Path | None) -> dict[str, Any]:
+              save_to: Path | None, token_budget: int | None) -> dict[str, Any]:
     guard, stop = StopOnDivergence(), StopOnSignal()
     trainer = build_trainer(cfg, model, data, output_dir=output_dir,
-                            callbacks=[guard, stop, *(callbacks or [])])
+                            callbacks=[guard, stop, *(callbacks or [])],
+                            token_budget=token_budget)
     checkpoint = checkpoints.resume_point(output_dir, trainer.fingerprint, resume=resume,
                                           discard=is_main_process())
     trainer.loss_before_resume = checkpoints.loss_sum(checkpoint)
