@@ -154,8 +154,8 @@ def free_memory() -> None:
 
 # ---------------------------------------------------------------- generation memory
 
-# Share of free GPU memory given to the KV cache; the rest is for activations, the logits
-# of the last position and the allocator's fragmentation.
+# Share of the GPU memory left to generation (see room_bytes) given to the KV cache; the rest
+# is for activations, the logits of the last position and the allocator's fragmentation.
 KV_CACHE_SHARE = 0.7
 
 
@@ -184,9 +184,16 @@ def generation_batch(*, cap: int, per_sequence: int | None, free: int | None) ->
     return max(1, min(cap, int(free * KV_CACHE_SHARE) // per_sequence))
 
 
-def free_bytes(where: torch.device) -> int | None:
-    """Free memory of a GPU (None for a CPU: the operating system decides there)."""
+def room_bytes(where: torch.device) -> int | None:
+    """GPU memory this process's tensors do not hold: the device's total less what is
+    allocated (None for a CPU: the operating system decides there).
+
+    Not the driver's free memory: that also counts the caching allocator's reserve and
+    other processes, which differ from run to run; a generation batch sized from it
+    regrouped the prompts, which changes padding and so greedy texts, between two runs of
+    one seed. What is allocated here is the same in every run of the same program; a batch
+    that still runs out of memory is halved (a warning says so)."""
     if where.type != "cuda":
         return None
-    free, _ = torch.cuda.mem_get_info(where)
-    return int(free)
+    total = torch.cuda.get_device_properties(where).total_memory
+    return int(total - torch.cuda.memory_allocated(where))
