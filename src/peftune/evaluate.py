@@ -19,13 +19,14 @@ import numpy as np
 import torch
 from rouge_score import rouge_scorer
 from tqdm.auto import tqdm
-from transformers import GenerationConfig, PreTrainedTokenizerBase
+from transformers import GenerationConfig, LogitsProcessorList, PreTrainedTokenizerBase
 
 from peftune import devices, resumable
 from peftune.config import EvalConfig
 from peftune.data import Collator
 from peftune.errors import PeftuneError
-from peftune.fast_generation import growing_cache, half_precision, prefilled_cache
+from peftune.fast_generation import (GeneratedNoRepeatNGram, growing_cache, half_precision,
+                                     prefilled_cache)
 from peftune.logs import show_progress
 from peftune.rundir import atomic_write, update_metrics
 
@@ -198,6 +199,13 @@ def generation_config(settings: EvalConfig, tokenizer: PreTrainedTokenizerBase
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
 
 
+def output_rules(settings: EvalConfig, prompt_width: int) -> LogitsProcessorList:
+    """Rules over the generated tokens only (``eval.generated_no_repeat_ngram_size``), which
+    no ``GenerationConfig`` field expresses."""
+    size = settings.generated_no_repeat_ngram_size
+    return LogitsProcessorList([GeneratedNoRepeatNGram(size, prompt_width)] if size else [])
+
+
 @contextlib.contextmanager
 def kv_cache_compat(model: Any) -> Iterator[None]:
     """Let peft's prompt-learning generation find the KV cache of transformers 5.
@@ -277,7 +285,10 @@ def generate(model: Any, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[l
                 with kv_cache_compat(model):
                     cache = _cache(model, encoder_decoder, device, [prompts[i] for i in idx],
                                    width=batch["input_ids"].shape[1])
-                    out = model.generate(**batch, **cache, generation_config=gen_config)
+                    out = model.generate(**batch, **cache, generation_config=gen_config,
+                                         logits_processor=output_rules(
+                                             settings, 0 if encoder_decoder
+                                             else batch["input_ids"].shape[1]))
             except torch.OutOfMemoryError:
                 if size == 1:
                     raise
