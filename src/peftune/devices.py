@@ -19,6 +19,8 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import platform
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -143,6 +145,22 @@ def place(model: torch.nn.Module) -> torch.nn.Module:
         model = model.to(device())
     log.info("model on %s", next(model.parameters()).device)
     return model
+
+
+def numerics() -> dict[str, Any]:
+    """What, besides the seed and the settings, decides a run's digits: the device, the
+    precision ``auto`` resolves to, the CPU threads and the torch build. Two machines that
+    differ here can differ in ROUGE (README, "Reproducible")."""
+    name = torch.cuda.get_device_name(device()) if torch.cuda.is_available() else _cpu_name()
+    return {"device": name, "precision": resolve_precision("auto"),
+            "threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
+def _cpu_name() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else platform.processor() or platform.machine()
 
 
 def free_memory() -> None:

@@ -469,6 +469,7 @@ def finalize(cfg: Config, study: optuna.Study, bases: assembly.Bases,
         else study.best_trial.number
     out["comparison"] = _compare(run_dir, data.splits["test"], baselines=list(out["baselines"]),
                                  seed=cfg.seed)
+    update_metrics(run_dir / "final", "numerics", devices.numerics())
     return out
 
 
