@@ -97,7 +97,7 @@ def test_report_leads_with_the_test_split_and_says_what_is_noise(tmp_path):
     assert f"{run}/best.yaml" in text
     assert "Parameter importances are not shown" in text and "4 complete trial(s)" in text
     assert "2 of 6 trials were pruned" in text
-    assert page.count("data:image/png;base64,") == 4
+    assert page.count("data:image/png;base64,") == 5
     # and under `peftune search`'s closing table
     lines = report.difference_lines(comparison, metric="rougeL")
     assert lines[2].split()[:3] == ["best", "-", "default"]
@@ -153,6 +153,11 @@ def test_top_trials_within_noise_are_named_with_the_smallest_adapter():
     rows = report._trial_rows(study)
     low, high = [float(x) for x in report.trial_interval(study.trials[0]).strip("[]").split(",")]
     assert low < sum(far) / 12 < high and "[" in rows and "25%" in rows
+    # and in the size/speed view, each trial with its interval
+    fig, note = report.plot_tradeoffs(study, config_from_dict({}))
+    points = [line for ax in fig.axes for line in ax.lines if line.get_marker() == "o"]
+    assert len(fig.axes) == 1 and len(points) == 3  # no generation times recorded here
+    assert {p.get_color() for p in points} == {"tab:red", "tab:blue"} and "within noise" in note
 
 
 def test_a_best_trial_ahead_beyond_noise_is_said_to_be():

@@ -436,6 +436,39 @@ def plot_importances(study: optuna.Study, cfg: Config) -> tuple[Figure | None, s
                  "own options) only count where every complete trial has them.")
 
 
+def plot_tradeoffs(study: optuna.Study, cfg: Config) -> tuple[Figure | None, str]:
+    """Validation score against trainable parameters and against generation seconds per
+    document, each complete trial with its bootstrap interval: the front a user picks a
+    smaller or faster adapter from, within noise of the best."""
+    done = [t for t in _complete(study) if "trainable_params" in t.user_attrs]
+    if not done:
+        return None, "No complete trial has recorded its trainable parameters yet."
+    found = within_noise(study)
+    close = {found[0].number, *(t.number for t in found[1])} if found else set()
+    axes_of = [("trainable_params", "trainable parameters", True),
+               ("generation_seconds_per_document", "generation seconds per document", False)]
+    axes_of = [a for a in axes_of if any(a[0] in t.user_attrs for t in done)]
+    fig, axes = plt.subplots(1, len(axes_of), figsize=(8, 3.8), squeeze=False)
+    for ax, (key, name, log_scale) in zip(axes[0], axes_of, strict=True):
+        for t in (t for t in done if key in t.user_attrs):
+            scores = t.user_attrs.get("document_scores")
+            mean, low, high = mean_interval(scores) if scores else (t.values[0],) * 3
+            ax.errorbar(t.user_attrs[key], t.values[0], yerr=[[mean - low], [high - mean]],
+                        fmt="o", color="tab:red" if t.number in close else "tab:blue",
+                        capsize=3)
+            ax.annotate(str(t.number), (t.user_attrs[key], t.values[0]), fontsize=7,
+                        xytext=(4, 4), textcoords="offset points")
+        if log_scale:
+            ax.set_xscale("log")
+        ax.set(xlabel=name, ylabel=_axis(cfg) if ax is axes[0][0] else None)
+    fig.suptitle(f"Validation {label(cfg.search.metric)} against size and generation speed",
+                 fontsize=10)
+    return fig, ("Each complete trial (its number beside it) with the 95% bootstrap interval "
+                 "of its validation score; red: the best trial and those within noise of it. "
+                 "Among the red ones, the leftmost is the smallest (or fastest) adapter the "
+                 "validation set cannot tell from the best.")
+
+
 def plot_pareto(study: optuna.Study, cfg: Config) -> tuple[Figure | None, str]:
     names = [label(m) for m in study.metric_names or []] or None
     ax = ovm.plot_pareto_front(study, target_names=names)
@@ -447,6 +480,7 @@ PLOTS: list[tuple[str, str, Callable[[optuna.Study, Config], tuple[Figure | None
     ("validation_loss", "Validation loss per step", plot_loss),
     ("best_per_method", "Best trial per method", plot_best_per_method),
     ("cost", "Cost", plot_cost),
+    ("tradeoffs", "Score against size and speed", plot_tradeoffs),
     ("importances", "Parameter importances", plot_importances),
 ]
 
