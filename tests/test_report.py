@@ -236,7 +236,7 @@ def test_report_renders_in_a_real_browser(tmp_path):
         _no_browser(f"{browser} rendered nothing (exit {done.returncode}): "
                     f"{done.stderr.strip()[-300:]}")
     seen = json.loads(html.unescape(found.group(1)))
-    assert seen["images"] == 5 and seen["loaded"] == 5, "every plot is drawn"
+    assert seen["images"] == 6 and seen["loaded"] == 6, "every plot is drawn"
     for expected in ("Test split: zero-shot, default and best configuration",
                      "cannot tell apart from noise on 12 documents",
                      "<b>Paper 0</b>",  # shown as text, not taken as markup
