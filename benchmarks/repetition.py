@@ -1,7 +1,7 @@
 """Repetition control over the generated tokens only, against none and the standard penalty.
 
     python benchmarks/repetition.py                # no network; see BENCHMARKS.md for time
-    python benchmarks/repetition.py --docs 24 --work DIR
+    python benchmarks/repetition.py --docs 12 --steps 8 --work DIR   # what BENCHMARKS.md ran
 
 1. Trains one LoRA adapter quickly: the demo's default configuration
    (configs/aclsum-smollm2-search.yaml as it is: r=8 on q,v, lr 1e-3, one epoch on the 100
@@ -46,12 +46,12 @@ RULES = {
 }
 
 
-def config(work: Path) -> Any:
+def config(work: Path, steps: int) -> Any:
     settings = load_yaml(CONFIG)
     settings.pop("search", None)
     settings["output_dir"] = str(work / "run")
     settings["train"] = {**settings.get("train", {}), "save_checkpoints": False,
-                         "resume": False}
+                         "resume": False, "max_steps": steps}
     return config_from_dict(settings)
 
 
@@ -69,8 +69,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/peftune-repetition"))
     parser.add_argument("--docs", type=int, default=24)
+    parser.add_argument("--steps", type=int, default=-1,
+                        help="optimizer steps of the adapter (-1: the config's one epoch)")
     args = parser.parse_args()
-    cfg = config(args.work)
+    cfg = config(args.work, args.steps)
     adapter = Path(cfg.output_dir) / "adapter"
     data = assembly.prepare(cfg)
     if not (adapter / "adapter_model.safetensors").is_file():
