@@ -16,7 +16,7 @@
    four, so one generation serves every field. Reports ROUGE-L and the loop rate
    (:func:`peftune.evaluate.loops`: some 4 words recur 3 times or more).
 
-Prints a markdown table and writes it, with every text, to ``WORK/repetition.json``.
+Prints a markdown table and writes it, with every text, to ``WORK/repetition-MODELS.json``.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from peftune import assembly, devices
 from peftune import train as training
@@ -71,18 +73,24 @@ def main() -> None:
     parser.add_argument("--docs", type=int, default=24)
     parser.add_argument("--steps", type=int, default=-1,
                         help="optimizer steps of the adapter (-1: the config's one epoch)")
+    parser.add_argument("--models", default="adapter,zero-shot",
+                        help="which rows: adapter, zero-shot or both (comma-separated)")
+    parser.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    who_runs = args.models.split(",")
     cfg = config(args.work, args.steps)
     adapter = Path(cfg.output_dir) / "adapter"
     data = assembly.prepare(cfg)
-    if not (adapter / "adapter_model.safetensors").is_file():
+    if "adapter" in who_runs and not (adapter / "adapter_model.safetensors").is_file():
         start = time.time()
         training.run(cfg, data=data)
         print(f"trained in {time.time() - start:.0f}s", flush=True)
     from peft import PeftModel
 
     base = devices.place(assembly.load_base(cfg, data.tokenizer))
-    model = PeftModel.from_pretrained(base, str(adapter))
+    model = PeftModel.from_pretrained(base, str(adapter)) if "adapter" in who_runs else base
     val = data.splits["validation"].select(range(min(args.docs, len(data.splits["validation"]))))
     prompts, refs = prompts_of(val), references(list(val["id"]))
     precision = assembly.precision(cfg)
@@ -90,9 +98,9 @@ def main() -> None:
     for name, (ngram, penalty) in RULES.items():
         settings = replace(cfg.eval, generated_no_repeat_ngram_size=ngram,
                            repetition_penalty=penalty)
-        for who in ("adapter", "zero-shot"):
+        for who in who_runs:
             start = time.time()
-            if who == "adapter":
+            if who == "adapter" or model is base:
                 texts = generate(model, data.tokenizer, prompts, settings, precision=precision)
             else:
                 with model.disable_adapter():
@@ -105,7 +113,7 @@ def main() -> None:
                   flush=True)
     table = markdown(rows, len(prompts))
     print("\n" + table)
-    (args.work / "repetition.json").write_text(json.dumps(
+    (args.work / f"repetition-{'+'.join(who_runs)}.json").write_text(json.dumps(
         {"precision": precision, "documents": len(prompts), "rows": rows, "table": table},
         indent=1))
 
