@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 
 import optuna
-import torch
 import pytest
+import torch
 import yaml
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FixedTrial, TrialState

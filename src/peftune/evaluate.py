@@ -25,8 +25,12 @@ from peftune import devices, resumable
 from peftune.config import EvalConfig
 from peftune.data import Collator
 from peftune.errors import PeftuneError
-from peftune.fast_generation import (GeneratedNoRepeatNGram, growing_cache, half_precision,
-                                     prefilled_cache)
+from peftune.fast_generation import (
+    GeneratedNoRepeatNGram,
+    growing_cache,
+    half_precision,
+    prefilled_cache,
+)
 from peftune.logs import show_progress
 from peftune.rundir import atomic_write, update_metrics
 

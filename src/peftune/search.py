@@ -34,8 +34,14 @@ from peftune import assembly, card, devices, plan, tracking
 from peftune import train as training
 from peftune.config import Config, SearchConfig, save_yaml
 from peftune.errors import ConfigError, Diverged, Interrupted
-from peftune.evaluate import (compare_predictions, generate, prompts_of, score, text_scores,
-                              write_examples)
+from peftune.evaluate import (
+    compare_predictions,
+    generate,
+    prompts_of,
+    score,
+    text_scores,
+    write_examples,
+)
 from peftune.methods import get_method
 from peftune.rundir import update_metrics
 
