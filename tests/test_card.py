@@ -65,3 +65,35 @@ def test_evaluate_puts_test_rouge_in_the_card_and_exports_carry_it(tiny_cfg, tmp
     assert (settings.max_new_tokens, settings.repetition_penalty, settings.pad_token_id) == \
         (8, 1.2, 3)
     assert "float32 weights" in (merged / "README.md").read_text()
+
+
+def test_a_generated_only_rule_is_named_in_the_card_and_its_processor_reproduces_the_text(
+        tiny_cfg, tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from peftune.config import EvalConfig
+    from peftune.evaluate import generate
+    from peftune.fast_generation import GeneratedNoRepeatNGram
+
+    tiny_cfg["eval"].update(generated_no_repeat_ngram_size=2, max_new_tokens=16)
+    adapter = _train(tiny_cfg, tmp_path)
+    text = (adapter / "README.md").read_text()
+    assert "eval.generated_no_repeat_ngram_size=2" in text and "logits_processor" in text
+    assert GenerationConfig.from_pretrained(adapter).no_repeat_ngram_size == 0  # not the rule
+    # what the card tells a transformers user to pass gives peftune's own text
+    tok = AutoTokenizer.from_pretrained(adapter)
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_cfg["model"]["name"]), str(adapter)).eval()
+    ids = tok("alpha beta gamma delta alpha beta", add_special_tokens=False)["input_ids"]
+    inputs = {"input_ids": torch.tensor([ids])}
+    with torch.no_grad():
+        out = model.generate(**inputs, generation_config=GenerationConfig.from_pretrained(
+            adapter), logits_processor=[GeneratedNoRepeatNGram(
+                2, prompt_width=inputs["input_ids"].shape[1])])
+    plain = tok.decode(out[0, len(ids):], skip_special_tokens=True).strip()
+    ours = generate(model, tok, [ids], EvalConfig(max_new_tokens=16,
+                                                  generated_no_repeat_ngram_size=2),
+                    progress=False)[0]
+    assert plain == ours

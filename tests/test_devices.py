@@ -168,10 +168,13 @@ def test_free_generation_memory_counts_what_the_allocator_reserved_but_does_not_
         monkeypatch):
     gib = 2**30
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda where=None: (1 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda where=None: type("Props", (), {"total_memory": 80 * gib})())
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda where=None: 10 * gib)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda where=None: 4 * gib)
-    assert devices.free_bytes(torch.device("cuda", 0)) == 7 * gib  # 1 free + 6 cached
-    assert devices.free_bytes(torch.device("cpu")) is None
+    # 6 GiB reserved by the caching allocator but unused count as room, not as taken
+    assert devices.room_bytes(torch.device("cuda", 0)) == 76 * gib
+    assert devices.room_bytes(torch.device("cpu")) is None
 
 
 ACCELERATE_ENV = ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED",
@@ -304,7 +307,7 @@ def test_place_leaves_a_model_spread_over_devices_alone(monkeypatch):
 
 
 
-def test_generation_batch_of_a_model_from_its_config_and_the_free_gpu_memory(monkeypatch):
+def test_generation_batch_of_a_model_from_its_config_and_the_gpu_memory(monkeypatch):
     from peftune.config import EvalConfig
     from peftune.evaluate import batch_size
     from tests.conftest import make_llama
@@ -314,7 +317,7 @@ def test_generation_batch_of_a_model_from_its_config_and_the_free_gpu_memory(mon
     settings = EvalConfig(batch_size=16, max_new_tokens=20, num_beams=2)
     cuda = torch.device("cuda", 0)
     free = 10 * per_token * (80 + 20) * 2  # room for 10 beam pairs of 100 tokens, before margin
-    monkeypatch.setattr(devices, "free_bytes", lambda where: free if where == cuda else None)
+    monkeypatch.setattr(devices, "room_bytes", lambda where: free if where == cuda else None)
     assert batch_size(model, settings, 80, cuda) == 7  # 70% of the room for the cache
     assert batch_size(model, settings, 80, torch.device("cpu")) == 16  # CPU: eval.batch_size
 
@@ -343,3 +346,37 @@ print(held, rss() if devices.trim_heap() else held, rss())
                          text=True, check=True, timeout=300)
     held, trimmed, _ = map(int, out.stdout.split())
     assert held - trimmed > 300 * 2**20  # most of the 400 MB freed
+
+
+def test_generation_room_is_the_total_less_what_this_process_holds_not_the_free_memory(
+        monkeypatch):
+    """Two runs of one seed must batch prompts alike: what other processes and the caching
+    allocator hold (the driver's free memory) must not move the generation batch."""
+    gib = 2**30
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda where: type("Props", (), {"total_memory": 80 * gib})())
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda where: 30 * gib)
+    rooms = set()
+    for free in (50 * gib, 20 * gib, 3 * gib):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda where, f=free: (f, 80 * gib))
+        rooms.add(devices.room_bytes(cuda))
+    assert rooms == {50 * gib}
+    assert devices.room_bytes(torch.device("cpu")) is None
+
+
+def test_auto_micro_batch_memory_is_the_device_total_not_what_is_free(monkeypatch):
+    """``train.micro_batch_size: auto`` must not change with what happens to be free: another
+    micro-batch splits each step differently and trains other weights."""
+    import psutil
+
+    from peftune import plan
+
+    seen = set()
+    for available in (20 * 2**30, 2 * 2**30):
+        memory = psutil.virtual_memory()._replace(total=24 * 2**30, available=available,
+                                                  free=available)
+        monkeypatch.setattr(psutil, "virtual_memory", lambda m=memory: m)
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a, f=available: (f, 80 * 2**30))
+        seen.add(plan.device_memory("auto"))
+    assert seen == {("cpu", 24 * 2**30)}

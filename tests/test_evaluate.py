@@ -80,3 +80,60 @@ def test_compare_predictions_pairs_documents_and_matches_the_scored_means(tmp_pa
     other = _write(tmp_path / "other", ["omega"] * 4, refs, ids=["x", "d1", "d2", "d3"])
     with pytest.raises(PeftuneError, match="not of the same documents"):
         compare_predictions(best, {"other": other}, resamples=10, seed=0)
+
+
+def test_loop_rate_counts_outputs_that_repeat_a_phrase_three_times():
+    from peftune.evaluate import loop_rate, loops, text_scores
+
+    looping = "The work is based on a phrase-based engine and " * 4
+    fine = "We present a parser. The parser is fast; the parser is small and the parser wins."
+    assert loops(looping) and not loops(fine) and not loops("")
+    assert loop_rate([looping, fine, fine, fine]) == 0.25 and loop_rate([]) == 0
+    metrics, per_doc = text_scores([looping, fine], ["a phrase-based engine", "a fast parser"])
+    assert metrics["loop_rate"] == 0.5 and metrics["num_examples"] == 2
+    assert metrics["rougeL"] == pytest.approx(sum(per_doc["rougeL"]) / 2, abs=1e-4)
+
+
+def test_mean_interval_holds_the_mean_and_narrows_with_agreeing_documents():
+    from peftune.evaluate import mean_interval
+
+    spread = [10.0, 30.0, 20.0, 40.0, 0.0, 20.0]
+    mean, low, high = mean_interval(spread)
+    assert mean == 20.0 and low < 20.0 < high
+    assert mean_interval([20.0] * 6) == (20.0, 20.0, 20.0)
+
+
+def test_generated_no_repeat_rule_ignores_the_prompt():
+    import torch
+    from transformers import NoRepeatNGramLogitsProcessor
+
+    from peftune.fast_generation import GeneratedNoRepeatNGram
+
+    # prompt "5 6" (width 2), output so far "5": the prompt's bigram 5 6 stays allowed ...
+    ids, scores = torch.tensor([[5, 6, 5]]), torch.zeros(1, 10)
+    assert GeneratedNoRepeatNGram(2, prompt_width=2)(ids, scores.clone())[0, 6] == 0
+    assert NoRepeatNGramLogitsProcessor(2)(ids, scores.clone())[0, 6] == -float("inf")
+    # ... but the output's own bigrams do not repeat
+    ids = torch.tensor([[5, 6, 1, 2, 1]])
+    banned = GeneratedNoRepeatNGram(2, prompt_width=2)(ids, scores.clone())[0]
+    assert banned[2] == -float("inf") and banned[6] == 0
+
+
+def test_generation_with_the_generated_only_rule_never_repeats_an_output_ngram(tiny_cfg):
+    from peftune import models
+    from peftune.assembly import prepare
+    from peftune.config import EvalConfig, ModelConfig, config_from_dict
+    from peftune.evaluate import generate, prompts_of
+
+    cfg = config_from_dict(tiny_cfg)
+    model, tok = models.load_base(ModelConfig(name=tiny_cfg["model"]["name"]))
+    prompts = prompts_of(prepare(cfg, tok, roles=("test",)).splits["test"])
+    plain = generate(model, tok, prompts, EvalConfig(batch_size=3, max_new_tokens=24),
+                     progress=False)
+    ruled = generate(model, tok, prompts, EvalConfig(
+        batch_size=3, max_new_tokens=24, generated_no_repeat_ngram_size=2), progress=False)
+    ids = [tok(text, add_special_tokens=False)["input_ids"] for text in ruled]
+    for row in ids:
+        pairs = list(zip(row, row[1:], strict=False))
+        assert len(pairs) == len(set(pairs))
+    assert plain != ruled, "the random tiny model should repeat itself somewhere unruled"

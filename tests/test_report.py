@@ -97,13 +97,78 @@ def test_report_leads_with_the_test_split_and_says_what_is_noise(tmp_path):
     assert f"{run}/best.yaml" in text
     assert "Parameter importances are not shown" in text and "4 complete trial(s)" in text
     assert "2 of 6 trials were pruned" in text
-    assert page.count("data:image/png;base64,") == 4
+    assert page.count("data:image/png;base64,") == 5
     # and under `peftune search`'s closing table
     lines = report.difference_lines(comparison, metric="rougeL")
     assert lines[2].split()[:3] == ["best", "-", "default"]
     assert f"{default['difference']:+.2f} [{default['low']:+.2f}, {default['high']:+.2f}]" \
         in lines[2]
-    assert lines[-1].endswith("cannot tell apart from noise on 12 documents.")
+    assert lines[-2].endswith("cannot tell apart from noise on 12 documents.")
+    assert lines[-1] == (
+        "Bottom line (ROUGE-L, 12 test documents): the searched configuration beats zero-shot "
+        "beyond noise; it does not beat default configuration beyond noise (the interval of "
+        "the difference includes 0).")
+    assert lines[-1] in text
+
+
+def test_bottom_line_says_plainly_when_the_winner_beats_every_baseline():
+    comparison = {"documents": 48, "best - zero-shot": {"rougeL": {
+        "difference": 4.2, "low": 2.4, "high": 6.0}}, "best - default": {"rougeL": {
+            "difference": 5.0, "low": 2.4, "high": 7.4}}}
+    assert report.bottom_line(comparison, "rougeL") == (
+        "Bottom line (ROUGE-L, 48 test documents): the searched configuration beats zero-shot "
+        "and default configuration beyond noise.")
+    comparison["best - default"]["rougeL"].update(difference=-3.0, low=-5.0, high=-1.0)
+    assert report.bottom_line(comparison, "rougeL").endswith(
+        "beats zero-shot beyond noise; it is worse than default configuration beyond noise.")
+
+
+def _scored_study(scores: dict[int, list[float]], params: dict[int, int]) -> optuna.Study:
+    study = optuna.create_study(direction="maximize")
+    for number, docs in scores.items():
+        trial = _trial(number, TrialState.COMPLETE, value=sum(docs) / len(docs))
+        trial.set_user_attr("document_scores", docs)
+        trial.set_user_attr("trainable_params", params[number])
+        trial.set_user_attr("loop_rate", 0.25)
+        study.add_trial(trial)
+    return study
+
+
+def test_top_trials_within_noise_are_named_with_the_smallest_adapter():
+    # trial 1 is 0.5 points ahead of trial 2 on average, but not on every document; trial 0
+    # is behind on all 12
+    best = [30.0, 20.0, 40.0, 25.0, 35.0, 22.0, 31.0, 28.0, 26.0, 33.0, 29.0, 24.0]
+    close = [v + (3.0 if i % 2 else -4.0) for i, v in enumerate(best)]
+    far = [v - 10.0 for v in best]
+    study = _scored_study({0: far, 1: best, 2: close}, {0: 500, 1: 9000, 2: 1200})
+    best_trial, ties = report.within_noise(study)
+    assert best_trial.number == 1 and [t.number for t in ties] == [2]
+    assert report.noise_sentence(study) == (
+        "The top trials are within noise of each other: trial 2 cannot be told apart from "
+        "the best, trial 1 (the paired bootstrap 95% interval of the difference on the same "
+        "12 validation documents includes 0), so the ranking among them may be chance. The "
+        "smallest adapter among them is trial 2's (1,200 trainable parameters, 9,000 for the "
+        "best).")
+    # trial 0's own interval is in the trial table, beside its loop rate
+    rows = report._trial_rows(study)
+    low, high = [float(x) for x in report.trial_interval(study.trials[0]).strip("[]").split(",")]
+    assert low < sum(far) / 12 < high and "[" in rows and "25%" in rows
+    # and in the size/speed view, each trial with its interval
+    fig, note = report.plot_tradeoffs(study, config_from_dict({}))
+    points = [line for ax in fig.axes for line in ax.lines if line.get_marker() == "o"]
+    assert len(fig.axes) == 1 and len(points) == 3  # no generation times recorded here
+    assert {p.get_color() for p in points} == {"tab:red", "tab:blue"} and "within noise" in note
+
+
+def test_a_best_trial_ahead_beyond_noise_is_said_to_be():
+    best = [30.0 + i for i in range(12)]
+    study = _scored_study({0: [v - 5.0 for v in best], 1: best}, {0: 500, 1: 9000})
+    assert report.within_noise(study)[1] == []
+    assert report.noise_sentence(study).startswith(
+        "Trial 1 is ahead of every other complete trial beyond noise")
+    plain = optuna.create_study(direction="maximize")  # no per-document scores: no claim
+    plain.add_trial(_trial(0, TrialState.COMPLETE, value=20.0))
+    assert report.within_noise(plain) is None and report.noise_sentence(plain) == ""
 
 
 def test_plots_say_what_they_show(tmp_path):
@@ -171,7 +236,7 @@ def test_report_renders_in_a_real_browser(tmp_path):
         _no_browser(f"{browser} rendered nothing (exit {done.returncode}): "
                     f"{done.stderr.strip()[-300:]}")
     seen = json.loads(html.unescape(found.group(1)))
-    assert seen["images"] == 5 and seen["loaded"] == 5, "every plot is drawn"
+    assert seen["images"] == 6 and seen["loaded"] == 6, "every plot is drawn"
     for expected in ("Test split: zero-shot, default and best configuration",
                      "cannot tell apart from noise on 12 documents",
                      "<b>Paper 0</b>",  # shown as text, not taken as markup

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 import yaml
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FixedTrial, TrialState
@@ -547,3 +548,30 @@ def test_pareto_search_retrains_a_front_trial_on_train_and_validation(search_cfg
     page = report.write(tmp_path / "run").read_text()
     assert "<h3>Pareto front</h3>" in page and "alt='Pareto front'" in page
     assert (tmp_path / "run" / "report" / "pareto_front.png").stat().st_size > 1000
+
+
+def test_one_seed_gives_the_same_digits_in_two_runs(search_cfg, tmp_path):
+    """The same seed and settings twice: bitwise the same trials (every validation
+    document's score), final adapter and test texts; the run records what else decides
+    its digits (precision, threads, device)."""
+    from safetensors.torch import load_file
+
+    search_cfg["search"].update(n_trials=2, pruner="none")
+    runs = []
+    for name in ("one", "two"):
+        cfg = config_from_dict({**search_cfg, "output_dir": str(tmp_path / name)})
+        study, final = searching.run(cfg)
+        runs.append((study, tmp_path / name / "final"))
+    (first, final_one), (second, final_two) = runs
+    for a, b in zip(first.trials, second.trials, strict=True):
+        assert a.params == b.params and a.values == b.values
+        assert a.user_attrs["document_scores"] == b.user_attrs["document_scores"]
+        assert len(a.user_attrs["document_scores"]) == 4 and "loop_rate" in a.user_attrs
+        assert a.user_attrs["generation_seconds_per_document"] > 0
+    one, two = (load_file(str(d / "adapter" / "adapter_model.safetensors"))
+                for d in (final_one, final_two))
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+    assert (final_one / "predictions.jsonl").read_text() == \
+        (final_two / "predictions.jsonl").read_text()
+    numerics = json.loads((final_one / "metrics.json").read_text())["numerics"]
+    assert numerics["threads"] == torch.get_num_threads() and numerics["precision"]

@@ -179,7 +179,8 @@ def read_facts(folder: Path) -> dict[str, Any]:
     return facts
 
 
-DECODING = ("max_new_tokens", "num_beams", "no_repeat_ngram_size", "repetition_penalty")
+DECODING = ("max_new_tokens", "num_beams", "no_repeat_ngram_size", "repetition_penalty",
+            "generated_no_repeat_ngram_size")
 
 
 def update_metrics(adapter: Path, metrics: dict[str, Any], *, cfg: Config,
@@ -240,7 +241,7 @@ def render(cfg: Config, settings: dict[str, Any], facts: dict[str, Any], *, kind
         _usage(cfg, settings, kind=kind, folder=folder, chat=chat, gguf_file=gguf_file,
                source=source),
         _prompt(cfg, chat),
-        _generation(settings, kind),
+        _generation(settings, kind) + _output_rule(cfg),
         _training(cfg, facts),
         _data(cfg, facts),
         _results(metrics, facts),
@@ -386,6 +387,18 @@ def _generation(settings: dict[str, Any], kind: str) -> str:
             "transformers applies `repetition_penalty` and `no_repeat_ngram_size` over the "
             "prompt and the generated tokens together, as vLLM applies its "
             "`repetition_penalty`.\n")
+
+
+def _output_rule(cfg: Config) -> str:
+    size = cfg.eval.generated_no_repeat_ngram_size
+    if not size:
+        return ""
+    return (f"\npeftune also generated with `eval.generated_no_repeat_ngram_size={size}`: no "
+            f"{size}-gram of the output repeats (the prompt's may). No `{GENERATION}` field "
+            "holds that rule and llama.cpp has none: plain clients' texts differ wherever it "
+            "changes a token. In transformers, pass "
+            "`logits_processor=[peftune.fast_generation.GeneratedNoRepeatNGram("
+            f"{size}, prompt_width=inputs[\"input_ids\"].shape[1])]` to `generate`.\n")
 
 
 def _training(cfg: Config, facts: dict[str, Any]) -> str:

@@ -199,6 +199,9 @@ def search(cfg: Config, *, argv: list[str] | None = None) -> None:
     if final is not None:
         best = final["config"]
         print(f"best (trial {final['trial']}): {describe(best)}")
+        noise = reporting.noise_sentence(study)
+        if noise:
+            print(noise)
         rows = {**final["baselines"], f"best ({best.method})": final["test"]}
         print_rouge(rows, title="test split: zero-shot, default configuration and the best "
                     "configuration" if final["baselines"] else "final model on the test split")

@@ -132,6 +132,9 @@ class EvalConfig:
                                       "included (0: off)", 0, within=f"[0, {MAX_TOKENS}]")
     repetition_penalty: float = _help("penalty for tokens already in the prompt or output "
                                       "(1.0: off)", 1.0, within="(0, inf)")
+    # peftune's own rule: generation_config.json cannot hold it (the model card says so)
+    generated_no_repeat_ngram_size: int = _help("never repeat an output n-gram (0: off)", 0,
+                                                within=f"[0, {MAX_TOKENS}]")
     zero_shot: bool = _help("`evaluate` also scores the base model without the adapter", False)
 
     def __post_init__(self) -> None:

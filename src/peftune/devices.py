@@ -22,6 +22,8 @@ import ctypes
 import gc
 import logging
 import os
+import platform
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -183,6 +185,22 @@ def place(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def numerics() -> dict[str, Any]:
+    """What, besides the seed and the settings, decides a run's digits: the device, the
+    precision ``auto`` resolves to, the CPU threads and the torch build. Two machines that
+    differ here can differ in ROUGE (README, "Reproducible")."""
+    name = torch.cuda.get_device_name(device()) if torch.cuda.is_available() else _cpu_name()
+    return {"device": name, "precision": resolve_precision("auto"),
+            "threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
+def _cpu_name() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else platform.processor() or platform.machine()
+
+
 def free_memory() -> None:
     """Give cached GPU memory back (between trials, before a retry after out-of-memory)."""
     if torch.cuda.is_available():
@@ -206,8 +224,8 @@ def trim_heap() -> bool:
 
 # ---------------------------------------------------------------- generation memory
 
-# Share of free GPU memory given to the KV cache; the rest is for activations, the logits
-# of the last position and the allocator's fragmentation.
+# Share of the GPU memory left to generation (see room_bytes) given to the KV cache; the rest
+# is for activations, the logits of the last position and the allocator's fragmentation.
 KV_CACHE_SHARE = 0.7
 
 
@@ -236,12 +254,16 @@ def generation_batch(*, cap: int, per_sequence: int | None, free: int | None) ->
     return max(1, min(cap, int(free * KV_CACHE_SHARE) // per_sequence))
 
 
-def free_bytes(where: torch.device) -> int | None:
-    """Memory of a GPU this process can still fill (None for a CPU: the operating system
-    decides there): what the driver has free, plus what torch's caching allocator holds
-    reserved but unused (after training, often most of what the driver counts as taken)."""
+def room_bytes(where: torch.device) -> int | None:
+    """GPU memory this process's tensors do not hold: the device's total less what is
+    allocated (None for a CPU: the operating system decides there).
+
+    Not the driver's free memory: that also counts the caching allocator's reserve and
+    other processes, which differ from run to run; a generation batch sized from it
+    regrouped the prompts, which changes padding and so greedy texts, between two runs of
+    one seed. What is allocated here is the same in every run of the same program; a batch
+    that still runs out of memory is halved (a warning says so)."""
     if where.type != "cuda":
         return None
-    free, _ = torch.cuda.mem_get_info(where)
-    cached = torch.cuda.memory_reserved(where) - torch.cuda.memory_allocated(where)
-    return int(free + max(cached, 0))
+    total = torch.cuda.get_device_properties(where).total_memory
+    return int(total - torch.cuda.memory_allocated(where))

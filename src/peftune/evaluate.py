@@ -1,7 +1,8 @@
 """Batched generation from prompt-only, left-padded, length-sorted batches, scored with ROUGE.
 
 ROUGE-1/2/L/Lsum come from ``rouge_score`` with the Porter stemmer, on a 0-100 scale;
-ROUGE-Lsum sees one sentence per line, as it was defined.
+ROUGE-Lsum sees one sentence per line, as it was defined. ``loop_rate`` is the share of
+predictions that loop (:func:`loops`).
 """
 
 from __future__ import annotations
@@ -18,19 +19,54 @@ import numpy as np
 import torch
 from rouge_score import rouge_scorer
 from tqdm.auto import tqdm
-from transformers import GenerationConfig, PreTrainedTokenizerBase
+from transformers import GenerationConfig, LogitsProcessorList, PreTrainedTokenizerBase
 
 from peftune import devices, resumable
 from peftune.config import EvalConfig
 from peftune.data import Collator
 from peftune.errors import PeftuneError
-from peftune.fast_generation import growing_cache, half_precision, prefilled_cache
+from peftune.fast_generation import (
+    GeneratedNoRepeatNGram,
+    growing_cache,
+    half_precision,
+    prefilled_cache,
+)
 from peftune.logs import show_progress
 from peftune.rundir import atomic_write, update_metrics
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 log = logging.getLogger(__name__)
+_WORD = re.compile(r"\w+")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(\[])")
+
+
+LOOP_NGRAM = 4
+LOOP_TIMES = 3
+
+
+def loops(text: str, *, n: int = LOOP_NGRAM, times: int = LOOP_TIMES) -> bool:
+    """Whether ``text`` loops: some run of ``n`` words (lowercased, punctuation dropped)
+    occurs ``times`` times or more in it. A summary that says one thing once passes; one
+    that repeats a phrase or sentence until ``max_new_tokens`` does not.
+
+    >>> loops("We train it. We train it. We train it. We train it.")
+    True
+    >>> loops("we train it, then we test it, then we ship it")
+    False
+    """
+    words = _WORD.findall(text.lower())
+    seen: dict[tuple[str, ...], int] = {}
+    for i in range(len(words) - n + 1):
+        gram = tuple(words[i:i + n])
+        seen[gram] = seen.get(gram, 0) + 1
+        if seen[gram] >= times:
+            return True
+    return False
+
+
+def loop_rate(predictions: Sequence[str]) -> float:
+    """The share (0-1) of ``predictions`` that :func:`loops`."""
+    return round(sum(map(loops, predictions)) / max(1, len(predictions)), 4)
 
 
 def split_sentences(text: str) -> str:
@@ -56,6 +92,20 @@ def rouge(predictions: Sequence[str], references: Sequence[str]) -> dict[str, fl
             for key, scores in document_rouge(predictions, references).items()}
 
 
+def text_scores(predictions: Sequence[str], references: Sequence[str]
+                ) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """The metrics of a split's predictions (mean ROUGE, count, mean words, loop rate), and
+    the ROUGE of each prediction (what bootstrap intervals resample)."""
+    per_doc = document_rouge(predictions, references)
+    n = max(1, len(predictions))
+    metrics: dict[str, float] = {key: round(sum(v) / n, 4) for key, v in per_doc.items()}
+    metrics["num_examples"] = len(predictions)
+    metrics["mean_prediction_words"] = round(
+        sum(len(p.split()) for p in predictions) / n, 2)
+    metrics["loop_rate"] = loop_rate(predictions)
+    return metrics, per_doc
+
+
 def paired_bootstrap(scores_a: Sequence[float], scores_b: Sequence[float], *,
                      resamples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
     """Mean of ``a - b`` over paired items, and its percentile bootstrap 95% interval.
@@ -77,6 +127,16 @@ def paired_bootstrap(scores_a: Sequence[float], scores_b: Sequence[float], *,
     means = diff[rows].mean(axis=1)
     low, high = np.percentile(means, [2.5, 97.5])
     return float(diff.mean()), float(low), float(high)
+
+
+def mean_interval(scores: Sequence[float], *, resamples: int = 2000, seed: int = 0
+                  ) -> tuple[float, float, float]:
+    """Mean of ``scores`` (one per document) and its percentile bootstrap 95% interval.
+
+    >>> mean_interval([20.0, 20.0, 20.0])
+    (20.0, 20.0, 20.0)
+    """
+    return paired_bootstrap(scores, [0.0] * len(scores), resamples=resamples, seed=seed)
 
 
 def read_predictions(path: Path) -> list[dict[str, Any]]:
@@ -141,6 +201,13 @@ def generation_config(settings: EvalConfig, tokenizer: PreTrainedTokenizerBase
         no_repeat_ngram_size=settings.no_repeat_ngram_size,
         repetition_penalty=settings.repetition_penalty,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+
+
+def output_rules(settings: EvalConfig, prompt_width: int) -> LogitsProcessorList:
+    """Rules over the generated tokens only (``eval.generated_no_repeat_ngram_size``), which
+    no ``GenerationConfig`` field expresses."""
+    size = settings.generated_no_repeat_ngram_size
+    return LogitsProcessorList([GeneratedNoRepeatNGram(size, prompt_width)] if size else [])
 
 
 @contextlib.contextmanager
@@ -222,7 +289,10 @@ def generate(model: Any, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[l
                 with kv_cache_compat(model):
                     cache = _cache(model, encoder_decoder, device, [prompts[i] for i in idx],
                                    width=batch["input_ids"].shape[1])
-                    out = model.generate(**batch, **cache, generation_config=gen_config)
+                    out = model.generate(**batch, **cache, generation_config=gen_config,
+                                         logits_processor=output_rules(
+                                             settings, 0 if encoder_decoder
+                                             else batch["input_ids"].shape[1]))
             except torch.OutOfMemoryError:
                 if size == 1:
                     raise
@@ -246,8 +316,9 @@ def generate(model: Any, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[l
 def batch_size(model: Any, settings: EvalConfig, longest_prompt: int,
                device: torch.device) -> int:
     """Prompts per generation batch: ``eval.batch_size``, fewer where the KV cache of the
-    longest prompt and its new tokens (times the beams) would not fit in free GPU memory."""
-    free = devices.free_bytes(device)
+    longest prompt and its new tokens (times the beams) would not fit in the GPU memory the
+    process's tensors leave (:func:`devices.room_bytes`: the same in every run of a seed)."""
+    free = devices.room_bytes(device)
     if free is None:
         return settings.batch_size
     per_sequence = devices.kv_cache_bytes(model.config, longest_prompt + settings.max_new_tokens,
@@ -257,7 +328,7 @@ def batch_size(model: Any, settings: EvalConfig, longest_prompt: int,
         per_sequence=per_sequence * settings.num_beams if per_sequence else None)
     if chosen < settings.batch_size:
         log.info("generating %d prompts at once (eval.batch_size %d): their KV cache fills "
-                 "the free GPU memory", chosen, settings.batch_size)
+                 "the GPU memory", chosen, settings.batch_size)
     return chosen
 
 
@@ -299,9 +370,7 @@ def score(model: Any, tokenizer: PreTrainedTokenizerBase, ds: Any, settings: Eva
         with resumable.Appender(partial) as append:
             preds = generate(model, tokenizer, prompts, settings, precision=precision,
                              keep_fp32_weights=keep_fp32_weights, done=done, on_batch=append)
-    metrics: dict[str, float] = {**rouge(preds, ds["summary"]), "num_examples": len(preds)}
-    metrics["mean_prediction_words"] = round(
-        sum(len(p.split()) for p in preds) / max(1, len(preds)), 2)
+    metrics, _ = text_scores(preds, ds["summary"])
     if out_dir is not None:
         write_outputs(out_dir, tag, ds, preds, metrics)
         partial.unlink(missing_ok=True)

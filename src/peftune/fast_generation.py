@@ -1,5 +1,5 @@
 """Fast 16-bit generation: weights cast once, CPU matmul weights packed once, a KV cache that
-grows in place.
+grows in place; and a no-repeat rule over the generated tokens only.
 
 Each piece is numerically neutral against the plain 16-bit model (tests compare logits and
 texts): packing changes the memory layout of the weights, not the arithmetic, and the cache
@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, LogitsProcessor, NoRepeatNGramLogitsProcessor
 from transformers.cache_utils import DynamicLayer
 
 from peftune.devices import HALF_DTYPES
@@ -172,3 +172,21 @@ def _left_padded(rows: list[torch.Tensor], length: int) -> torch.Tensor:
     for i, row in enumerate(rows):
         out[i, :, length - row.shape[-2]:] = row[0]
     return out
+
+
+class GeneratedNoRepeatNGram(LogitsProcessor):
+    """transformers' no-repeat n-gram rule over the generated tokens only: the prompt's
+    n-grams (a summary reuses the document's phrases) stay allowed, a phrase the output
+    already said once is not said again.
+
+    ``prompt_width`` is the width of the (padded) prompt batch: every row's output starts
+    there. Not expressible in ``generation_config.json``: plain transformers needs this
+    processor passed as ``logits_processor``, and llama.cpp has no equivalent.
+    """
+
+    def __init__(self, size: int, prompt_width: int) -> None:
+        self.rule, self.start = NoRepeatNGramLogitsProcessor(size), prompt_width
+
+    def __call__(self, input_ids: torch.LongTensor,
+                 scores: torch.FloatTensor) -> torch.FloatTensor:
+        return self.rule(input_ids[:, self.start:], scores)

@@ -34,7 +34,7 @@ from optuna.visualization import matplotlib as ovm  # noqa: E402
 from peftune.assembly import folder_config  # noqa: E402
 from peftune.config import Config, load_yaml  # noqa: E402
 from peftune.errors import PeftuneError  # noqa: E402
-from peftune.evaluate import ROUGE_KEYS  # noqa: E402
+from peftune.evaluate import ROUGE_KEYS, mean_interval, paired_bootstrap  # noqa: E402
 from peftune.rundir import atomic_write  # noqa: E402
 
 LABELS = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "rougeLsum": "ROUGE-Lsum",
@@ -87,6 +87,30 @@ def verdict(comparison: dict[str, Any], baseline: str, metric: str) -> str:
             f"[{d['low']:+.2f}, {d['high']:+.2f}]: {judged}.")
 
 
+def bottom_line(comparison: dict[str, Any], metric: str) -> str:
+    """One plain sentence: does the winner beat each baseline beyond noise on the test split?"""
+    baselines = [k.removeprefix("best - ") for k in comparison if k.startswith("best - ")]
+    groups: dict[str, list[str]] = {"beats": [], "ties": [], "loses": []}
+    for name in baselines:
+        d = comparison[f"best - {name}"][metric]
+        key = "beats" if d["low"] > 0 else "loses" if d["high"] < 0 else "ties"
+        groups[key].append(SYSTEMS.get(name, name))
+    parts = []
+    if groups["beats"]:
+        parts.append(f"beats {_and(groups['beats'])} beyond noise")
+    if groups["ties"]:
+        parts.append(f"does not beat {_and(groups['ties'])} beyond noise (the interval of "
+                     "the difference includes 0)")
+    if groups["loses"]:
+        parts.append(f"is worse than {_and(groups['loses'])} beyond noise")
+    return (f"Bottom line ({label(metric)}, {comparison['documents']} test documents): the "
+            f"searched configuration {'; it '.join(parts)}.")
+
+
+def _and(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
 def difference_lines(comparison: dict[str, Any], *, metric: str) -> list[str]:
     """The differences as rows under ``print_rouge``'s table, then a verdict per baseline."""
     baselines = [k.removeprefix("best - ") for k in comparison if k.startswith("best - ")]
@@ -97,7 +121,8 @@ def difference_lines(comparison: dict[str, Any], *, metric: str) -> list[str]:
                                                           for k in ROUGE_KEYS))
     lines.append(f"ROUGE points; [paired bootstrap 95% interval over {comparison['documents']} "
                  f"test documents, {comparison['resamples']} resamples]")
-    return lines + [verdict(comparison, name, metric) for name in baselines]
+    return lines + [verdict(comparison, name, metric) for name in baselines] + [
+        bottom_line(comparison, metric)]
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -139,6 +164,7 @@ def _headline(run_dir: Path, cfg: Config) -> str:
     metric = headline_metric(cfg)
     verdicts = "".join(f"<li>{html.escape(verdict(comparison, b, metric))}</li>"
                        for b in baselines)
+    verdicts += f"<li><strong>{html.escape(bottom_line(comparison, metric))}</strong></li>"
     return (f"<table>{head}{''.join(rows)}</table>"
             f"<p>ROUGE F1 x 100 on {comparison['documents']} test documents. Differences are in "
             "ROUGE points; in brackets, a paired bootstrap 95% confidence interval "
@@ -279,6 +305,56 @@ def best_per_method(study: optuna.Study) -> dict[str, FrozenTrial]:
     return best
 
 
+def within_noise(study: optuna.Study) -> tuple[FrozenTrial, list[FrozenTrial]] | None:
+    """The best complete trial and the other complete trials the validation set cannot tell
+    from it: the paired bootstrap 95% interval of their difference to the best, on the same
+    validation documents (``document_scores``), includes 0. None without per-document
+    scores (a loss metric, trials from an older version) or with two objectives."""
+    if len(study.directions) > 1:
+        return None
+    scored = [t for t in _complete(study) if t.user_attrs.get("document_scores")]
+    if not scored:
+        return None
+    maximize = _maximize(study)
+    best = (max if maximize else min)(scored, key=lambda t: t.values[0])
+    ties = []
+    for t in scored:
+        if t.number == best.number or len(t.user_attrs["document_scores"]) != \
+                len(best.user_attrs["document_scores"]):
+            continue
+        _, low, high = paired_bootstrap(best.user_attrs["document_scores"],
+                                        t.user_attrs["document_scores"])
+        if (low if maximize else -high) <= 0:
+            ties.append(t)
+    return best, sorted(ties, key=lambda t: t.values[0], reverse=maximize)
+
+
+def noise_sentence(study: optuna.Study) -> str:
+    """Whether the search's best trial is ahead of the others beyond noise, in words; with
+    ties, the one with the fewest trainable parameters among them."""
+    found = within_noise(study)
+    if found is None:
+        return ""
+    best, ties = found
+    n = len(best.user_attrs["document_scores"])
+    if not ties:
+        return (f"Trial {best.number} is ahead of every other complete trial beyond noise "
+                f"(the paired bootstrap 95% interval of each difference, on the same {n} "
+                "validation documents, is above 0).")
+    numbers = _and([str(t.number) for t in ties])
+    tied = [best, *ties]
+    smallest = min(tied, key=lambda t: t.user_attrs.get("trainable_params", float("inf")))
+    text = (f"The top trials are within noise of each other: trial{'s' if len(ties) > 1 else ''}"
+            f" {numbers} cannot be told apart from the best, trial {best.number} (the paired "
+            f"bootstrap 95% interval of the difference on the same {n} validation documents "
+            "includes 0), so the ranking among them may be chance.")
+    if smallest.number != best.number and "trainable_params" in smallest.user_attrs:
+        text += (f" The smallest adapter among them is trial {smallest.number}'s "
+                 f"({smallest.user_attrs['trainable_params']:,} trainable parameters, "
+                 f"{best.user_attrs.get('trainable_params', 0):,} for the best).")
+    return text
+
+
 def plot_best_per_method(study: optuna.Study, cfg: Config) -> tuple[Figure | None, str]:
     best = best_per_method(study)
     if not best:
@@ -360,6 +436,39 @@ def plot_importances(study: optuna.Study, cfg: Config) -> tuple[Figure | None, s
                  "own options) only count where every complete trial has them.")
 
 
+def plot_tradeoffs(study: optuna.Study, cfg: Config) -> tuple[Figure | None, str]:
+    """Validation score against trainable parameters and against generation seconds per
+    document, each complete trial with its bootstrap interval: the front a user picks a
+    smaller or faster adapter from, within noise of the best."""
+    done = [t for t in _complete(study) if "trainable_params" in t.user_attrs]
+    if not done:
+        return None, "No complete trial has recorded its trainable parameters yet."
+    found = within_noise(study)
+    close = {found[0].number, *(t.number for t in found[1])} if found else set()
+    axes_of = [("trainable_params", "trainable parameters", True),
+               ("generation_seconds_per_document", "generation seconds per document", False)]
+    axes_of = [a for a in axes_of if any(a[0] in t.user_attrs for t in done)]
+    fig, axes = plt.subplots(1, len(axes_of), figsize=(8, 3.8), squeeze=False)
+    for ax, (key, name, log_scale) in zip(axes[0], axes_of, strict=True):
+        for t in (t for t in done if key in t.user_attrs):
+            scores = t.user_attrs.get("document_scores")
+            mean, low, high = mean_interval(scores) if scores else (t.values[0],) * 3
+            ax.errorbar(t.user_attrs[key], t.values[0], yerr=[[mean - low], [high - mean]],
+                        fmt="o", color="tab:red" if t.number in close else "tab:blue",
+                        capsize=3)
+            ax.annotate(str(t.number), (t.user_attrs[key], t.values[0]), fontsize=7,
+                        xytext=(4, 4), textcoords="offset points")
+        if log_scale:
+            ax.set_xscale("log")
+        ax.set(xlabel=name, ylabel=_axis(cfg) if ax is axes[0][0] else None)
+    fig.suptitle(f"Validation {label(cfg.search.metric)} against size and generation speed",
+                 fontsize=10)
+    return fig, ("Each complete trial (its number beside it) with the 95% bootstrap interval "
+                 "of its validation score; red: the best trial and those within noise of it. "
+                 "Among the red ones, the leftmost is the smallest (or fastest) adapter the "
+                 "validation set cannot tell from the best.")
+
+
 def plot_pareto(study: optuna.Study, cfg: Config) -> tuple[Figure | None, str]:
     names = [label(m) for m in study.metric_names or []] or None
     ax = ovm.plot_pareto_front(study, target_names=names)
@@ -371,6 +480,7 @@ PLOTS: list[tuple[str, str, Callable[[optuna.Study, Config], tuple[Figure | None
     ("validation_loss", "Validation loss per step", plot_loss),
     ("best_per_method", "Best trial per method", plot_best_per_method),
     ("cost", "Cost", plot_cost),
+    ("tradeoffs", "Score against size and speed", plot_tradeoffs),
     ("importances", "Parameter importances", plot_importances),
 ]
 
@@ -402,6 +512,20 @@ def _value(trial: FrozenTrial) -> str:
     return ", ".join(f"{v:.4g}" for v in trial.values) if trial.values else ""
 
 
+def trial_interval(trial: FrozenTrial) -> str:
+    """The 95% bootstrap interval of a trial's mean validation score over its documents."""
+    scores = trial.user_attrs.get("document_scores")
+    if not scores:
+        return ""
+    _, low, high = mean_interval(scores)
+    return f"[{low:.2f}, {high:.2f}]"
+
+
+def _attr(trial: FrozenTrial, key: str, fmt: str) -> str:
+    value = trial.user_attrs.get(key)
+    return fmt.format(value) if value is not None else ""
+
+
 def _trial_rows(study: optuna.Study) -> str:
     rows = []
     for t in study.trials:
@@ -409,7 +533,11 @@ def _trial_rows(study: optuna.Study) -> str:
                            for k, v in t.params.items())
         reason = t.user_attrs.get("reason", "")
         rows.append(f"<tr><td>{t.number}</td><td>{t.state.name.lower()}</td>"
-                    f"<td>{_value(t)}</td><td>{html.escape(params)}</td>"
+                    f"<td>{_value(t)}</td><td>{trial_interval(t)}</td>"
+                    f"<td>{_attr(t, 'loop_rate', '{:.0%}')}</td>"
+                    f"<td>{_attr(t, 'trainable_params', '{:,}')}</td>"
+                    f"<td>{_attr(t, 'generation_seconds_per_document', '{:.2f}')}</td>"
+                    f"<td>{html.escape(params)}</td>"
                     f"<td>{_seconds(t):.0f} s</td><td>{html.escape(reason)}</td></tr>")
     return "".join(rows)
 
@@ -441,13 +569,19 @@ def write(run_dir: Path) -> Path:
 {metric} on {cfg.search.eval_examples} examples; the best configuration was then trained
 again and scored once on the test split.</p>
 <h2>Test split: zero-shot, default and best configuration</h2>{_headline(run_dir, cfg)}
+<p>{html.escape(noise_sentence(study))}</p>
 <h2>Examples</h2>{_examples(run_dir)}
 <h2>How to use the result</h2>{_usage(run_dir)}
 <h2>The search</h2>{_figures(run_dir, study, cfg)}
 <h3>Best trial per method</h3><table><tr><th>method</th><th>trial</th>
 <th>validation {metric}</th><th>trainable params</th></tr>{best_rows}</table>
-<h3>All trials</h3><table><tr><th>#</th><th>state</th><th>value</th><th>params</th>
-<th>time</th><th>reason</th></tr>{_trial_rows(study)}</table></body></html>"""
+<h3>All trials</h3><p>{html.escape(noise_sentence(study))}</p>
+<table><tr><th>#</th><th>state</th><th>value</th><th>95% interval</th><th>looping</th>
+<th>trainable params</th><th>generation s/doc</th><th>params</th><th>time</th><th>reason</th>
+</tr>{_trial_rows(study)}</table>
+<p>95% interval: percentile bootstrap of the mean over the validation documents (2,000
+resamples). Looping: the share of validation summaries in which some 4 words recur 3 times
+or more.</p></body></html>"""
     out = run_dir / "report" / "index.html"
     atomic_write(out, page)
     return out

@@ -34,7 +34,14 @@ from peftune import assembly, card, devices, plan, tracking
 from peftune import train as training
 from peftune.config import Config, SearchConfig, save_yaml
 from peftune.errors import ConfigError, Diverged, Interrupted
-from peftune.evaluate import compare_predictions, score, write_examples
+from peftune.evaluate import (
+    compare_predictions,
+    generate,
+    prompts_of,
+    score,
+    text_scores,
+    write_examples,
+)
 from peftune.methods import get_method
 from peftune.rundir import update_metrics
 
@@ -322,11 +329,17 @@ class Objective:
             reason = f"pruned by {self.cfg.search.pruner} at step {reporter.pruned_at}"
             trial.set_user_attr("reason", reason)
             raise optuna.TrialPruned(reason)
-        rouge = score(model, self.data.tokenizer, self.eval_ds, cfg.eval, out_dir=None,
-                      tag="trial", precision=assembly.precision(cfg))
+        generating = time.perf_counter()
+        preds = generate(model, self.data.tokenizer, prompts_of(self.eval_ds), cfg.eval,
+                         precision=assembly.precision(cfg))
+        seconds = time.perf_counter() - generating
+        rouge, per_doc = text_scores(preds, self.eval_ds["summary"])
         values = {**rouge, "eval_loss": metrics.get("eval_loss", math.nan),
                   "trainable_params": metrics["trainable_parameters"],
-                  "train_time": time.perf_counter() - start}
+                  "train_time": time.perf_counter() - start,  # training and scoring
+                  "generation_seconds_per_document": seconds / max(1, len(preds))}
+        if search.metric in per_doc:  # for noise-aware ranking (report.within_noise)
+            values["document_scores"] = [round(v, 4) for v in per_doc[search.metric]]
         for key, value in values.items():
             trial.set_user_attr(key, value)
         first = values[search.metric]
@@ -462,6 +475,7 @@ def finalize(cfg: Config, study: optuna.Study, bases: assembly.Bases,
         else study.best_trial.number
     out["comparison"] = _compare(run_dir, data.splits["test"], baselines=list(out["baselines"]),
                                  seed=cfg.seed)
+    update_metrics(run_dir / "final", "numerics", devices.numerics())
     return out
 
 
