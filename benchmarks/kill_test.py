@@ -40,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -110,29 +111,52 @@ def children(pid: int) -> list[int]:
     return [int(c) for c in path.read_text().split()] if path.exists() else []
 
 
-def kill_at(cmd: list[str], instant: float, *, worker: bool, rng: random.Random) -> str:
-    """Start ``cmd``, SIGKILL it (or one of its workers) ``instant`` s later; what was hit."""
+def kill_at(cmd: list[str], instant: float, *, worker: bool, rng: random.Random,
+            snapshot: Callable[[], str]) -> tuple[str, str]:
+    """Start ``cmd``, SIGKILL it (or one of its workers) ``instant`` s later; what was hit
+    ("finished first" when it ended before) and ``snapshot()`` just after the kill."""
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.perf_counter() + instant
     while time.perf_counter() < deadline and proc.poll() is None:
         time.sleep(0.01)
     if proc.poll() is not None:
-        return "finished first"
+        return "finished first", ""
     if not worker:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        return "search" if "search" in cmd else cmd[4]
+        return cmd[4], snapshot()
+    hit, state = "no worker (search done)", ""
     while proc.poll() is None:  # the workers start a moment after the parent
         workers = children(proc.pid)
         if len(workers) == 2:
             os.kill(rng.choice(workers), signal.SIGKILL)
+            hit, state = "worker", snapshot()
             break
         if time.perf_counter() > deadline + 120:
             break
         time.sleep(0.01)
-    hit = "worker" if proc.poll() is None else "no worker (search done)"
     proc.wait()
-    return hit
+    return hit, state
+
+
+def progress(mode: str, run: Path) -> str:
+    """How far the killed run had got, from what it left on disk."""
+    if mode in ("search", "worker"):
+        states = [state for state, _ in study_state(run).values()]
+        text = (f"{sum(s in ('COMPLETE', 'PRUNED') for s in states)} trials done, "
+                f"{states.count('RUNNING')} running")
+        if (run / "final" / "adapter").is_dir():
+            text += ", final saved"
+        return text + (", report" if (run / "report" / "index.html").is_file() else "")
+    if mode == "train":
+        steps = [int(p.parent.name.split("-")[1])
+                 for p in (run / "checkpoints").glob("checkpoint-*/*") if "complete" in p.name]
+        text = f"checkpoint {max(steps)}" if steps else "no checkpoint"
+        return text + (", adapter saved" if (run / "adapter").is_dir() else "")
+    partial = list(run.glob("predictions*.partial-*.jsonl"))
+    lines = sum(len(p.read_text().splitlines()) for p in partial)
+    return "predictions written" if (run / "predictions.jsonl").is_file() else \
+        f"{lines} predictions kept"
 
 
 # ---------------------------------------------------------------- what each mode checks
@@ -207,18 +231,26 @@ def run_mode(mode: str, cfg: dict, work: Path, kills: int, rng: random.Random,
                                else []))
     print(f"\n### {mode}: uninterrupted run {baseline:.1f} s, rerun of a finished run "
           f"{startup:.1f} s, grace {GRACE} s\n\n"
-          f"| {mode} kill | at s | killed | rerun s | bound s | result |\n"
-          "|---|---|---|---|---|---|", flush=True)
+          f"| {mode} kill | at s | killed | left on disk | rerun s | bound s | result |\n"
+          "|---|---|---|---|---|---|---|", flush=True)
     rows = []
     for i in range(kills):
-        instant = rng.uniform(0.0, baseline)
-        out = work / mode / f"kill-{i:02d}"
-        cmd = command(mode, cfg, out, adapter)
-        start = time.perf_counter()
-        hit = kill_at(cmd, instant, worker=mode == "worker", rng=rng)
-        if mode == "worker":
+        # a busy machine may run faster than the baseline did: a run that ends before its
+        # kill is started afresh with an instant drawn over the length it actually took
+        length = baseline
+        for attempt in range(3):
+            instant = rng.uniform(0.0, length)
+            out = work / mode / f"kill-{i:02d}-{attempt}"
+            cmd = command(mode, cfg, out, adapter)
+            start = time.perf_counter()
+            hit, state = kill_at(cmd, instant, worker=mode == "worker", rng=rng,
+                                 snapshot=lambda: progress(mode, out / "run"))
+            if hit != "finished first":
+                break
+            length = time.perf_counter() - start
+        if mode == "worker":  # at worst the lost trial is redone from scratch by the parent
             rerun = time.perf_counter() - start
-            bound = baseline + GRACE
+            bound = instant + baseline + GRACE
         else:
             before = study_state(out / "run") if mode == "search" else {}
             rerun = timed(cmd)
@@ -230,9 +262,9 @@ def run_mode(mode: str, cfg: dict, work: Path, kills: int, rng: random.Random,
                     else check_evaluate(run, ref / "run"))
         if rerun > NOISE * bound:
             problems.append(f"rerun {rerun:.1f} s > {NOISE} x {bound:.1f} s")
-        rows.append({"kill": i, "at_s": instant, "hit": hit, "rerun_s": rerun, "bound_s": bound,
-                     "ok": not problems, "problems": problems})
-        print(f"| {i} | {instant:.1f} | {hit} | {rerun:.1f} | {bound:.1f} | "
+        rows.append({"kill": i, "at_s": instant, "hit": hit, "state": state, "rerun_s": rerun,
+                     "bound_s": bound, "ok": not problems, "problems": problems})
+        print(f"| {i} | {instant:.1f} | {hit} | {state} | {rerun:.1f} | {bound:.1f} | "
               f"{'clean' if not problems else '; '.join(problems)} |", flush=True)
     clean = sum(r["ok"] for r in rows)
     print(f"{mode}: {clean}/{len(rows)} clean resumes", flush=True)
