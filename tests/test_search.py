@@ -277,6 +277,9 @@ def test_killed_search_resumes_without_redoing_trials(search_cfg, tmp_path):
     cmd, env = _cli(path)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _wait_for_trials(search_cfg, tmp_path, TrialState.COMPLETE, 2)
+    # the kill lands anywhere in the third trial: before it exists, before its first
+    # heartbeat (test_a_search_killed_before_its_trials_first_heartbeat_resumes pins that
+    # instant), while training or scoring; every one must resume the same way
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     before = {t.number: t.values for t in _study(search_cfg).get_trials(
@@ -288,6 +291,8 @@ def test_killed_search_resumes_without_redoing_trials(search_cfg, tmp_path):
     assert {n: after[n] for n in before} == before, "completed trials were redone"
     assert len([t for t in trials if t.state in searching.FINISHED]) == 4
     assert all(t.state != TrialState.RUNNING for t in trials)
+    for dead in (t.number for t in trials if t.state == TrialState.FAIL):
+        _assert_retried_and_complete(search_cfg, dead, 4)
 
 
 def _die_in_study(cfg_dict, tmp_path, code):
@@ -344,6 +349,43 @@ def test_a_trial_whose_process_died_is_requeued_without_waiting_for_the_grace(se
     cmd, env = _cli(path)
     subprocess.run(cmd, env=env, check=True, timeout=200)
     _assert_retried_and_complete(search_cfg, 0, 1)
+
+
+@pytest.mark.parametrize("storage", ["sqlite", "journal", "postgresql"])
+def test_stale_trials_are_the_silent_ones_and_those_of_dead_owners(search_cfg, storage):
+    search_cfg["search"].update(heartbeat_seconds=2)  # stale after 8 s
+    if storage == "journal":
+        search_cfg["search"]["storage"] = "journal"
+    if storage == "postgresql":
+        url = os.environ.get("PEFTUNE_TEST_POSTGRES")
+        if not url:
+            pytest.skip("no PostgreSQL server (PEFTUNE_TEST_POSTGRES)")
+        search_cfg["search"].update(storage=url, study_name=f"stale-{time.time_ns()}")
+    study = searching.create_study(config_from_dict(search_cfg))
+    try:
+        never, beating, orphan = study.ask(), study.ask(), study.ask()
+        study._storage.record_heartbeat(beating._trial_id)
+        gone = subprocess.Popen(["true"])
+        gone.wait()
+        study._storage.set_trial_system_attr(orphan._trial_id,
+                                             searching._owner_key(orphan._trial_id),
+                                             {**searching.me(), "pid": gone.pid})
+        optuna.storages.fail_stale_trials(study)
+        # at once: only the trial whose process is gone
+        assert [t.state for t in study.trials] == [TrialState.RUNNING] * 2 + [
+            TrialState.FAIL, TrialState.WAITING]
+        deadline = time.time() + 60
+        while study.trials[0].state == TrialState.RUNNING and time.time() < deadline:
+            study._storage.record_heartbeat(beating._trial_id)
+            time.sleep(0.5)
+            optuna.storages.fail_stale_trials(study)
+        # the one that never beat went stale after the grace, counted from its start
+        states = [t.state for t in study.trials]
+        assert states[:2] == [TrialState.FAIL, TrialState.RUNNING], states
+        assert RetryHeartbeatStaleTrialCallback.retried_trial_number(study.trials[-1]) == 0
+    finally:
+        if storage == "postgresql":
+            optuna.delete_study(study_name=study.study_name, storage=url)
 
 
 def test_owner_gone_tells_a_dead_or_reused_pid_from_a_live_one():
@@ -417,7 +459,8 @@ def _children(pid):
 
 @pytest.mark.parametrize("storage", ["sqlite", "journal"])
 def test_a_killed_worker_trial_is_retried_and_the_study_completes(search_cfg, tmp_path, storage):
-    # the retry waits for the killed trials to go stale: a shorter grace (8 s) here
+    # the killed workers' trials are requeued once their pids are seen gone; a trial killed
+    # before it recorded its owner waits for the grace, shorter (8 s) here
     search_cfg["search"].update(n_trials=2, final=False, heartbeat_seconds=2)
     if storage == "journal":
         search_cfg["search"]["storage"] = "journal"
