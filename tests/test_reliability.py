@@ -398,3 +398,52 @@ def test_disk_full_in_the_tokenizer_save_is_one_clear_error(tiny_cfg, tmp_path, 
     with pytest.raises(PeftuneError, match=rf"disk full while writing to \S*run/{target}; "
                                            rf"the last complete checkpoint \({kept}\) is kept"):
         run(config_from_dict(tiny_cfg))
+
+
+def _hold_lock(run_dir, then):
+    """A process that takes ``run_dir``'s run lock, prints ``held`` and runs ``then``."""
+    code = ("import os, signal, sys, time\nfrom pathlib import Path\nfrom peftune import lock\n"
+            f"with lock.hold(Path({str(run_dir)!r}), what='test'):\n"
+            f"    print('held', flush=True)\n    {then}\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+@pytest.mark.parametrize("command", ["train", "search"])
+def test_a_second_run_on_the_same_output_dir_refuses_naming_the_first(tiny_cfg, tmp_path,
+                                                                      command):
+    first = _hold_lock(tmp_path / "run", "time.sleep(120)")
+    try:
+        cmd, env = _train_cmd(tiny_cfg, tmp_path, "second")
+        cmd[cmd.index("train")] = command
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    finally:
+        first.kill()
+        first.wait()
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines() == [
+        f"peftune: error: output_dir {tmp_path / 'run'} is in use by another peftune run "
+        f"(pid {first.pid}); wait for it to finish or give this "
+        f"{'training' if command == 'train' else 'search'} another --output_dir"]
+    assert not (tmp_path / "run" / "adapter").exists() and not (
+        tmp_path / "run" / "study.db").exists(), "the refused run wrote to the directory"
+
+
+def test_the_lock_of_a_killed_run_is_taken_over(tmp_path):
+    from peftune import lock
+
+    killed = _hold_lock(tmp_path, "os.kill(os.getpid(), signal.SIGKILL)")
+    assert killed.wait() == -signal.SIGKILL
+    assert (tmp_path / lock.LOCK_NAME).read_text().strip() == str(killed.pid)
+    with lock.hold(tmp_path, what="test"):
+        assert (tmp_path / lock.LOCK_NAME).read_text().strip() == str(os.getpid())
+        # while held here, another process is refused
+        code = (f"from pathlib import Path\nfrom peftune import lock\n"
+                f"with lock.hold(Path({str(tmp_path)!r}), what='test'): pass\n")
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+        refused = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                                 text=True)
+        assert f"(pid {os.getpid()})" in refused.stderr.splitlines()[-1]

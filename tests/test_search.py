@@ -278,6 +278,9 @@ def test_killed_search_resumes_without_redoing_trials(search_cfg, tmp_path):
     cmd, env = _cli(path)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _wait_for_trials(search_cfg, tmp_path, TrialState.COMPLETE, 2)
+    # the kill lands anywhere in the third trial: before it exists, before its first
+    # heartbeat (test_a_search_killed_before_its_trials_first_heartbeat_resumes pins that
+    # instant), while training or scoring; every one must resume the same way
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     before = {t.number: t.values for t in _study(search_cfg).get_trials(
@@ -289,6 +292,142 @@ def test_killed_search_resumes_without_redoing_trials(search_cfg, tmp_path):
     assert {n: after[n] for n in before} == before, "completed trials were redone"
     assert len([t for t in trials if t.state in searching.FINISHED]) == 4
     assert all(t.state != TrialState.RUNNING for t in trials)
+    for dead in (t.number for t in trials if t.state == TrialState.FAIL):
+        _assert_retried_and_complete(search_cfg, dead, 4)
+
+
+def _die_in_study(cfg_dict, tmp_path, code):
+    """Run ``code`` in a process that opens the study as ``study`` and kills itself with
+    SIGKILL where ``code`` says; returns once it is dead."""
+    script = tmp_path / "die.py"
+    script.write_text(
+        "import json, os, signal, sys\n"
+        "from peftune import config_from_dict, search\n"
+        "cfg = config_from_dict(json.loads(sys.argv[1]))\n"
+        "study = search.create_study(cfg)\n"
+        "die = lambda *_: os.kill(os.getpid(), signal.SIGKILL)\n" + code + "\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, str(script), json.dumps(cfg_dict)], env=env,
+                          stderr=subprocess.PIPE, text=True, timeout=120)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+
+
+def _assert_retried_and_complete(cfg_dict, dead, n):
+    trials = _study(cfg_dict).trials
+    assert trials[dead].state == TrialState.FAIL
+    retried = [t for t in trials
+               if RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == dead]
+    assert len(retried) == 1 and retried[0].state in searching.FINISHED
+    assert len([t for t in trials if t.state in searching.FINISHED]) == n
+    assert all(t.state != TrialState.RUNNING for t in trials)
+
+
+def test_a_search_killed_before_its_trials_first_heartbeat_resumes(search_cfg, tmp_path):
+    # the instant that once hung the rerun: the trial is RUNNING in the study, and its
+    # process dies before the heartbeat thread beats once (and before it records an owner)
+    search_cfg["search"].update(n_trials=2, final=False, heartbeat_seconds=1)
+    _die_in_study(search_cfg, tmp_path, "study.ask(); die()")
+    trials = _study(search_cfg).trials
+    assert [t.state for t in trials] == [TrialState.RUNNING]
+    assert searching.owner_of(trials[0]) is None
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(search_cfg))
+    cmd, env = _cli(path)
+    subprocess.run(cmd, env=env, check=True, timeout=240)
+    _assert_retried_and_complete(search_cfg, 0, 2)
+
+
+def test_a_trial_whose_process_died_is_requeued_without_waiting_for_the_grace(search_cfg,
+                                                                              tmp_path):
+    # 4 x 100 s of grace: only the dead owner's pid can requeue the trial within the timeout
+    search_cfg["search"].update(n_trials=1, final=False, heartbeat_seconds=100)
+    _die_in_study(search_cfg, tmp_path, "search.optimize(cfg, study, die)")
+    trials = _study(search_cfg).trials
+    assert [t.state for t in trials] == [TrialState.RUNNING]
+    assert searching.owner_of(trials[0])["pid"] != os.getpid()
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(search_cfg))
+    cmd, env = _cli(path)
+    subprocess.run(cmd, env=env, check=True, timeout=200)
+    _assert_retried_and_complete(search_cfg, 0, 1)
+
+
+@pytest.mark.parametrize("storage", ["sqlite", "journal", "postgresql"])
+def test_stale_trials_are_the_silent_ones_and_those_of_dead_owners(search_cfg, storage):
+    search_cfg["search"].update(heartbeat_seconds=2)  # stale after 8 s
+    if storage == "journal":
+        search_cfg["search"]["storage"] = "journal"
+    if storage == "postgresql":
+        url = os.environ.get("PEFTUNE_TEST_POSTGRES")
+        if not url:
+            pytest.skip("no PostgreSQL server (PEFTUNE_TEST_POSTGRES)")
+        search_cfg["search"].update(storage=url, study_name=f"stale-{time.time_ns()}")
+    study = searching.create_study(config_from_dict(search_cfg))
+    try:
+        never, beating, orphan = study.ask(), study.ask(), study.ask()
+        study._storage.record_heartbeat(beating._trial_id)
+        gone = subprocess.Popen(["true"])
+        gone.wait()
+        study._storage.set_trial_system_attr(orphan._trial_id,
+                                             searching._owner_key(orphan._trial_id),
+                                             {**searching.me(), "pid": gone.pid})
+        optuna.storages.fail_stale_trials(study)
+        # at once: only the trial whose process is gone
+        assert [t.state for t in study.trials] == [TrialState.RUNNING] * 2 + [
+            TrialState.FAIL, TrialState.WAITING]
+        deadline = time.time() + 60
+        while study.trials[0].state == TrialState.RUNNING and time.time() < deadline:
+            study._storage.record_heartbeat(beating._trial_id)
+            time.sleep(0.5)
+            optuna.storages.fail_stale_trials(study)
+        # the one that never beat went stale after the grace, counted from its start
+        states = [t.state for t in study.trials]
+        assert states[:2] == [TrialState.FAIL, TrialState.RUNNING], states
+        assert RetryHeartbeatStaleTrialCallback.retried_trial_number(study.trials[-1]) == 0
+    finally:
+        if storage == "postgresql":
+            optuna.delete_study(study_name=study.study_name, storage=url)
+
+
+def test_owner_gone_tells_a_dead_or_reused_pid_from_a_live_one():
+    me = searching.me()
+    assert not searching.owner_gone(me), "this process never judges its own trials"
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        alive = {**me, "pid": sleeper.pid, "started": searching._process_start(sleeper.pid)}
+        assert not searching.owner_gone(alive)
+        # the same pid, started at another time: the owner died and its pid was reused
+        assert searching.owner_gone({**alive, "started": alive["started"] - 100})
+        # another host's pids say nothing here: only the heartbeat tells
+        assert not searching.owner_gone({**alive, "host": "elsewhere", "pid": 1 << 30})
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert searching.owner_gone(alive)
+    assert not searching.owner_gone(None)
+
+
+def test_a_search_waiting_on_another_process_says_for_whom_and_how_long(search_cfg, caplog):
+    search_cfg["search"].update(n_trials=1, final=False, heartbeat_seconds=1)
+    cfg = config_from_dict(search_cfg)
+    study = searching.create_study(cfg)
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        # a live process on this host owns a trial that never beats: 4 s later it is stale
+        trial = study.ask()
+        owner = {**searching.me(), "pid": sleeper.pid,
+                 "started": searching._process_start(sleeper.pid)}
+        study._storage.set_trial_system_attr(trial._trial_id,
+                                             searching._owner_key(trial._trial_id), owner)
+        caplog.set_level("INFO", logger="peftune.search")
+        searching.optimize(cfg, study, lambda trial: 0.5)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("waiting for")]
+    assert said and f"trial 0 ({owner['host']}:{sleeper.pid}), stale in " in said[0]
+    assert int(said[0].split("stale in ")[1].split()[0]) <= 4
+    _assert_retried_and_complete(search_cfg, 0, 1)
 
 
 def test_two_workers_share_a_postgresql_study(search_cfg, tmp_path):
@@ -321,7 +460,8 @@ def _children(pid):
 
 @pytest.mark.parametrize("storage", ["sqlite", "journal"])
 def test_a_killed_worker_trial_is_retried_and_the_study_completes(search_cfg, tmp_path, storage):
-    # the retry waits for the killed trials to go stale: a shorter grace (8 s) here
+    # the killed workers' trials are requeued once their pids are seen gone; a trial killed
+    # before it recorded its owner waits for the grace, shorter (8 s) here
     search_cfg["search"].update(n_trials=2, final=False, heartbeat_seconds=2)
     if storage == "journal":
         search_cfg["search"]["storage"] = "journal"

@@ -56,11 +56,13 @@ def describe(cfg: Config) -> str:
 
 
 def train(cfg: Config) -> TrainResult:
+    from peftune import lock
     from peftune import train as training
 
-    result = training.run(cfg)
-    if not training.is_main_process():
-        return result
+    if not training.is_main_process():  # rank 0 holds the run's lock for all ranks
+        return training.run(cfg)
+    with lock.hold(Path(cfg.output_dir), what="training"):
+        result = training.run(cfg)
     m = result.metrics
     print(f"\ntrained {cfg.method} on {cfg.data.source} in {m.get('train_runtime', 0):.0f}s: "
           f"train loss {m.get('train_loss', float('nan')):.4f}"

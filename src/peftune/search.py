@@ -9,28 +9,35 @@ study and tops it up to ``search.n_trials``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
 import math
 import os
+import socket
 import subprocess
 import sys
 import time
 from dataclasses import replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import optuna
+import psutil
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages._heartbeat import BaseHeartbeat  # optuna 5.0 exports it nowhere else
+from optuna.storages._rdb import models as rdb_models  # the heartbeat table: no public API
+from optuna.storages._rdb.storage import _create_scoped_session
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState
+from sqlalchemy import func as sql_func
 from sqlalchemy.exc import IntegrityError, OperationalError
 from transformers import PreTrainedModel, TrainerCallback
 
-from peftune import assembly, card, devices, plan, tracking
+from peftune import assembly, card, devices, lock, plan, tracking
 from peftune import train as training
 from peftune.config import Config, SearchConfig, save_yaml
 from peftune.errors import ConfigError, Diverged, Interrupted
@@ -124,12 +131,111 @@ def _retry_stale() -> RetryHeartbeatStaleTrialCallback:
 
 
 def _rdb_storage(url: str, engine_kwargs: dict, beat: int) -> RDBStorage:
-    return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=beat,
-                      grace_period=STALE_AFTER_BEATS * beat,
-                      heartbeat_stale_trial_callback=_retry_stale())
+    return RDBWithLiveness(url, engine_kwargs=engine_kwargs, heartbeat_interval=beat,
+                           grace_period=STALE_AFTER_BEATS * beat,
+                           heartbeat_stale_trial_callback=_retry_stale())
 
 
-class JournalWithHeartbeat(JournalStorage, BaseHeartbeat):
+# ---------------------------------------------------------------- who runs a trial
+
+def _owner_key(trial_id: int) -> str:
+    # per trial id: a retried trial inherits its predecessor's system attributes
+    return f"peftune:owner:{trial_id}"
+
+
+def _process_start(pid: int) -> float | None:
+    """When process ``pid`` started (None when it is gone or a zombie): with the pid, it
+    names one process even after the pid is reused."""
+    try:
+        proc = psutil.Process(pid)
+        return None if proc.status() == psutil.STATUS_ZOMBIE else proc.create_time()
+    except psutil.Error:
+        return None
+
+
+def me() -> dict[str, Any]:
+    """This process, as a trial's owner: host, pid and the pid's start time."""
+    return {"host": socket.gethostname(), "pid": os.getpid(),
+            "started": _process_start(os.getpid())}
+
+
+def claim(trial: optuna.Trial) -> None:
+    """Record this process as the owner of ``trial`` (a system attribute of the study)."""
+    trial.storage.set_trial_system_attr(trial._trial_id, _owner_key(trial._trial_id), me())
+
+
+def owner_of(trial: optuna.trial.FrozenTrial) -> dict[str, Any] | None:
+    return trial.system_attrs.get(_owner_key(trial._trial_id))
+
+
+def owner_gone(owner: dict[str, Any] | None) -> bool:
+    """True when ``owner`` is a process on this host that no longer runs. A pid now used
+    by another process (its start time differs) counts as gone; an owner on another host,
+    or this very process, never does: only its heartbeat tells."""
+    if not owner or owner.get("host") != socket.gethostname() or owner["pid"] == os.getpid():
+        return False
+    started = _process_start(owner["pid"])
+    return started is None or (owner.get("started") is not None
+                               and abs(started - owner["started"]) > 1.0)
+
+
+def owner_name(trial: optuna.trial.FrozenTrial) -> str:
+    owner = owner_of(trial)
+    return f"{owner['host']}:{owner['pid']}" if owner else "unknown owner"
+
+
+class Liveness:
+    """What both our storages add to Optuna's heartbeat.
+
+    Optuna fails a RUNNING trial whose heartbeat stopped, but never one that died before
+    its first beat: that trial stayed RUNNING forever and a resumed search waited for it.
+    Here a trial's last sign of life is its last heartbeat or, before the first, its start;
+    a trial silent for the grace period is stale, and so at once is one whose owning
+    process on this host is gone. Optuna's ``fail_stale_trials`` then fails it and the
+    retry callback queues its parameters again.
+    """
+
+    grace: float
+
+    def silent_for(self, study_id: int) -> dict[int, float]:
+        """Seconds since each RUNNING trial's last heartbeat (or its start)."""
+        raise NotImplementedError
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        trials = self.get_all_trials(study_id, deepcopy=False,  # type: ignore[attr-defined]
+                                     states=(TrialState.RUNNING,))
+        silent = self.silent_for(study_id)
+        return [t._trial_id for t in trials
+                if silent.get(t._trial_id, 0.0) > self.grace or owner_gone(owner_of(t))]
+
+
+def _since_start(trial: optuna.trial.FrozenTrial) -> float:
+    # datetime_start is the writer's local clock, as datetime.now() is here
+    assert trial.datetime_start is not None  # a RUNNING trial has started
+    return (datetime.now() - trial.datetime_start).total_seconds()
+
+
+class RDBWithLiveness(Liveness, RDBStorage):
+    """Optuna's SQLite/PostgreSQL storage, with the stale rules of :class:`Liveness`."""
+
+    @property
+    def grace(self) -> float:  # type: ignore[override]
+        return float(self.grace_period or 2 * (self.heartbeat_interval or 0))
+
+    def silent_for(self, study_id: int) -> dict[int, float]:
+        trials = self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
+        ids = [t._trial_id for t in trials]
+        beat = rdb_models.TrialHeartbeatModel
+        with _create_scoped_session(self.scoped_session) as session:
+            # heartbeats are written with the database's clock: compare with it
+            now = session.execute(sql_func.now()).scalar().replace(tzinfo=None)
+            beats = dict(session.query(beat.trial_id, beat.heartbeat)
+                         .filter(beat.trial_id.in_(ids)).all())
+        return {t._trial_id: (now - beats[t._trial_id]).total_seconds()
+                if t._trial_id in beats else _since_start(t) for t in trials}
+
+
+class JournalWithHeartbeat(Liveness, JournalStorage, BaseHeartbeat):
     """Optuna's journal file with the heartbeats its RDB storages have.
 
     Each running trial's worker stamps the time into a system attribute named after the
@@ -140,6 +246,7 @@ class JournalWithHeartbeat(JournalStorage, BaseHeartbeat):
     def __init__(self, backend: JournalFileBackend, beat: int) -> None:
         super().__init__(backend)
         self._beat = beat
+        self.grace = STALE_AFTER_BEATS * beat
         self._retry = _retry_stale()
 
     @staticmethod
@@ -150,14 +257,12 @@ class JournalWithHeartbeat(JournalStorage, BaseHeartbeat):
     def record_heartbeat(self, trial_id: int) -> None:
         self.set_trial_system_attr(trial_id, self._key(trial_id), time.time())
 
-    def _last_beat(self, trial: optuna.trial.FrozenTrial) -> float:
-        return trial.system_attrs.get(self._key(trial._trial_id),
-                                      trial.datetime_start.timestamp())
-
-    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
-        silent_since = time.time() - STALE_AFTER_BEATS * self._beat
+    def silent_for(self, study_id: int) -> dict[int, float]:
         running = self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
-        return [t._trial_id for t in running if self._last_beat(t) < silent_since]
+        now = time.time()
+        return {t._trial_id: now - t.system_attrs[self._key(t._trial_id)]
+                if self._key(t._trial_id) in t.system_attrs else _since_start(t)
+                for t in running}
 
     def get_heartbeat_interval(self) -> int:
         return self._beat
@@ -351,26 +456,66 @@ class Objective:
 def optimize(cfg: Config, study: optuna.Study, objective: Objective) -> None:
     """Run trials until the study holds ``n_trials`` finished ones, sharing with other workers.
 
-    A trial still RUNNING elsewhere counts; if its worker died, its heartbeat stops, Optuna
-    marks it failed after the grace period and the retry callback queues it again. (Optuna's
-    ``MaxTrialsCallback`` stops a worker once enough trials exist, counting running ones,
-    but cannot wait for them and top the study up when one of them dies.)
+    A trial still RUNNING elsewhere counts; if its worker died, its heartbeat stops (or its
+    process is seen gone, on this host), it is marked failed and the retry callback queues
+    it again. (Optuna's ``MaxTrialsCallback`` stops a worker once enough trials exist,
+    counting running ones, but cannot wait for them and top the study up when one of them
+    dies.)
     """
     target = cfg.search.n_trials
+    waiting = WaitingLog()
     while True:
         if orphaned():
             log.warning("the search that started this worker is gone: no new trial")
             return
+        optuna.storages.fail_stale_trials(study)
         finished = count(study, FINISHED)
         running = count(study, (TrialState.RUNNING,))
         if finished >= target:
             return
         if finished + running >= target:
             # others are running the last trials: wait for them to finish or go stale
+            waiting.report(study)
             time.sleep(cfg.search.heartbeat_seconds)
-            optuna.storages.fail_stale_trials(study)
             continue
-        study.optimize(objective, n_trials=1, gc_after_trial=True)
+        study.optimize(_claimed(objective), n_trials=1, gc_after_trial=True)
+
+
+def _claimed(objective: Objective) -> Any:
+    def run(trial: optuna.Trial) -> Any:
+        claim(trial)
+        return objective(trial)
+    return run
+
+
+class WaitingLog:
+    """Says, at most every ``every`` seconds, which trials a search waits for, whose they
+    are and when each counts as stale: a search never waits in silence."""
+
+    def __init__(self, every: float = 30.0) -> None:
+        self.every, self.last = every, -math.inf
+
+    def report(self, study: optuna.Study) -> None:
+        if time.monotonic() - self.last < self.every:
+            return
+        self.last = time.monotonic()
+        storage = _liveness(study)
+        if storage is None:
+            return
+        silent = storage.silent_for(study._study_id)
+        trials = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        log.info("waiting for %d trial(s) running elsewhere: %s", len(trials), "; ".join(
+            f"trial {t.number} ({owner_name(t)}), stale in "
+            f"{max(0.0, storage.grace - silent.get(t._trial_id, 0.0)):.0f} s if its heartbeat "
+            "stops" for t in trials))
+
+
+def _liveness(study: optuna.Study) -> Liveness | None:
+    """The study's storage, seen through Optuna's cache around RDB storages."""
+    for storage in (study._storage, getattr(study._storage, "_backend", None)):
+        if isinstance(storage, Liveness):
+            return storage
+    return None
 
 
 def load_for_search(cfg: Config) -> tuple[assembly.Bases, assembly.Prepared]:
@@ -502,6 +647,19 @@ def run(cfg: Config, *, argv: list[str] | None = None) -> tuple[optuna.Study, di
     """The whole search: trials (here or in ``search.workers`` processes), then the final
     model. Returns the study and the final model's summary (None when ``search.final`` is
     off)."""
+    with _private_lock(cfg):
+        return _run(cfg, argv=argv)
+
+
+def _private_lock(cfg: Config) -> contextlib.AbstractContextManager:
+    """The output directory's lock for a search on its own SQLite study; none for a worker
+    (its parent search holds it) or for a shared storage, where processes join on purpose."""
+    if cfg.search.storage or WORKER_ENV in os.environ:
+        return contextlib.nullcontext()
+    return lock.hold(Path(cfg.output_dir), what="search")
+
+
+def _run(cfg: Config, *, argv: list[str] | None) -> tuple[optuna.Study, dict | None]:
     save_yaml(cfg, Path(cfg.output_dir) / "config.yaml")
     study = create_study(cfg)
     if cfg.search.workers > 1 and argv is not None:
