@@ -384,10 +384,12 @@ def check_parity(adapter: Path, done: Exported, *, fmt: str, options: ParityOpti
                  fp32: bool) -> str:
     """Run the check, record it in the card, and return its line (``strict`` raises)."""
     folder = done.path if done.path.is_dir() else done.path.parent
+    cfg = run_config(adapter)
     if done.lora_base is not None:
-        result = parity.run(adapter, done.lora_base, fmt=fmt, options=options, lora=done.path)
+        result = parity.run(cfg, adapter, done.lora_base, fmt=fmt, options=options,
+                            lora=done.path)
     else:
-        result = parity.run(adapter, done.path, fmt=fmt, options=options)
+        result = parity.run(cfg, adapter, done.path, fmt=fmt, options=options)
     if result is None:
         return (f"parity: skipped ({llamacpp.PACKAGE} is not installed; it is the only loader "
                 f"of --format {fmt})")

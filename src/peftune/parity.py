@@ -88,37 +88,54 @@ def texts_of(tokenizer: Any, ids: list[list[int]]) -> list[str]:
     return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]
 
 
-def run(adapter: Path, path: Path, *, fmt: str, options: ParityOptions,
-        lora: Path | None = None) -> Parity | None:
-    """Check the export at ``path`` (folder or GGUF file) of ``adapter``; None if the
-    format's loader is not installed."""
-    from peftune import assembly, devices, evaluate, llamacpp, models
-    from peftune.export import run_config
+@dataclass
+class Reference:
+    """peftune's own greedy texts of the first validation documents."""
+    tokenizer: Any
+    prompts: list[list[int]]
+    summaries: list[str]
+    texts: list[str]
 
-    cfg = run_config(adapter)
+
+def reference(cfg: Any, adapter: Path, options: ParityOptions) -> Reference:
+    """The adapter (run config ``cfg``) through peftune's path, the one ``summarize`` and
+    ``evaluate`` take."""
+    from peftune import assembly, devices, evaluate, models
+
     tokenizer = models.load_tokenizer(cfg.model)
     data = assembly.prepare(cfg, tokenizer, roles=("validation",)).splits["validation"]
     data = data.select(range(min(options.documents, len(data))))
-    prompts, summaries = evaluate.prompts_of(data), list(data["summary"])
+    prompts = evaluate.prompts_of(data)
     model = models.load_adapter(devices.place(assembly.load_base(cfg, tokenizer)), adapter)
-    reference = evaluate.generate(model, tokenizer, prompts, cfg.eval,
-                                  precision=assembly.precision(cfg), progress=False)
-    del model
-    gguf_file = path if path.is_file() else None
-    if gguf_file is not None and (llamacpp.available() or lora is not None):
-        if lora is not None and not llamacpp.available():
-            return None
-        llm = llamacpp.load(gguf_file, lora=lora,
+    texts = evaluate.generate(model, tokenizer, prompts, cfg.eval,
+                              precision=assembly.precision(cfg), progress=False)
+    return Reference(tokenizer, prompts, list(data["summary"]), texts)
+
+
+def run(cfg: Any, adapter: Path, path: Path, *, fmt: str, options: ParityOptions,
+        lora: Path | None = None, ref: Reference | None = None) -> Parity | None:
+    """Check the export at ``path`` (folder or GGUF file; with ``lora``, the base GGUF) of
+    ``adapter`` (run config ``cfg``) against ``ref`` (computed if not given); None if the
+    format's only loader, llama.cpp, is not installed. Imports stay inside: the CLI reads
+    :class:`ParityOptions` without loading torch."""
+    from peftune import devices, evaluate, llamacpp
+
+    if lora is not None and not llamacpp.available():
+        return None
+    ref = ref or reference(cfg, adapter, options)
+    tokenizer, prompts = ref.tokenizer, ref.prompts
+    if path.is_file() and llamacpp.available():
+        llm = llamacpp.load(path, lora=lora,
                             n_ctx=max(len(p) for p in prompts) + cfg.eval.max_new_tokens + 8)
-        stop = {tokenizer.eos_token_id} | set(_eos(cfg, tokenizer))
         ids = llamacpp.greedy(llm, prompts, max_new_tokens=cfg.eval.max_new_tokens,
-                              repetition_penalty=cfg.eval.repetition_penalty, stop=stop)
-        return compare(tokenizer, reference, texts_of(tokenizer, ids), summaries,
+                              repetition_penalty=cfg.eval.repetition_penalty,
+                              stop={tokenizer.eos_token_id, *_eos(cfg, tokenizer)})
+        return compare(tokenizer, ref.texts, texts_of(tokenizer, ids), ref.summaries,
                        client="llama.cpp")
-    exported, client = _transformers_model(cfg, adapter, path, fmt)
+    exported, client = _transformers_model(cfg, path, fmt)
     texts = evaluate.generate(devices.place(exported), tokenizer, prompts, cfg.eval,
                               precision="fp32", progress=False)
-    return compare(tokenizer, reference, texts, summaries, client=client)
+    return compare(tokenizer, ref.texts, texts, ref.summaries, client=client)
 
 
 def _eos(cfg: Any, tokenizer: Any) -> list[int]:
@@ -128,7 +145,7 @@ def _eos(cfg: Any, tokenizer: Any) -> list[int]:
     return [int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None]
 
 
-def _transformers_model(cfg: Any, adapter: Path, path: Path, fmt: str) -> tuple[Any, str]:
+def _transformers_model(cfg: Any, path: Path, fmt: str) -> tuple[Any, str]:
     from transformers import AutoModelForCausalLM
 
     from peftune import models
@@ -145,4 +162,5 @@ def _transformers_model(cfg: Any, adapter: Path, path: Path, fmt: str) -> tuple[
     return auto.from_pretrained(str(path), dtype="auto"), "transformers"
 
 
-__all__ = ["MODES", "Parity", "ParityOptions", "check", "compare", "run"]
+__all__ = ["MODES", "Parity", "ParityOptions", "Reference", "check", "compare", "reference",
+           "run"]
