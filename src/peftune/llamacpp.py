@@ -43,7 +43,8 @@ def greedy(llm: object, prompts: Sequence[list[int]], *, max_new_tokens: int,
     from llama_cpp._internals import LlamaSampler
 
     outputs = []
-    n_ctx = llm.n_ctx()  # type: ignore[attr-defined]
+    # the context as asked for: llama.cpp may round its own up, the binding's buffers do not
+    n_ctx = llm.context_params.n_ctx  # type: ignore[attr-defined]
     for prompt in prompts:
         if len(prompt) + max_new_tokens > n_ctx:
             raise PeftuneError(f"a prompt of {len(prompt)} tokens and {max_new_tokens} new "
