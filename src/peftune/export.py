@@ -7,8 +7,15 @@ Run it with ``peftune export runs/x --format merged --out exports/x``:
 - ``merged``: the adapter folded into the base weights (safetensors, tokenizer and the run's
   generation config); plain ``AutoModelForCausalLM.from_pretrained(out)`` loads it. A
   quantized base is merged into a 16-bit copy, never into its quantized weights.
-- ``gguf``: the merged model as one LLaMA-architecture GGUF file (f32, f16 or bf16), with its
-  tokenizer, for llama.cpp and for ``from_pretrained(out, gguf_file=...)``.
+- ``gguf``: the merged model as one LLaMA-architecture GGUF file (f32, f16, bf16 or q8_0),
+  with its tokenizer, for llama.cpp and for ``from_pretrained(out, gguf_file=...)``.
+- ``gguf-lora``: the LoRA alone as a llama.cpp GGUF adapter (:mod:`peftune.gguf_lora`) beside
+  a GGUF base, and an Ollama Modelfile with FROM base and ADAPTER.
+- ``ollama``: the ``gguf`` file and a Modelfile (:mod:`peftune.ollama`).
+
+The adapter's card says how vLLM serves it, or why it cannot (:mod:`peftune.vllm`). With
+``parity`` (the CLI's default), the export is then checked against peftune's own texts
+(:mod:`peftune.parity`).
 
 Every format gets the run's decoding settings (``generation_config.json``; for GGUF also
 llama.cpp's ``general.sampling.*`` keys) and a filled model card (``README.md``) whose
@@ -28,7 +35,7 @@ from typing import Any
 import gguf
 import numpy as np
 import torch
-from peft import PeftConfig, PeftModel
+from peft import PeftConfig
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from peftune import assembly, card, devices, gguf_lora, llamacpp, models, ollama, parity
@@ -132,9 +139,9 @@ def merge(adapter: Path, *, dtype: str = "auto", trust_remote_code: bool = False
     base, tokenizer = models.load_base(replace(cfg.model, dtype=chosen))
     if getattr(base, "hf_quantizer", None) is not None:
         base = base.dequantize(dtype=getattr(torch, chosen))
-    model = PeftModel.from_pretrained(base, str(adapter))
+    model = models.load_adapter(base, adapter)
     try:
-        merged = model.merge_and_unload()
+        merged = get_method(cfg.method).merge(model)  # the merge train and the tests use
     except (ValueError, NotImplementedError, AttributeError) as err:
         raise PeftuneError(f"cannot merge {adapter}: {err}; use --format adapter") from None
     log.info("merged %s into %s (%s)", adapter, cfg.model.name, chosen)
