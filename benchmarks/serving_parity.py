@@ -4,7 +4,7 @@
 
 A seeded LoRA (r=8, q/v projections, its B matrices scaled so the base still writes
 summaries the adapter visibly changes) on the embedded SmolLM2-135M-Instruct, fp32 run
-settings, greedy, 128 new tokens. peftune generates for the first N ACLSum validation papers
+settings, greedy, 64 new tokens. peftune generates for the first N ACLSum validation papers
 once; each export is then run through its own client on the same prompts (the parity check
 ``peftune export`` prints): peft for the adapter, plain transformers for merged folders,
 llama.cpp (llama-cpp-python) for GGUF files and for the GGUF LoRA on the embedded model's
@@ -26,8 +26,10 @@ from peftune import models, parity
 from peftune.config import ModelConfig, config_from_dict
 from peftune.export import export
 
-ROWS = [("adapter", None), ("merged", "float32"), ("merged", "bfloat16"), ("gguf", "f32"),
-        ("gguf", "f16"), ("gguf", "bf16"), ("gguf", "q8_0"), ("gguf-lora", "f32")]
+# llama.cpp rows first: transformers generation is the slow part on a shared CPU
+ROWS = [("gguf", "f32"), ("gguf", "q8_0"), ("gguf", "f16"), ("gguf", "bf16"),
+        ("gguf-lora", "f32"), ("merged", "bfloat16"), ("merged", "float32"), ("adapter", None)]
+NEW_TOKENS = 64
 B_SCALE = 0.05
 
 
@@ -42,7 +44,8 @@ def adapter(work: Path) -> Path:
             if "lora_B" in name:
                 param.mul_(B_SCALE)
     model.save_pretrained(folder)
-    cfg = config_from_dict({"output_dir": str(work / "run"), "train": {"precision": "fp32"}})
+    cfg = config_from_dict({"output_dir": str(work / "run"), "train": {"precision": "fp32"},
+                            "eval": {"max_new_tokens": NEW_TOKENS}})
     (folder / "peftune.yaml").write_text(json.dumps(cfg.to_dict()))
     return folder
 

@@ -39,10 +39,10 @@ from peft import PeftConfig
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from peftune import assembly, card, devices, gguf_lora, llamacpp, models, ollama, parity
-from peftune.parity import ParityOptions
 from peftune.config import Config, config_from_dict
 from peftune.errors import ModelError, PeftuneError
 from peftune.methods import get_method
+from peftune.parity import ParityOptions
 
 log = logging.getLogger(__name__)
 
