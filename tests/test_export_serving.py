@@ -54,6 +54,24 @@ def _field(path, key):
     return gguf.GGUFReader(str(path)).get_field(key).contents()
 
 
+def test_a_q8_0_gguf_holds_q8_0_blocks_of_the_merged_weights(trained):
+    """2-D weights in Q8_0 (each within one step, max / 127, of its 32-wide block; the step
+    itself is stored in f16), norms in f32."""
+    adapter, *_, out = trained
+    path = export(adapter, out / "gguf-q8", fmt="gguf", dtype="q8_0").path
+    exact = _tensors(export(adapter, out / "gguf-f32-ref", fmt="gguf", dtype="f32").path)
+    assert _field(path, "general.file_type") == gguf.LlamaFileType.MOSTLY_Q8_0
+    for t in gguf.GGUFReader(str(path)).tensors:
+        want = exact[t.name]
+        if want.ndim == 1:
+            assert t.tensor_type == gguf.GGMLQuantizationType.F32, t.name
+            continue
+        assert t.tensor_type == gguf.GGMLQuantizationType.Q8_0, t.name
+        got = gguf.quants.dequantize(t.data, t.tensor_type).reshape(want.shape)
+        step = np.abs(want.reshape(-1, 32)).max(axis=1, keepdims=True) / 127
+        assert (np.abs(got - want).reshape(-1, 32) <= step + 1e-7).all(), t.name
+
+
 # ---------------------------------------------------------------- gguf-lora
 
 def test_gguf_lora_is_the_merged_models_delta_in_llama_cpps_layout(trained):
