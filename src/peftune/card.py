@@ -417,6 +417,11 @@ def _llama_cpp(cfg: Config, settings: dict[str, Any], gguf_path: str) -> str:
              f"`llama-server -m {gguf_path} --temp 0 --repeat-penalty {penalty:g} "
              "--repeat-last-n -1` serves the same through its OpenAI-compatible chat API "
              f"(send `max_tokens: {settings['max_new_tokens']}`).\n"]
+    if penalty != 1:
+        lines.append("llama-cpp-python's `create_chat_completion` applies `repeat_penalty` to "
+                     "its own window of generated tokens, not to the prompt, so its texts can "
+                     "differ from the run's; the server flags above penalize the whole "
+                     "context as the run did.\n")
     if settings["no_repeat_ngram_size"]:
         lines.append(f"llama.cpp has no rule like `no_repeat_ngram_size="
                      f"{settings['no_repeat_ngram_size']}`: its texts differ from "
