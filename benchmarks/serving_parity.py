@@ -11,7 +11,8 @@ once; each export is then run through its own client on the same prompts (the pa
 llama.cpp (llama-cpp-python) for GGUF files and for the GGUF LoRA on the embedded model's
 own Q4_1 GGUF. ``--tiny``: the tests' tiny random LLaMA with its byte-level BPE tokenizer
 and synthetic documents, a LoRA trained for one step on all linear layers, repetition
-penalty 1.3 (so llama.cpp's penalty over the whole context is exercised). Prints a markdown table and writes it to ``WORK/serving_parity.json``.
+penalty 1.3 (so llama.cpp's penalty over the whole context is exercised). Prints a markdown
+table and writes it to ``WORK/serving_parity.json``.
 """
 
 from __future__ import annotations
@@ -57,9 +58,15 @@ def tiny_adapter(work: Path) -> Path:
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from tests.conftest import (
+        bpe_adapter_config,
+        make_bpe_tokenizer,
+        make_llama,
+        make_rows,
+        write_jsonl,
+    )
+
     from peftune.train import run
-    from tests.conftest import (bpe_adapter_config, make_bpe_tokenizer, make_llama, make_rows,
-                                write_jsonl)
 
     model, data = work / "model", work / "data"
     tok = make_bpe_tokenizer()
