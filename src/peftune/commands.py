@@ -222,25 +222,31 @@ def search(cfg: Config, *, argv: list[str] | None = None) -> None:
 
 
 def export(adapter_path: str, *, fmt: str = "merged", out: str | None = None,
-           dtype: str | None = None, trust_remote_code: bool = False) -> Path:
+           dtype: str | None = None, trust_remote_code: bool = False,
+           parity: Any = None) -> Path:
     from peftune import export as exporting
 
     adapter = find_adapter(adapter_path)
     allowed = {"adapter": (), "merged": exporting.MERGED_DTYPES,
-               "gguf": tuple(exporting.GGUF_DTYPES)}[fmt]
+               "gguf": tuple(exporting.GGUF_DTYPES), "ollama": tuple(exporting.GGUF_DTYPES),
+               "gguf-lora": exporting.LORA_DTYPES}[fmt]
     if dtype is not None and dtype not in allowed:
         raise PeftuneError(f"--dtype {dtype} does not apply to --format {fmt} (valid: "
                            f"{', '.join(allowed) or 'none'})")
     run_dir = adapter.parent if adapter.name == "adapter" else adapter
     target = Path(out) if out else run_dir / f"export-{fmt}"
     done = exporting.export(adapter, target, fmt=fmt, dtype=dtype,
-                            trust_remote_code=trust_remote_code)
+                            trust_remote_code=trust_remote_code, parity=parity)
     size = sum(p.stat().st_size for p in ([done.path] if done.path.is_file()
                                           else done.path.rglob("*")) if p.is_file())
     print(f"\nexported {fmt} ({size / 2**20:.1f} MiB): {done.path}")
     print(f"load:    {done.load}")
+    if done.parity:
+        print(done.parity)
     if fmt == "gguf":
         print(f"next:    llama-cli -m {done.path} -p \"Summarize ...\"")
+    elif fmt in ("ollama", "gguf-lora"):
+        print(f"next:    ollama create {run_dir.name} -f {target / 'Modelfile'}")
     else:
         print(f"next:    peftune export {adapter_path} --format gguf")
     return done.path

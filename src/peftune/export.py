@@ -7,8 +7,15 @@ Run it with ``peftune export runs/x --format merged --out exports/x``:
 - ``merged``: the adapter folded into the base weights (safetensors, tokenizer and the run's
   generation config); plain ``AutoModelForCausalLM.from_pretrained(out)`` loads it. A
   quantized base is merged into a 16-bit copy, never into its quantized weights.
-- ``gguf``: the merged model as one LLaMA-architecture GGUF file (f32, f16 or bf16), with its
-  tokenizer, for llama.cpp and for ``from_pretrained(out, gguf_file=...)``.
+- ``gguf``: the merged model as one LLaMA-architecture GGUF file (f32, f16, bf16 or q8_0),
+  with its tokenizer, for llama.cpp and for ``from_pretrained(out, gguf_file=...)``.
+- ``gguf-lora``: the LoRA alone as a llama.cpp GGUF adapter (:mod:`peftune.gguf_lora`) beside
+  a GGUF base, and an Ollama Modelfile with FROM base and ADAPTER.
+- ``ollama``: the ``gguf`` file and a Modelfile (:mod:`peftune.ollama`).
+
+The adapter's card says how vLLM serves it, or why it cannot (:mod:`peftune.vllm`). With
+``parity`` (the CLI's default), the export is then checked against peftune's own texts
+(:mod:`peftune.parity`).
 
 Every format gets the run's decoding settings (``generation_config.json``; for GGUF also
 llama.cpp's ``general.sampling.*`` keys) and a filled model card (``README.md``) whose
@@ -17,6 +24,7 @@ Python lines load it without peftune (:mod:`peftune.card`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -27,23 +35,26 @@ from typing import Any
 import gguf
 import numpy as np
 import torch
-from peft import PeftConfig, PeftModel
+from peft import PeftConfig
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from peftune import assembly, card, devices, models
+from peftune import assembly, card, devices, gguf_lora, llamacpp, models, ollama, parity
 from peftune.config import Config, config_from_dict
 from peftune.errors import ModelError, PeftuneError
 from peftune.methods import get_method
+from peftune.parity import ParityOptions
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("adapter", "merged", "gguf")
+FORMATS = ("adapter", "merged", "gguf", "gguf-lora", "ollama")
 MERGED_DTYPES = ("auto", *devices.DTYPES)
 GGUF_DTYPES = {
     "f32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
     "f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
     "bf16": (gguf.GGMLQuantizationType.BF16, gguf.LlamaFileType.MOSTLY_BF16),
+    "q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
 }
+LORA_DTYPES = ("f32", "f16", "bf16")
 
 
 @dataclass
@@ -52,6 +63,10 @@ class Exported:
     """The exported folder (adapter, merged) or file (gguf)."""
     load: str
     """One line of Python that loads it."""
+    lora_base: Path | None = None
+    """gguf-lora: the base GGUF the adapter file (``path``) applies to."""
+    parity: str | None = None
+    """The parity check's line, when one ran."""
 
 
 def run_config(adapter: Path, *, trust_remote_code: bool = False) -> Config:
@@ -124,9 +139,9 @@ def merge(adapter: Path, *, dtype: str = "auto", trust_remote_code: bool = False
     base, tokenizer = models.load_base(replace(cfg.model, dtype=chosen))
     if getattr(base, "hf_quantizer", None) is not None:
         base = base.dequantize(dtype=getattr(torch, chosen))
-    model = PeftModel.from_pretrained(base, str(adapter))
+    model = models.load_adapter(base, adapter)
     try:
-        merged = model.merge_and_unload()
+        merged = get_method(cfg.method).merge(model)  # the merge train and the tests use
     except (ValueError, NotImplementedError, AttributeError) as err:
         raise PeftuneError(f"cannot merge {adapter}: {err}; use --format adapter") from None
     log.info("merged %s into %s (%s)", adapter, cfg.model.name, chosen)
@@ -147,29 +162,79 @@ def export_merged(adapter: Path, out: Path, *, dtype: str = "auto",
 
 # ---------------------------------------------------------------- gguf
 
-def export_gguf(adapter: Path, out: Path, *, dtype: str = "f16",
+def export_gguf(adapter: Path, out: Path, *, dtype: str = "f16", kind: str = "gguf",
                 trust_remote_code: bool = False) -> Exported:
-    """Merge in float32, then write ``out/<run>-<dtype>.gguf`` with ``gguf.GGUFWriter``."""
+    """Merge in float32, then write ``out/<run>-<dtype>.gguf`` with ``gguf.GGUFWriter``;
+    ``kind="ollama"`` adds a Modelfile."""
     model, tokenizer, cfg = merge(adapter, dtype="float32", trust_remote_code=trust_remote_code)
+    out.mkdir(parents=True, exist_ok=True)
+    path = write_gguf(model, tokenizer, cfg, out / f"{Path(cfg.output_dir).name}-{dtype}.gguf",
+                      dtype=dtype)
+    card.write(out, cfg, tokenizer, kind=kind, facts=card.read_facts(adapter),
+               gguf_file=path.name, weights=dtype)
+    if kind == "ollama":
+        ollama.write(out, cfg, tokenizer, model=path.name, settings=_settings(cfg, tokenizer))
+    return Exported(path, f'AutoModelForCausalLM.from_pretrained("{out}", '
+                          f'gguf_file="{path.name}")')
+
+
+def write_gguf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg: Config,
+               path: Path, *, dtype: str) -> Path:
+    """``model`` (a LLaMA) with its tokenizer and the run's sampling keys as one GGUF file."""
     check_llama(model.config)
     pre = pre_tokenizer_name(tokenizer)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{Path(cfg.output_dir).name}-{dtype}.gguf"
     writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
-    write_llama_metadata(writer, model.config, name=Path(cfg.output_dir).name,
-                         file_type=GGUF_DTYPES[dtype][1])
+    write_llama_metadata(writer, model.config, name=path.stem, file_type=GGUF_DTYPES[dtype][1])
     card.add_gguf_sampling(writer, cfg)
     write_tokenizer(writer, tokenizer, vocab_size=model.config.vocab_size,
                     pre=source_pre_tokenizer(cfg) or pre)
     write_llama_tensors(writer, model, qtype=GGUF_DTYPES[dtype][0])
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
-    writer.write_tensors_to_file(progress=True)
+    writer.write_tensors_to_file(progress=False)
     writer.close()
-    card.write(out, cfg, tokenizer, kind="gguf", facts=card.read_facts(adapter),
-               gguf_file=path.name, weights=dtype)
-    return Exported(path, f'AutoModelForCausalLM.from_pretrained("{out}", '
-                          f'gguf_file="{path.name}")')
+    return path
+
+
+# ---------------------------------------------------------------- gguf-lora
+
+def export_gguf_lora(adapter: Path, out: Path, *, dtype: str = "f16",
+                     trust_remote_code: bool = False) -> Exported:
+    """The LoRA alone as ``out/<run>-lora-<dtype>.gguf`` beside a GGUF base: the base's own
+    GGUF file when it is one (the embedded SmolLM2), else the base written at ``dtype``."""
+    cfg = run_config(adapter, trust_remote_code=trust_remote_code)
+    gguf_lora.check(adapter)
+    if dtype not in LORA_DTYPES:
+        raise PeftuneError(f"--dtype {dtype} does not apply to --format gguf-lora (valid: "
+                           f"{', '.join(LORA_DTYPES)})")
+    out.mkdir(parents=True, exist_ok=True)
+    base_path = base_gguf(cfg, out, dtype=dtype)
+    config = models.load_config(cfg.model)
+    check_llama(config)
+    path = gguf_lora.write(adapter, out / f"{Path(cfg.output_dir).name}-lora-{dtype}.gguf",
+                           config, qtype=GGUF_DTYPES[dtype][0])
+    tokenizer = models.load_tokenizer(cfg.model)
+    card.write(out, cfg, tokenizer, kind="gguf-lora", facts=card.read_facts(adapter),
+               gguf_file=base_path.name, lora_file=path.name, weights=dtype)
+    ollama.write(out, cfg, tokenizer, model=base_path.name, adapter=path.name,
+                 settings=_settings(cfg, tokenizer))
+    return Exported(path, f"llama-cli -m {base_path} --lora {path}", lora_base=base_path)
+
+
+def _settings(cfg: Config, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+    config = card.generation_config(cfg, tokenizer)
+    return {key: getattr(config, key) for key in card.GENERATION_KEYS}
+
+
+def base_gguf(cfg: Config, out: Path, *, dtype: str) -> Path:
+    """The base as a GGUF file in ``out``: a GGUF source copied as is, else written."""
+    source, gguf_file = models.resolve(cfg.model)
+    if gguf_file:
+        target = out / gguf_file
+        shutil.copyfile(Path(source) / gguf_file, target)
+        return target
+    base, tokenizer = models.load_base(replace(cfg.model, dtype="float32"))
+    return write_gguf(base, tokenizer, cfg, out / f"base-{dtype}.gguf", dtype=dtype)
 
 
 def check_llama(config: Any) -> None:
@@ -230,6 +295,8 @@ def write_llama_tensors(writer: gguf.GGUFWriter, model: PreTrainedModel, *,
             data = permute_qk(data, config.num_key_value_heads)
         # llama.cpp keeps norms and other 1-D tensors in f32 whatever the file type
         kind = gguf.GGMLQuantizationType.F32 if data.ndim == 1 else qtype
+        if kind == gguf.GGMLQuantizationType.Q8_0 and data.shape[-1] % 32:
+            kind = gguf.GGMLQuantizationType.F16  # Q8_0 blocks are 32 wide (as llama.cpp does)
         writer.add_tensor(name, gguf.quants.quantize(data, kind), raw_dtype=kind)
 
 
@@ -290,14 +357,53 @@ def write_tokenizer(writer: gguf.GGUFWriter, tokenizer: PreTrainedTokenizerBase,
 
 
 def export(adapter: Path, out: Path, *, fmt: str, dtype: str | None = None,
-           trust_remote_code: bool = False) -> Exported:
+           trust_remote_code: bool = False, parity: ParityOptions | None = None) -> Exported:
+    """Write ``fmt``; then, unless ``parity`` is None or off, the parity check: its line
+    printed, its numbers in the card (``strict`` raises after writing)."""
     trust = {"trust_remote_code": trust_remote_code}
     if fmt == "adapter":
-        return export_adapter(adapter, out, **trust)
+        done = export_adapter(adapter, out, **trust)
+    elif fmt == "merged":
+        done = export_merged(adapter, out, dtype=dtype or "auto", **trust)
+    elif fmt == "gguf-lora":
+        done = export_gguf_lora(adapter, out, dtype=dtype or "f16", **trust)
+    else:
+        done = export_gguf(adapter, out, dtype=dtype or "f16", kind=fmt, **trust)
+    if parity is not None and parity.mode != "off":
+        done.parity = check_parity(adapter, done, fmt=fmt, options=parity,
+                                   fp32=is_fp32(run_config(adapter), fmt=fmt, dtype=dtype))
+    return done
+
+
+def is_fp32(cfg: Config, *, fmt: str, dtype: str | None) -> bool:
+    """Whether the run generated in fp32 and the export computes in fp32 too: then its
+    greedy texts are peftune's, token for token."""
+    if assembly.precision(cfg) != "fp32":
+        return False
+    if fmt == "adapter":
+        return True
     if fmt == "merged":
-        return export_merged(adapter, out, dtype=dtype or "auto", **trust)
-    return export_gguf(adapter, out, dtype=dtype or "f16", **trust)
+        return merged_dtype(cfg, dtype or "auto") == "float32"
+    return dtype == "f32" and not (fmt == "gguf-lora" and is_quantized(cfg))
 
 
-__all__ = ["FORMATS", "GGUF_DTYPES", "MERGED_DTYPES", "Exported", "export", "export_adapter",
-           "export_gguf", "export_merged", "merge"]
+def check_parity(adapter: Path, done: Exported, *, fmt: str, options: ParityOptions,
+                 fp32: bool) -> str:
+    """Run the check, record it in the card, and return its line (``strict`` raises)."""
+    folder = done.path if done.path.is_dir() else done.path.parent
+    cfg = run_config(adapter)
+    if done.lora_base is not None:
+        result = parity.run(cfg, adapter, done.lora_base, fmt=fmt, options=options,
+                            lora=done.path)
+    else:
+        result = parity.run(cfg, adapter, done.path, fmt=fmt, options=options)
+    if result is None:
+        return (f"parity: skipped ({llamacpp.PACKAGE} is not installed; it is the only loader "
+                f"of --format {fmt})")
+    card.add_parity(folder, dataclasses.asdict(result))
+    parity.check(result, options, fp32=fp32)
+    return result.line()
+
+
+__all__ = ["FORMATS", "GGUF_DTYPES", "LORA_DTYPES", "MERGED_DTYPES", "Exported", "export",
+           "export_adapter", "export_gguf", "export_gguf_lora", "export_merged", "merge"]
