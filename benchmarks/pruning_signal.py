@@ -114,7 +114,8 @@ def main() -> None:
         study_name="pruning-signal", storage=optuna.storages.RDBStorage(
             f"sqlite:///{args.out.resolve() / 'study.db'}",
             engine_kwargs={"connect_args": {"timeout": 60}}),
-        sampler=optuna.samplers.RandomSampler(seed=search.sampler_seed(cfg.seed, args.worker)), pruner=optuna.pruners.NopPruner(),
+        sampler=optuna.samplers.RandomSampler(seed=search.sampler_seed(cfg.seed, args.worker)),
+        pruner=optuna.pruners.NopPruner(),
         direction="maximize", load_if_exists=True)
     bases, data = search.load_for_search(cfg)
     objective = search.Objective(cfg, bases, data)

@@ -21,11 +21,11 @@ import torch
 from accelerate.utils.memory import should_reduce_batch_size
 from peft import PeftModel, get_peft_model
 from transformers import (
+    EarlyStoppingCallback,
     PreTrainedModel,
     PrinterCallback,
     ProgressCallback,
     Trainer,
-    EarlyStoppingCallback,
     TrainerCallback,
     TrainingArguments,
 )
