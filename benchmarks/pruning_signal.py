@@ -65,18 +65,24 @@ def table(study: optuna.Study, metric: str, *, min_trials: int) -> str:
              "rows of a trial", "",
              "| rung (step) | trials | signal | Spearman rho vs final [95% interval] |",
              "|---|---|---|---|"]
-    steps = sorted({int(s) for t in trials for s in t.user_attrs.get("rungs", {})})
+    trials = [t for t in trials if t.user_attrs.get("rungs")]
+    steps = sorted({int(s) for t in trials for s in t.user_attrs["rungs"]})
+    # each trial's evaluations by rung; "last" is the end of its training, whatever its step
+    rungs = {str(step): {t.number: t.user_attrs["rungs"].get(str(step)) for t in trials}
+             for step in steps}
+    rungs["last"] = {t.number: t.user_attrs["rungs"][max(t.user_attrs["rungs"], key=int)]
+                     for t in trials}
     signals = {"validation loss (negated)": ("eval_loss", -1.0),
                f"{metric} on the signal slice": (f"eval_slice_{metric}", 1.0)}
-    for step in steps:
-        at = [t for t in trials if str(step) in t.user_attrs.get("rungs", {})]
+    for rung, by_trial in rungs.items():
+        at = [t for t in trials if by_trial[t.number] is not None]
         if len(at) < min_trials:
             continue
         final = np.array([t.value for t in at])
         for name, (key, sign) in signals.items():
-            got = np.array([sign * t.user_attrs["rungs"][str(step)][key] for t in at])
+            got = np.array([sign * by_trial[t.number][key] for t in at])
             rho, low, high = spearman_interval(got, final)
-            lines.append(f"| {step} | {len(at)} | {name} | {rho:+.2f} [{low:+.2f}, {high:+.2f}] |")
+            lines.append(f"| {rung} | {len(at)} | {name} | {rho:+.2f} [{low:+.2f}, {high:+.2f}] |")
     return "\n".join(lines)
 
 
@@ -105,6 +111,8 @@ def main() -> None:
     parser.add_argument("--min_trials", type=int, default=8,
                         help="rungs reached by fewer trials are left out of the table")
     parser.add_argument("--out", type=Path, default=Path("/tmp/peftune-pruning-signal"))
+    parser.add_argument("--table_only", action="store_true",
+                        help="print the table of the trials in --out, run none")
     args = parser.parse_args()
     cfg = config(args)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -117,6 +125,9 @@ def main() -> None:
         sampler=optuna.samplers.RandomSampler(seed=search.sampler_seed(cfg.seed, args.worker)),
         pruner=optuna.pruners.NopPruner(),
         direction="maximize", load_if_exists=True)
+    if args.table_only:
+        print(table(study, cfg.search.metric, min_trials=args.min_trials))
+        return
     bases, data = search.load_for_search(cfg)
     objective = search.Objective(cfg, bases, data)
     while len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) < args.trials:
