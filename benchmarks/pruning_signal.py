@@ -1,7 +1,7 @@
 """Which intermediate signal predicts a trial's final validation ROUGE: loss or ROUGE on a slice?
 
-    # two processes sharing one study, one thread each (~1 h on 2 busy CPU cores)
-    for w in 0 1; do PYTHONPATH=src OMP_NUM_THREADS=1 \
+    # processes sharing one study, one thread each (a trial: ~19 min wall on a busy 2-core host)
+    for w in 0 1 2 3; do PYTHONPATH=src OMP_NUM_THREADS=1 \
         python benchmarks/pruning_signal.py --trials 20 --worker $w & done; wait
 
 Runs the demo search (configs/aclsum-smollm2-search.yaml: SmolLM2-135M, ACLSum, LoRA) with a
