@@ -43,7 +43,7 @@ def _trial(number, state, *, value=None, losses=(), seconds=60.0):
 def make_run(tmp_path: Path, *, complete: int, pruned: int) -> tuple[Path, optuna.Study]:
     run = tmp_path / "run"
     cfg = config_from_dict({"output_dir": str(run), "search": {
-        "metric": "rougeL", "eval_examples": 8, "intermediate_steps": 2,
+        "metric": "rougeL", "eval_examples": 8, "intermediate_steps": 2, "prune_signal": "loss",
         "methods": ["lora", "ia3"]}})
     save_yaml(cfg, run / "config.yaml")
     save_yaml(cfg, run / "best.yaml")

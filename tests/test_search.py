@@ -507,7 +507,7 @@ def test_a_killed_worker_trial_is_retried_and_the_study_completes(search_cfg, tm
 
 
 def test_a_trial_worse_than_the_median_is_pruned_early(search_cfg):
-    search_cfg["search"].update(n_trials=3, final=False, pruner="median")
+    search_cfg["search"].update(n_trials=3, final=False, pruner="median", prune_signal="loss")
     search_cfg["train"]["max_steps"] = 6
     cfg = config_from_dict(search_cfg)
     study = searching.create_study(cfg)
@@ -520,6 +520,66 @@ def test_a_trial_worse_than_the_median_is_pruned_early(search_cfg):
     assert bad.state == TrialState.PRUNED
     assert bad.user_attrs["reason"].startswith("pruned by median at step")
     assert max(bad.intermediate_values) < 6
+
+
+def test_the_median_pruner_acts_on_rouge_of_the_signal_rows(search_cfg, monkeypatch):
+    from peftune import train as training
+
+    search_cfg["search"].update(n_trials=3, final=False, pruner="median", prune_signal="rouge",
+                                signal_examples=2)
+    search_cfg["train"]["max_steps"] = 4
+    rows = []
+
+    def scripted(model, tokenizer, ds, settings, **kwargs):
+        # a stand-in for generation + ROUGE: rank 8 summarizes well, rank 4 badly
+        rows.append(len(ds))
+        value = 40.0 if model.peft_config["default"].r == 8 else 5.0
+        return dict.fromkeys(("rouge1", "rouge2", "rougeL", "rougeLsum"), value)
+
+    monkeypatch.setattr(training, "score", scripted)
+    cfg = config_from_dict(search_cfg)
+    study = searching.create_study(cfg)
+    for r in (8, 8, 4):
+        study.enqueue_trial(_fixed(**{"lora.r": r}), skip_if_exists=False)
+    searching.run(cfg)
+    good, _, bad = study.trials
+    assert good.state == TrialState.COMPLETE and good.intermediate_values == {
+        1: 40.0, 2: 40.0, 3: 40.0, 4: 40.0}
+    assert bad.state == TrialState.PRUNED and bad.intermediate_values == {1: 5.0}
+    assert bad.user_attrs["reason"] == "pruned by median at step 1 (eval_slice_rougeL)"
+    assert set(rows) == {2}
+    # each rung keeps the validation loss next to the signal
+    assert good.user_attrs["rungs"]["3"]["eval_slice_rougeL"] == 40.0
+    assert good.user_attrs["rungs"]["3"]["eval_loss"] > 0
+
+
+def test_real_rouge_of_generated_summaries_is_the_intermediate_value(search_cfg):
+    search_cfg["search"].update(n_trials=1, final=False, pruner="median", signal_examples=2)
+    search_cfg["train"]["max_steps"] = 2
+    cfg = config_from_dict(search_cfg)
+    assert cfg.search.prune_signal == "rouge"  # the default
+    study, _ = searching.run(cfg)
+    (trial,) = study.trials
+    assert sorted(trial.intermediate_values) == [1, 2]
+    for step, value in trial.intermediate_values.items():
+        assert 0 <= value <= 100
+        assert value == trial.user_attrs["rungs"][str(step)]["eval_slice_rougeL"]
+
+
+def test_an_eval_loss_study_prunes_on_loss_whatever_the_signal():
+    cfg = config_from_dict({"search": {"metric": "eval_loss", "prune_signal": "rouge"}})
+    assert searching.signal_metric(cfg.search) == "eval_loss"
+    cfg = config_from_dict({"search": {"metric": "rouge2"}})
+    assert searching.signal_metric(cfg.search) == "eval_slice_rouge2"
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    ({"search": {"prune_signal": "bleu"}}, "search.prune_signal must be one of"),
+    ({"search": {"signal_examples": 0}}, r"search.signal_examples must be in \[1, "),
+])
+def test_bad_signal_options_name_the_flag(data, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(data)
 
 
 def _first_params(cfg, worker):
@@ -625,7 +685,7 @@ def test_workers_of_a_killed_search_finish_their_trial_and_take_no_new_one(searc
 
 def test_hyperband_the_default_pruner_runs_and_prunes_with_a_reason(search_cfg):
     assert config_from_dict({}).search.pruner == "hyperband"
-    search_cfg["search"].update(n_trials=6, final=False)  # the default pruner
+    search_cfg["search"].update(n_trials=6, final=False, prune_signal="loss")  # default pruner
     search_cfg["train"]["max_steps"] = 6
     cfg = config_from_dict(search_cfg)
     assert cfg.search.pruner == "hyperband"

@@ -474,3 +474,81 @@ def test_a_step_over_the_token_budget_trains_in_parts_with_the_same_gradients(ti
     torch.testing.assert_close(results[longest][0], results[None][0], rtol=1e-5, atol=1e-6)
     for a, b in zip(results[longest][1], results[None][1], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+def _scripted_rouge(monkeypatch, values):
+    """ROUGE-L of the signal rows: the next of ``values`` at each evaluation."""
+    from peftune import train as training
+
+    calls = []
+
+    def fake(model, tokenizer, ds, settings, **kwargs):
+        calls.append({"rows": len(ds)})
+        value = values[min(len(calls), len(values)) - 1]
+        return {"rouge1": value, "rouge2": value, "rougeL": value, "rougeLsum": value}
+
+    monkeypatch.setattr(training, "score", fake)
+    return calls
+
+
+def test_early_stopping_on_rouge_stops_when_rouge_stops_improving(tiny_cfg, monkeypatch):
+    tiny_cfg["train"].update(max_steps=10, eval_steps=1, early_stopping=2, signal_examples=3)
+    calls = _scripted_rouge(monkeypatch, [10.0, 20.0, 20.0, 15.0, 30.0])
+    result = run(config_from_dict(tiny_cfg))
+    # best 20 at step 2, no better at steps 3 and 4: two evaluations without improvement
+    assert result.metrics["stopped_early_at"] == 4 and len(calls) == 4
+    assert result.metrics["eval_slice_rougeL"] == 15.0
+    assert all(c["rows"] == 3 for c in calls)
+
+
+def test_early_stopping_on_loss_generates_nothing(tiny_cfg, monkeypatch):
+    from peftune.train import training_args, watched
+
+    tiny_cfg["train"].update(max_steps=4, eval_steps=1, early_stopping=1,
+                             early_stopping_signal="loss")
+    calls = _scripted_rouge(monkeypatch, [0.0])
+    cfg = config_from_dict(tiny_cfg)
+    assert watched(cfg) == "eval_loss"
+    args = training_args(dataclasses.replace(cfg, train=dataclasses.replace(
+        cfg.train, micro_batch_size=2)), output_dir=Path(cfg.output_dir), has_eval=True)
+    assert args.metric_for_best_model == "eval_loss" and args.greater_is_better is False
+    result = run(cfg)
+    assert calls == [] and "eval_slice_rougeL" not in result.metrics
+    assert "eval_loss" in result.metrics
+
+
+def test_rouge_at_evaluations_leaves_training_as_it_was(tiny_cfg, tmp_path):
+    # dropout on: a model left in eval mode, or random numbers drawn by generation, would
+    # give other weights than a run that never generates
+    tiny_cfg["train"].update(max_steps=4, eval_steps=1)
+    tiny_cfg["lora"] = {"dropout": 0.3}
+    plain = run(config_from_dict(tiny_cfg)).model
+    tiny_cfg["train"].update(early_stopping=100, signal_examples=2)
+    tiny_cfg["output_dir"] = str(tmp_path / "watched")
+    result = run(config_from_dict(tiny_cfg))
+    assert 0 <= result.metrics["eval_slice_rougeL"] <= 100
+    assert "stopped_early_at" not in result.metrics
+    want = {k: v for k, v in plain.named_parameters() if v.requires_grad}
+    for name, param in result.model.named_parameters():
+        if param.requires_grad:
+            torch.testing.assert_close(param, want[name], atol=0, rtol=0)
+
+
+def test_early_stopping_on_rouge_trains_an_encoder_decoder(tiny_cfg, tiny_t5_dir):
+    tiny_cfg["model"]["name"] = str(tiny_t5_dir)
+    tiny_cfg["train"].update(max_steps=3, eval_steps=1, early_stopping=5, signal_examples=2)
+    result = run(config_from_dict(tiny_cfg))
+    assert 0 <= result.metrics["eval_slice_rougeL"] <= 100 and result.metrics["train_loss"] > 0
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    ({"train": {"early_stopping": -1}}, r"train.early_stopping must be in \[0, "),
+    ({"train": {"early_stopping": 2, "eval_each_epoch": False}},
+     "train.early_stopping needs evaluations: set train.eval_steps"),
+    ({"train": {"early_stopping_signal": "bleu"}}, "train.early_stopping_signal must be one of"),
+    ({"train": {"signal_examples": 0}}, r"train.signal_examples must be in \[1, "),
+])
+def test_bad_early_stopping_options_name_the_flag(data, message):
+    from peftune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(data)

@@ -68,6 +68,9 @@ class ModelConfig:
         check_fields(self, "model")
 
 
+SIGNALS = ("rouge", "loss")
+
+
 @dataclass
 class TrainConfig:
     learning_rate: float | None = _help("peak learning rate (unset: the method's suggested "
@@ -95,6 +98,15 @@ class TrainConfig:
     eval_each_epoch: bool = _help("compute validation loss after every epoch", True)
     eval_steps: int | None = _help("compute validation loss every N steps instead", None,
                                    within=f"[1, {MAX_COUNT}]")
+    early_stopping: int = _help("stop after this many evaluations in a row without a better "
+                                "train.early_stopping_signal (0: never)", 0,
+                                within=f"[0, {MAX_COUNT}]")
+    early_stopping_signal: str = _help(
+        "what early stopping watches: rouge (ROUGE-L of summaries generated for the first "
+        "train.signal_examples validation rows) or loss (validation loss, cheaper)", "rouge",
+        choices=SIGNALS)
+    signal_examples: int = _help("validation rows generated and scored at each evaluation "
+                                 "for a rouge signal", 8, within=f"[1, {MAX_COUNT}]")
     save_checkpoints: bool = _help("write resumable checkpoints during training", True)
     save_total_limit: int = _help("checkpoints kept on disk", 2, within=f"[1, {MAX_COUNT}]")
     save_steps: int | None = _help("checkpoint every N steps (default: every epoch)", None,
@@ -119,6 +131,9 @@ class TrainConfig:
         if self.gradient_checkpointing not in (True, False, "auto"):
             raise ConfigError("train.gradient_checkpointing must be true, false or auto; got "
                               f"{self.gradient_checkpointing!r}")
+        if self.early_stopping and not (self.eval_each_epoch or self.eval_steps):
+            raise ConfigError("train.early_stopping needs evaluations: set train.eval_steps or "
+                              "train.eval_each_epoch true")
 
 
 @dataclass
@@ -219,7 +234,13 @@ class SearchConfig:
                         choices=("hyperband", "median", "none"))
     eval_examples: int = _help("validation rows scored with ROUGE per trial", 16,
                                within=f"[1, {MAX_COUNT}]")
-    intermediate_steps: int = _help("report validation loss to the pruner every N steps", 4,
+    prune_signal: str = _help(
+        "the pruner's intermediate value: rouge (search.metric of summaries generated for the "
+        "first search.signal_examples validation rows) or loss (validation loss, cheaper); an "
+        "eval_loss study always prunes on loss", "rouge", choices=SIGNALS)
+    signal_examples: int = _help("validation rows generated and scored at each rung for the "
+                                 "rouge signal", 8, within=f"[1, {MAX_COUNT}]")
+    intermediate_steps: int = _help("report the prune_signal to the pruner every N steps", 4,
                                     within=f"[1, {MAX_COUNT}]")
     workers: int = _help("local worker processes sharing the study", 1, within="[1, 1024]")
     heartbeat_seconds: int = _help("trial heartbeat; a trial silent for 4x this long is "

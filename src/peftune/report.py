@@ -36,6 +36,7 @@ from peftune.config import Config, load_yaml  # noqa: E402
 from peftune.errors import PeftuneError  # noqa: E402
 from peftune.evaluate import ROUGE_KEYS, mean_interval, paired_bootstrap  # noqa: E402
 from peftune.rundir import atomic_write  # noqa: E402
+from peftune.search import signal_metric  # noqa: E402
 
 LABELS = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "rougeLsum": "ROUGE-Lsum",
           "eval_loss": "validation loss", "trainable_params": "trainable parameters",
@@ -274,7 +275,10 @@ def plot_loss(study: optuna.Study, cfg: Config) -> tuple[Figure | None, str]:
                       "with two objectives; <code>search.intermediate_steps</code> sets how "
                       "often it is measured).")
     # Optuna holds the negated loss when the study maximizes ROUGE (see ReportToTrial)
-    sign = -1.0 if _maximize(study) else 1.0
+    on_loss = signal_metric(cfg.search) == "eval_loss"
+    sign = -1.0 if _maximize(study) and on_loss else 1.0
+    what = "validation loss" if on_loss else \
+        f"{cfg.search.metric} on the first {cfg.search.signal_examples} validation rows"
     fig, ax = plt.subplots(figsize=(8, 4))
     for t in curves:
         steps = sorted(t.intermediate_values)
@@ -288,11 +292,10 @@ def plot_loss(study: optuna.Study, cfg: Config) -> tuple[Figure | None, str]:
                        Line2D([], [], color="grey", linestyle="--", marker="x",
                               label="pruned trial (x: where it stopped)")], fontsize=8)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set(title="Validation loss during each trial", xlabel="optimizer step",
-           ylabel="validation loss")
-    return fig, (f"The loss on the {cfg.search.eval_examples} validation examples, measured "
-                 f"every {cfg.search.intermediate_steps} steps: what the "
-                 f"{html.escape(cfg.search.pruner)} pruner compares trials on.")
+    ax.set(title=f"{what[0].upper()}{what[1:]} during each trial", xlabel="optimizer step",
+           ylabel=what.split(" on ")[0])
+    return fig, (f"The {html.escape(what)}, measured every {cfg.search.intermediate_steps} "
+                 f"steps: what the {html.escape(cfg.search.pruner)} pruner compares trials on.")
 
 
 def best_per_method(study: optuna.Study) -> dict[str, FrozenTrial]:

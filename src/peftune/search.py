@@ -345,22 +345,40 @@ def count(study: optuna.Study, states: tuple[TrialState, ...]) -> int:
 
 # ---------------------------------------------------------------- one trial
 
-class ReportToTrial(TrainerCallback):
-    """Sends validation loss to Optuna as the intermediate value and stops pruned trials.
+def signal_metric(search: SearchConfig) -> str:
+    """The evaluation metric a trial reports at each rung: the study's ROUGE key on the signal
+    rows (``eval_slice_rougeL``), or the validation loss (also what a search without a pruner
+    reports, at the end of each epoch)."""
+    if search.prune_signal == "loss" or search.metric == "eval_loss" or \
+            pruner_name(search) == "none":
+        return "eval_loss"
+    return f"eval_{training.SLICE_PREFIX}{search.metric}"
 
-    The loss is negated when the study maximizes ROUGE, so the pruner compares in the
-    direction of the objective.
+
+class ReportToTrial(TrainerCallback):
+    """Sends ``metric`` (an evaluation metric, see :func:`signal_metric`) to Optuna as the
+    intermediate value and stops pruned trials.
+
+    A loss is negated when the study maximizes ROUGE, so the pruner compares in the
+    direction of the objective. Every rung's validation loss and ROUGE on the signal rows
+    (where computed) are also kept in the trial's user attribute ``rungs``, by step.
     """
 
-    def __init__(self, trial: optuna.Trial, *, sign: float) -> None:
-        self.trial, self.sign, self.pruned_at = trial, sign, None
+    def __init__(self, trial: optuna.Trial, *, metric: str, sign: float) -> None:
+        self.trial, self.metric, self.sign, self.pruned_at = trial, metric, sign, None
+        self.rungs: dict[str, dict[str, float]] = {}
 
     def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict | None = None,
                     **kwargs: Any) -> None:
-        loss = (metrics or {}).get("eval_loss")
-        if loss is None or not math.isfinite(loss):
+        metrics = metrics or {}
+        self.rungs[str(state.global_step)] = {
+            key: value for key, value in metrics.items()
+            if key == "eval_loss" or key.startswith(f"eval_{training.SLICE_PREFIX}")}
+        self.trial.set_user_attr("rungs", self.rungs)
+        value = metrics.get(self.metric)
+        if value is None or not math.isfinite(value):
             return
-        self.trial.report(self.sign * loss, step=state.global_step)
+        self.trial.report(self.sign * value, step=state.global_step)
         if self.trial.should_prune():
             self.pruned_at = state.global_step
             control.should_training_stop = True
@@ -393,10 +411,11 @@ class Objective:
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
         cfg = suggest(trial, self.cfg)
         cfg.output_dir = str(Path(self.cfg.output_dir) / "trials" / f"trial-{trial.number:04d}")
-        # validation loss at intermediate steps is for the pruner; without one, a trial's
-        # only validation loss is the one at the end of each epoch
+        # the pruner's signal at intermediate steps; without a pruner, a trial's only
+        # validation loss is the one at the end of each epoch. Pruning is a search's early
+        # stopping: trials do not stop on train.early_stopping too.
         pruning = pruner_name(self.cfg.search) != "none"
-        cfg.train = replace(cfg.train, save_checkpoints=False,
+        cfg.train = replace(cfg.train, save_checkpoints=False, early_stopping=0,
                             eval_steps=self.cfg.search.intermediate_steps if pruning else None,
                             report_to=self.cfg.train.report_to)
         trial.set_user_attr("config", cfg.to_dict())
@@ -412,16 +431,28 @@ class Objective:
             if set(base.state_dict()) != keys:
                 raise RuntimeError("adapter removal left modules behind in the base model")
 
+    def _reporter(self, trial: optuna.Trial,
+                  cfg: Config) -> tuple[ReportToTrial, training.RougeSignal | None]:
+        """What reports to the pruner, and the ROUGE signal it reads (None for the loss)."""
+        search = self.cfg.search
+        metric = signal_metric(search)
+        if metric == "eval_loss":
+            return ReportToTrial(trial, metric=metric, sign=-1.0 if directions(search)[0] ==
+                                 "maximize" else 1.0), None
+        return ReportToTrial(trial, metric=metric, sign=1.0), \
+            training.RougeSignal.of(cfg, self.data, search.signal_examples)
+
     def _train_and_score(self, trial: optuna.Trial, cfg: Config, model: Any) -> Any:
         search = self.cfg.search
-        reporter = ReportToTrial(trial, sign=-1.0 if directions(search)[0] == "maximize" else 1)
+        reporter, signal = self._reporter(trial, cfg)
         start = time.perf_counter()
         try:
             with tracking.trial_run(cfg.train, trial.study.study_name, trial.number,
                                     params=trial.params) as tracked:
                 cfg.train = tracked  # one tracked run per trial, tagged with study and number
                 metrics = training.fit(cfg, model, self.data, output_dir=Path(cfg.output_dir),
-                                       callbacks=[] if search.second_objective else [reporter])
+                                       callbacks=[] if search.second_objective else [reporter],
+                                       signal=signal)
         except Diverged as err:
             trial.set_user_attr("reason", str(err))
             raise optuna.TrialPruned(str(err)) from None
@@ -431,7 +462,8 @@ class Objective:
             trial.study.enqueue_trial(trial.params, skip_if_exists=False)
             raise
         if reporter.pruned_at is not None:
-            reason = f"pruned by {self.cfg.search.pruner} at step {reporter.pruned_at}"
+            reason = (f"pruned by {self.cfg.search.pruner} at step {reporter.pruned_at} "
+                      f"({reporter.metric})")
             trial.set_user_attr("reason", reason)
             raise optuna.TrialPruned(reason)
         generating = time.perf_counter()

@@ -21,6 +21,7 @@ import torch
 from accelerate.utils.memory import should_reduce_batch_size
 from peft import PeftModel, get_peft_model
 from transformers import (
+    EarlyStoppingCallback,
     PreTrainedModel,
     PrinterCallback,
     ProgressCallback,
@@ -31,11 +32,13 @@ from transformers import (
 
 from peftune import card, checkpoints, devices, models, plan, tracking
 from peftune.assembly import Prepared, load_base, prepare
+from peftune.assembly import precision as run_precision
 from peftune.checkpoints import COMPLETE_MARKER, last_complete_checkpoint
-from peftune.config import Config, save_yaml
+from peftune.config import Config, EvalConfig, save_yaml
 from peftune.data import IGNORE_INDEX, LengthGroupedSampler, token_lengths
 from peftune.devices import resolve_precision
 from peftune.errors import ConfigError, Diverged, Interrupted, PeftuneError
+from peftune.evaluate import ROUGE_KEYS, score
 from peftune.logs import show_progress
 from peftune.methods import get_method
 from peftune.rundir import update_metrics
@@ -119,6 +122,8 @@ def training_args(cfg: Config, *, output_dir: Path, has_eval: bool) -> TrainingA
         save_total_limit=t.save_total_limit,
         logging_steps=t.logging_steps,
         report_to=t.report_to or "none",
+        metric_for_best_model=watched(cfg) if t.early_stopping else None,
+        greater_is_better=watched(cfg) != "eval_loss" if t.early_stopping else None,
         run_name=t.run_name or Path(cfg.output_dir).resolve().name,
         seed=cfg.seed,
         data_seed=cfg.seed,
@@ -131,6 +136,55 @@ def training_args(cfg: Config, *, output_dir: Path, has_eval: bool) -> TrainingA
         # kept at ERROR and would turn the bar off too
         disable_tqdm=not show_progress(),
     ))
+
+
+SLICE_PREFIX = "slice_"
+"""Evaluation metrics ``eval_slice_rougeL`` etc.: ROUGE of the :class:`RougeSignal` rows."""
+
+
+@dataclass
+class RougeSignal:
+    """Summaries generated for a few fixed validation rows at every evaluation, scored with
+    ROUGE: the metric a run is judged by, as an intermediate signal for pruning and early
+    stopping. Validation loss is cheaper but can rank models against ROUGE (BENCHMARKS.md,
+    pruning signal)."""
+
+    rows: Any
+    settings: EvalConfig
+    precision: str
+
+    @classmethod
+    def of(cls, cfg: Config, data: Prepared, examples: int) -> RougeSignal:
+        """The first ``examples`` validation rows of ``data``, generated as ``cfg`` scores."""
+        validation = data.splits.get("validation")
+        if validation is None or not len(validation):
+            raise ConfigError("a rouge signal (train.early_stopping_signal, search.prune_signal) "
+                              "needs validation rows: set data.validation_split or use loss")
+        rows = validation.select(range(min(examples, len(validation))))
+        return cls(rows=rows, settings=cfg.eval, precision=run_precision(cfg))
+
+    def metrics(self, model: Any, tokenizer: Any) -> dict[str, float]:
+        # greedy generation in eval mode; the Trainer's next step puts the model back in
+        # train mode and evaluate() restores the random generators around all of this
+        rouge = score(model, tokenizer, self.rows, self.settings, out_dir=None, tag="signal",
+                      precision=self.precision)
+        return {SLICE_PREFIX + key: rouge[key] for key in ROUGE_KEYS}
+
+
+def watched(cfg: Config) -> str:
+    """The evaluation metric that ``train.early_stopping`` watches."""
+    return "eval_loss" if cfg.train.early_stopping_signal == "loss" \
+        else f"eval_{SLICE_PREFIX}rougeL"
+
+
+def early_stopping(cfg: Config, data: Prepared) -> tuple[list[Any], RougeSignal | None]:
+    """The callback and ROUGE signal that ``train.early_stopping`` asks for (none if off)."""
+    t = cfg.train
+    if not t.early_stopping:
+        return [], None
+    signal = RougeSignal.of(cfg, data, t.signal_examples) \
+        if t.early_stopping_signal == "rouge" else None
+    return [EarlyStoppingCallback(early_stopping_patience=t.early_stopping)], signal
 
 
 FEW_STEPS = 10
@@ -189,8 +243,10 @@ class PeftuneTrainer(Trainer):
 
     def __init__(self, *args: Any, summary_loss: bool, group_by_length: bool,
                  fingerprint: dict[str, Any], token_budget: int | None = None,
+                 signal: RougeSignal | None = None,
                  **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.signal = signal
         self.summary_loss = summary_loss and summary_loss_applies(self.model)
         self.group_by_length = group_by_length
         self.token_budget = token_budget
@@ -221,6 +277,14 @@ class PeftuneTrainer(Trainer):
         # just before the epoch-end evaluation would resume on another dropout stream
         with checkpoints.same_random_numbers():
             return super().evaluate(*args, **kwargs)
+
+    def evaluation_loop(self, *args: Any, **kwargs: Any) -> Any:
+        output = super().evaluation_loop(*args, **kwargs)
+        if self.signal is not None:
+            prefix = kwargs.get("metric_key_prefix", "eval")
+            output.metrics.update((f"{prefix}_{key}", value) for key, value in
+                                  self.signal.metrics(self.model, self.processing_class).items())
+        return output
 
     def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
         if self.lr_scheduler is not None:
@@ -295,7 +359,8 @@ SPLIT_KEYS = ("input_ids", "attention_mask", "labels")
 
 def build_trainer(cfg: Config, model: PeftModel, data: Prepared, *, output_dir: Path,
                   callbacks: list[Any] | None = None,
-                  token_budget: int | None = None) -> Trainer:
+                  token_budget: int | None = None,
+                  signal: RougeSignal | None = None) -> Trainer:
     method = get_method(cfg.method)
     columns = ["input_ids", "labels"]
     train_ds = data.splits["train"].select_columns(columns)
@@ -309,6 +374,7 @@ def build_trainer(cfg: Config, model: PeftModel, data: Prepared, *, output_dir: 
         group_by_length=cfg.train.group_by_length,
         fingerprint=checkpoints.fingerprint(cfg, len(train_ds)),
         token_budget=token_budget,
+        signal=signal,
         args=args,
         train_dataset=train_ds,
         eval_dataset=eval_ds.select_columns(columns) if eval_ds is not None else None,
@@ -426,8 +492,12 @@ class StopOnSignal(TrainerCallback):
 
 def fit(cfg: Config, model: PeftModel, data: Prepared, *, output_dir: Path,
         callbacks: list[Any] | None = None, resume: bool = False,
-        save_to: Path | None = None, memory_plan: plan.Plan | None = None) -> dict[str, Any]:
+        save_to: Path | None = None, memory_plan: plan.Plan | None = None,
+        signal: RougeSignal | None = None) -> dict[str, Any]:
     """Train an already wrapped model; return the Trainer's metrics plus the last eval loss.
+
+    With ``signal``, every evaluation also scores its rows with ROUGE (``eval_slice_rougeL``
+    and the other keys), for the callbacks to act on.
 
     With ``save_to``, the adapter (PEFT format) and tokenizer are saved there through the
     Trainer, which gathers FSDP/DeepSpeed shards and writes from the main process only.
@@ -445,7 +515,8 @@ def fit(cfg: Config, model: PeftModel, data: Prepared, *, output_dir: Path,
     while True:
         try:
             return _fit_once(cfg, model, data, output_dir=output_dir, callbacks=callbacks,
-                             resume=resume, save_to=save_to, token_budget=budget)
+                             resume=resume, save_to=save_to, token_budget=budget,
+                             signal=signal)
         except RuntimeError as err:
             micro = cfg.train.micro_batch_size
             # other ranks of a DDP/FSDP/ZeRO-3 run would wait in a collective for this one
@@ -467,11 +538,12 @@ def fit(cfg: Config, model: PeftModel, data: Prepared, *, output_dir: Path,
 
 def _fit_once(cfg: Config, model: PeftModel, data: Prepared, *, output_dir: Path,
               callbacks: list[Any] | None, resume: bool,
-              save_to: Path | None, token_budget: int | None) -> dict[str, Any]:
+              save_to: Path | None, token_budget: int | None,
+              signal: RougeSignal | None) -> dict[str, Any]:
     guard, stop = StopOnDivergence(), StopOnSignal()
     trainer = build_trainer(cfg, model, data, output_dir=output_dir,
                             callbacks=[guard, stop, *(callbacks or [])],
-                            token_budget=token_budget)
+                            token_budget=token_budget, signal=signal)
     checkpoint = checkpoints.resume_point(output_dir, trainer.fingerprint, resume=resume,
                                           discard=is_main_process())
     trainer.loss_before_resume = checkpoints.loss_sum(checkpoint)
@@ -504,9 +576,12 @@ def _fit_once(cfg: Config, model: PeftModel, data: Prepared, *, output_dir: Path
                        "was saved")
     metrics["trainable_parameters"] = model.get_nb_trainable_parameters()[0]
     metrics["train_tokens"] = int(trainer.state.num_input_tokens_seen)
-    evals = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h]
+    evals = [h for h in trainer.state.log_history if "eval_loss" in h]
     if evals:
-        metrics["eval_loss"] = evals[-1]
+        metrics.update((key, value) for key, value in evals[-1].items()
+                       if key == "eval_loss" or key.startswith(f"eval_{SLICE_PREFIX}"))
+    if trainer.state.global_step < trainer.state.max_steps:
+        metrics["stopped_early_at"] = trainer.state.global_step
     if save_to is not None:
         try:
             trainer.save_model(str(save_to))
@@ -568,8 +643,10 @@ def run(cfg: Config, *, base: PreTrainedModel | None = None, data: Prepared | No
              f"{trainable:,}", f"{total:,}", 100 * trainable / total,
              devices.DTYPE_NAMES.get(dtype, dtype))
     adapter_dir = out / "adapter"
-    metrics = fit(cfg, model, data, output_dir=out / "checkpoints", callbacks=callbacks,
-                  resume=cfg.train.resume, save_to=adapter_dir, memory_plan=memory_plan)
+    stopping, signal = early_stopping(cfg, data)
+    metrics = fit(cfg, model, data, output_dir=out / "checkpoints",
+                  callbacks=[*stopping, *(callbacks or [])], resume=cfg.train.resume,
+                  save_to=adapter_dir, memory_plan=memory_plan, signal=signal)
     if is_main_process():
         save_yaml(cfg, adapter_dir / "peftune.yaml")
         card.write_for_run(adapter_dir, cfg, data.tokenizer, data.splits)
