@@ -475,6 +475,7 @@ def test_a_step_over_the_token_budget_trains_in_parts_with_the_same_gradients(ti
     for a, b in zip(results[longest][1], results[None][1], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
+
 def _scripted_rouge(monkeypatch, values):
     """ROUGE-L of the signal rows: the next of ``values`` at each evaluation."""
     from peftune import train as training
