@@ -266,6 +266,7 @@ def render(cfg: Config, settings: dict[str, Any], facts: dict[str, Any], *, kind
         _data(cfg, facts),
         _results(metrics, facts),
         _precision(facts, kind, weights),
+        _merge_base(facts.get("merge_base"), cfg.method),
         _parity(facts.get("parity")),
         _license(source),
     ]
@@ -526,6 +527,17 @@ def _precision(facts: dict[str, Any], kind: str, weights: str | None) -> str:
                 "an f32 GGUF "
                 f"(`--dtype f32`) read back by transformers generates the texts of {fp32}.")
     return (f"## Precision\n\nThe run generated (and scored) its texts in {run}. {text}\n")
+
+
+def _merge_base(base: str | None, method: str) -> str:
+    """Which base a ``qlora`` / ``lora-int8`` adapter was merged into (:mod:`peftune.merging`)."""
+    if base is None:
+        return ""
+    what = ("the quantized base it was trained on, dequantized" if base == "dequantized" else
+            "the full-precision base checkpoint (each weight differs from the quantized one "
+            "the adapter trained on by its quantization error)")
+    return (f"## Merge base\n\nThe {method} adapter was merged into {what} "
+            f"(`--merge-base {base}`).\n")
 
 
 def _parity(parity: dict[str, Any] | None) -> str:

@@ -19,6 +19,7 @@ from peftune import commands
 from peftune.config import Config, config_from_dict, flag_specs, load_yaml, set_dotted
 from peftune.errors import ConfigError, Interrupted, PeftuneError
 from peftune.logs import setup_libraries, setup_logging
+from peftune.merging import MERGE_BASES, MergeOptions
 from peftune.parity import MODES, ParityOptions
 
 CONFIG_COMMANDS = {
@@ -148,6 +149,10 @@ def parser(*, method: str = Config.method) -> argparse.ArgumentParser:
                    "the precision the run generated in; at least bfloat16 for a quantized "
                    "base); gguf, ollama: f32, f16, bf16 or q8_0; gguf-lora: f32, f16 or bf16 "
                    "(default: f16)")
+    merge = dataclasses.fields(MergeOptions)[0]
+    p.add_argument("--merge-base", dest="merge_base", default=merge.default,
+                   choices=MERGE_BASES, help=f"{merge.metadata['help']} (default: "
+                   f"{merge.default})")
     for name, f in ((f.name, f) for f in dataclasses.fields(ParityOptions)):
         flag = "--parity" if name == "mode" else f"--parity-{name.replace('_', '-')}"
         p.add_argument(flag, dest=f"parity_{name}", default=f.default, type=type(f.default),
@@ -198,7 +203,8 @@ def _export(ns: argparse.Namespace, argv: list[str]) -> None:
     parity = ParityOptions(mode=ns.parity_mode, documents=ns.parity_documents,
                            max_rouge_drop=ns.parity_max_rouge_drop)
     commands.export(ns.adapter, fmt=ns.format, out=ns.out, dtype=ns.dtype,
-                    trust_remote_code=ns.trust_remote_code, parity=parity)
+                    trust_remote_code=ns.trust_remote_code, parity=parity,
+                    merge_options=MergeOptions(base=ns.merge_base))
 
 
 def _report(ns: argparse.Namespace, argv: list[str]) -> None:

@@ -223,7 +223,7 @@ def search(cfg: Config, *, argv: list[str] | None = None) -> None:
 
 def export(adapter_path: str, *, fmt: str = "merged", out: str | None = None,
            dtype: str | None = None, trust_remote_code: bool = False,
-           parity: Any = None) -> Path:
+           parity: Any = None, merge_options: Any = None) -> Path:
     from peftune import export as exporting
 
     adapter = find_adapter(adapter_path)
@@ -236,10 +236,12 @@ def export(adapter_path: str, *, fmt: str = "merged", out: str | None = None,
     run_dir = adapter.parent if adapter.name == "adapter" else adapter
     target = Path(out) if out else run_dir / f"export-{fmt}"
     done = exporting.export(adapter, target, fmt=fmt, dtype=dtype,
-                            trust_remote_code=trust_remote_code, parity=parity)
+                            trust_remote_code=trust_remote_code, parity=parity,
+                            merge_options=merge_options)
     size = sum(p.stat().st_size for p in ([done.path] if done.path.is_file()
                                           else done.path.rglob("*")) if p.is_file())
-    print(f"\nexported {fmt} ({size / 2**20:.1f} MiB): {done.path}")
+    based = f", merged into the {done.merge_base} base" if done.merge_base else ""
+    print(f"\nexported {fmt} ({size / 2**20:.1f} MiB{based}): {done.path}")
     print(f"load:    {done.load}")
     if done.parity:
         print(done.parity)

@@ -6,7 +6,9 @@ Run it with ``peftune export runs/x --format merged --out exports/x``:
   onto that base loads it (the printed line).
 - ``merged``: the adapter folded into the base weights (safetensors, tokenizer and the run's
   generation config); plain ``AutoModelForCausalLM.from_pretrained(out)`` loads it. A
-  quantized base is merged into a 16-bit copy, never into its quantized weights.
+  quantized base is merged into a 16-bit copy, never into its quantized weights; a ``qlora``
+  or ``lora-int8`` adapter into the base it trained on, dequantized, or the full-precision
+  one (``merge_base``, :mod:`peftune.merging`).
 - ``gguf``: the merged model as one LLaMA-architecture GGUF file (f32, f16, bf16 or q8_0),
   with its tokenizer, for llama.cpp and for ``from_pretrained(out, gguf_file=...)``.
 - ``gguf-lora``: the LoRA alone as a llama.cpp GGUF adapter (:mod:`peftune.gguf_lora`) beside
@@ -38,9 +40,10 @@ import torch
 from peft import PeftConfig
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from peftune import assembly, card, devices, gguf_lora, llamacpp, models, ollama, parity
+from peftune import assembly, card, devices, gguf_lora, llamacpp, merging, models, ollama, parity
 from peftune.config import Config, config_from_dict
 from peftune.errors import ModelError, PeftuneError
+from peftune.merging import MergeOptions
 from peftune.methods import get_method
 from peftune.parity import ParityOptions
 
@@ -67,6 +70,8 @@ class Exported:
     """gguf-lora: the base GGUF the adapter file (``path``) applies to."""
     parity: str | None = None
     """The parity check's line, when one ran."""
+    merge_base: str | None = None
+    """merged, gguf, ollama of a qlora or lora-int8 adapter: ``dequantized`` or ``original``."""
 
 
 def run_config(adapter: Path, *, trust_remote_code: bool = False) -> Config:
@@ -130,52 +135,89 @@ def merged_dtype(cfg: Config, dtype: str) -> str:
     return "bfloat16" if chosen == "float32" and is_quantized(cfg) else chosen
 
 
-def merge(adapter: Path, *, dtype: str = "auto", trust_remote_code: bool = False
+def merge_base(cfg: Config, options: MergeOptions) -> str | None:
+    """``dequantized`` or ``original`` for a method that trained on a quantized base, else
+    None (:func:`peftune.merging.resolve`)."""
+    method = get_method(cfg.method)
+    quantizes = "quantization_config" in method.load_kwargs(cfg.method_options)
+    return merging.resolve(options, method=cfg.method, quantizes=quantizes)
+
+
+def load_merge_base(cfg: Config, dtype: str, base_kind: str | None
+                    ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The base to merge into, at ``dtype``: ``dequantized``, quantized as training loaded it
+    (:func:`assembly.load_base`) and dequantized; otherwise the checkpoint loaded at ``dtype``
+    (a checkpoint stored quantized is dequantized: there is no other)."""
+    if base_kind == "dequantized":
+        tokenizer = models.load_tokenizer(cfg.model)
+        base = assembly.load_base(cfg, tokenizer)
+    else:
+        base, tokenizer = models.load_base(replace(cfg.model, dtype=dtype))
+    if getattr(base, "hf_quantizer", None) is not None:
+        base = base.dequantize(dtype=getattr(torch, dtype))
+    return base.to(getattr(torch, dtype)), tokenizer
+
+
+def merge(adapter: Path, *, dtype: str = "auto", options: MergeOptions | None = None,
+          trust_remote_code: bool = False
           ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, Config]:
-    """The base at ``dtype`` with the adapter folded into its weights."""
+    """The base at ``dtype`` (for a quantized method's adapter the one ``options`` names)
+    with the adapter folded into its weights."""
     cfg = run_config(adapter, trust_remote_code=trust_remote_code)
     check_mergeable(adapter, cfg)
     chosen = merged_dtype(cfg, dtype)
-    base, tokenizer = models.load_base(replace(cfg.model, dtype=chosen))
-    if getattr(base, "hf_quantizer", None) is not None:
-        base = base.dequantize(dtype=getattr(torch, chosen))
+    base_kind = merge_base(cfg, options or MergeOptions())
+    base, tokenizer = load_merge_base(cfg, chosen, base_kind)
     model = models.load_adapter(base, adapter)
     try:
         merged = get_method(cfg.method).merge(model)  # the merge train and the tests use
     except (ValueError, NotImplementedError, AttributeError) as err:
         raise PeftuneError(f"cannot merge {adapter}: {err}; use --format adapter") from None
-    log.info("merged %s into %s (%s)", adapter, cfg.model.name, chosen)
+    log.info("merged %s into %s (%s%s)", adapter, cfg.model.name, chosen,
+             f", {base_kind} base" if base_kind else "")
     return merged, tokenizer, cfg
 
 
+def merge_facts(adapter: Path, base_kind: str | None) -> dict[str, Any]:
+    """The card's facts of a merged export: the adapter's, and the merge base if chosen."""
+    facts = card.read_facts(adapter)
+    return {**facts, "merge_base": base_kind} if base_kind else facts
+
+
 def export_merged(adapter: Path, out: Path, *, dtype: str = "auto",
+                  options: MergeOptions | None = None,
                   trust_remote_code: bool = False) -> Exported:
-    model, tokenizer, cfg = merge(adapter, dtype=dtype, trust_remote_code=trust_remote_code)
+    model, tokenizer, cfg = merge(adapter, dtype=dtype, options=options,
+                                  trust_remote_code=trust_remote_code)
     model.generation_config = card.generation_config(cfg, tokenizer)
     model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
-    card.write(out, cfg, tokenizer, kind="merged", facts=card.read_facts(adapter),
+    base_kind = merge_base(cfg, options or MergeOptions())
+    card.write(out, cfg, tokenizer, kind="merged", facts=merge_facts(adapter, base_kind),
                weights=str(model.dtype).removeprefix("torch."))
     auto = models.auto_class(model.config).__name__
-    return Exported(out, f'{auto}.from_pretrained("{out}")')
+    return Exported(out, f'{auto}.from_pretrained("{out}")', merge_base=base_kind)
 
 
 # ---------------------------------------------------------------- gguf
 
 def export_gguf(adapter: Path, out: Path, *, dtype: str = "f16", kind: str = "gguf",
-                trust_remote_code: bool = False) -> Exported:
+                options: MergeOptions | None = None, trust_remote_code: bool = False
+                ) -> Exported:
     """Merge in float32, then write ``out/<run>-<dtype>.gguf`` with ``gguf.GGUFWriter``;
     ``kind="ollama"`` adds a Modelfile."""
-    model, tokenizer, cfg = merge(adapter, dtype="float32", trust_remote_code=trust_remote_code)
+    model, tokenizer, cfg = merge(adapter, dtype="float32", options=options,
+                                  trust_remote_code=trust_remote_code)
     out.mkdir(parents=True, exist_ok=True)
     path = write_gguf(model, tokenizer, cfg, out / f"{Path(cfg.output_dir).name}-{dtype}.gguf",
                       dtype=dtype)
-    card.write(out, cfg, tokenizer, kind=kind, facts=card.read_facts(adapter),
+    base_kind = merge_base(cfg, options or MergeOptions())
+    card.write(out, cfg, tokenizer, kind=kind, facts=merge_facts(adapter, base_kind),
                gguf_file=path.name, weights=dtype)
     if kind == "ollama":
         ollama.write(out, cfg, tokenizer, model=path.name, settings=_settings(cfg, tokenizer))
     return Exported(path, f'AutoModelForCausalLM.from_pretrained("{out}", '
-                          f'gguf_file="{path.name}")')
+                          f'gguf_file="{path.name}")', merge_base=base_kind)
 
 
 def write_gguf(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg: Config,
@@ -357,18 +399,25 @@ def write_tokenizer(writer: gguf.GGUFWriter, tokenizer: PreTrainedTokenizerBase,
 
 
 def export(adapter: Path, out: Path, *, fmt: str, dtype: str | None = None,
-           trust_remote_code: bool = False, parity: ParityOptions | None = None) -> Exported:
-    """Write ``fmt``; then, unless ``parity`` is None or off, the parity check: its line
-    printed, its numbers in the card (``strict`` raises after writing)."""
+           trust_remote_code: bool = False, parity: ParityOptions | None = None,
+           merge_options: MergeOptions | None = None) -> Exported:
+    """Write ``fmt`` (``merge_options``: the merge base of merged, gguf and ollama); then, unless
+    ``parity`` is None or off, the parity check: its line printed, its numbers in the card
+    (``strict`` raises after writing)."""
     trust = {"trust_remote_code": trust_remote_code}
+    if merge_options is not None and merge_options.base != "auto" and fmt in ("adapter", "gguf-lora"):
+        raise PeftuneError(f"--merge-base does not apply to --format {fmt}, which merges "
+                           "nothing (valid with: merged, gguf, ollama)")
     if fmt == "adapter":
         done = export_adapter(adapter, out, **trust)
     elif fmt == "merged":
-        done = export_merged(adapter, out, dtype=dtype or "auto", **trust)
+        done = export_merged(adapter, out, dtype=dtype or "auto", options=merge_options,
+                             **trust)
     elif fmt == "gguf-lora":
         done = export_gguf_lora(adapter, out, dtype=dtype or "f16", **trust)
     else:
-        done = export_gguf(adapter, out, dtype=dtype or "f16", kind=fmt, **trust)
+        done = export_gguf(adapter, out, dtype=dtype or "f16", kind=fmt,
+                           options=merge_options, **trust)
     if parity is not None and parity.mode != "off":
         done.parity = check_parity(adapter, done, fmt=fmt, options=parity,
                                    fp32=is_fp32(run_config(adapter), fmt=fmt, dtype=dtype))
@@ -405,5 +454,6 @@ def check_parity(adapter: Path, done: Exported, *, fmt: str, options: ParityOpti
     return result.line()
 
 
-__all__ = ["FORMATS", "GGUF_DTYPES", "LORA_DTYPES", "MERGED_DTYPES", "Exported", "export",
-           "export_adapter", "export_gguf", "export_gguf_lora", "export_merged", "merge"]
+__all__ = ["FORMATS", "GGUF_DTYPES", "LORA_DTYPES", "MERGED_DTYPES", "Exported", "MergeOptions",
+           "export", "export_adapter", "export_gguf", "export_gguf_lora", "export_merged",
+           "merge", "merge_base"]
