@@ -419,8 +419,10 @@ def export(adapter: Path, out: Path, *, fmt: str, dtype: str | None = None,
         done = export_gguf(adapter, out, dtype=dtype or "f16", kind=fmt,
                            options=merge_options, **trust)
     if parity is not None and parity.mode != "off":
-        done.parity = check_parity(adapter, done, fmt=fmt, options=parity,
-                                   fp32=is_fp32(run_config(adapter), fmt=fmt, dtype=dtype))
+        # merged into the original base, the weights are not the ones the adapter ran on
+        exact = is_fp32(run_config(adapter), fmt=fmt, dtype=dtype) and \
+            done.merge_base != "original"
+        done.parity = check_parity(adapter, done, fmt=fmt, options=parity, fp32=exact)
     return done
 
 
