@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from peftune import config_from_dict
 from peftune.card import CARD, front_matter
+from peftune.cli import main
 from peftune.errors import ConfigError, PeftuneError
 from peftune.export import export, merge, merge_base
 from peftune.merging import MergeOptions
@@ -95,3 +96,13 @@ def test_merge_base_is_refused_where_nothing_is_merged_and_checked_where_declare
                merge_options=MergeOptions(base="original"))
     with pytest.raises(ConfigError, match="merge.base"):
         MergeOptions(base="quantized")
+
+
+def test_the_cli_prints_the_merge_base_and_refuses_it_where_nothing_is_merged(qlora_adapter,
+        tmp_path, capsys):
+    assert main(["-q", "export", str(qlora_adapter), "--dtype", "float32", "--merge-base",
+                 "original", "--parity", "off", "--out", str(tmp_path / "m")]) == 0
+    assert "merged into the original base" in capsys.readouterr().out
+    assert main(["-q", "export", str(qlora_adapter), "--format", "gguf-lora", "--merge-base",
+                 "dequantized", "--out", str(tmp_path / "g")]) == 2
+    assert "--merge-base does not apply to --format gguf-lora" in capsys.readouterr().err
