@@ -405,7 +405,8 @@ def export(adapter: Path, out: Path, *, fmt: str, dtype: str | None = None,
     ``parity`` is None or off, the parity check: its line printed, its numbers in the card
     (``strict`` raises after writing)."""
     trust = {"trust_remote_code": trust_remote_code}
-    if merge_options is not None and merge_options.base != "auto" and fmt in ("adapter", "gguf-lora"):
+    if merge_options is not None and merge_options.base != "auto" and \
+            fmt in ("adapter", "gguf-lora"):
         raise PeftuneError(f"--merge-base does not apply to --format {fmt}, which merges "
                            "nothing (valid with: merged, gguf, ollama)")
     if fmt == "adapter":
