@@ -2,8 +2,9 @@
 ``peft.prepare_model_for_kbit_training``: ``lora-int8`` (LLM.int8() base) and ``qlora``
 (4-bit NF4 base, Dettmers et al., 2023). The adapter itself is plain LoRA.
 
-bitsandbytes 0.50 has CPU kernels, so both train (slowly) without a GPU too. To merge, load the
-adapter onto the full-precision base: merged into quantized weights, the update is rounded.
+bitsandbytes 0.50 has CPU kernels, so both train (slowly) without a GPU too. Merged into
+quantized weights, the update would be rounded away: ``peftune export`` merges into the base
+dequantized (or the full-precision one, ``--merge-base``; :mod:`peftune.merging`).
 """
 
 from __future__ import annotations
