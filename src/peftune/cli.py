@@ -19,8 +19,8 @@ from peftune import commands
 from peftune.config import Config, config_from_dict, flag_specs, load_yaml, set_dotted
 from peftune.errors import ConfigError, Interrupted, PeftuneError
 from peftune.logs import setup_libraries, setup_logging
-from peftune.merging import MERGE_BASES, MergeOptions
-from peftune.parity import MODES, ParityOptions
+from peftune.merging import MergeOptions
+from peftune.parity import ParityOptions
 
 CONFIG_COMMANDS = {
     "train": "fine-tune a base model with a PEFT method and save the adapter",
@@ -106,6 +106,25 @@ def build_config(ns: argparse.Namespace, base: dict[str, Any] | None = None) -> 
     return config_from_dict(data)
 
 
+def _option_flags(parser: argparse.ArgumentParser, options: type, prefix: str, *,
+                  bare: str | None = None) -> None:
+    """One flag per field of an options dataclass: ``--PREFIX-FIELD`` (``--PREFIX`` for the
+    field named ``bare``), with the field's help, default and choices."""
+    for f in dataclasses.fields(options):
+        flag = f"--{prefix}" if f.name == bare else f"--{prefix}-{f.name.replace('_', '-')}"
+        choices = f.metadata.get("choices")
+        parser.add_argument(flag, dest=f"{prefix}_{f.name}", default=f.default,
+                            type=type(f.default),
+                            choices=choices() if callable(choices) else choices,
+                            help=f"{f.metadata['help']} (default: {f.default})")
+
+
+def _options_of(ns: argparse.Namespace, options: type, prefix: str) -> Any:
+    """The options dataclass from the flags :func:`_option_flags` added."""
+    return options(**{f.name: getattr(ns, f"{prefix}_{f.name}")
+                      for f in dataclasses.fields(options)})
+
+
 def parser(*, method: str = Config.method) -> argparse.ArgumentParser:
     """The command line; ``method`` picks whose options the commands' ``--help`` shows."""
     top = argparse.ArgumentParser(
@@ -149,15 +168,8 @@ def parser(*, method: str = Config.method) -> argparse.ArgumentParser:
                    "the precision the run generated in; at least bfloat16 for a quantized "
                    "base); gguf, ollama: f32, f16, bf16 or q8_0; gguf-lora: f32, f16 or bf16 "
                    "(default: f16)")
-    merge = dataclasses.fields(MergeOptions)[0]
-    p.add_argument("--merge-base", dest="merge_base", default=merge.default,
-                   choices=MERGE_BASES, help=f"{merge.metadata['help']} (default: "
-                   f"{merge.default})")
-    for name, f in ((f.name, f) for f in dataclasses.fields(ParityOptions)):
-        flag = "--parity" if name == "mode" else f"--parity-{name.replace('_', '-')}"
-        p.add_argument(flag, dest=f"parity_{name}", default=f.default, type=type(f.default),
-                       choices=MODES if name == "mode" else None,
-                       help=f"{f.metadata['help']} (default: {f.default})")
+    _option_flags(p, MergeOptions, "merge")
+    _option_flags(p, ParityOptions, "parity", bare="mode")
     p = sub.add_parser("report", help="HTML report and plots of a search run",
                        description="HTML report and plots of a search run")
     p.add_argument("run_dir", help="the search's output_dir")
@@ -200,11 +212,10 @@ def _summarize(ns: argparse.Namespace, argv: list[str]) -> None:
 
 def _export(ns: argparse.Namespace, argv: list[str]) -> None:
     setup_libraries(ns.quiet)
-    parity = ParityOptions(mode=ns.parity_mode, documents=ns.parity_documents,
-                           max_rouge_drop=ns.parity_max_rouge_drop)
     commands.export(ns.adapter, fmt=ns.format, out=ns.out, dtype=ns.dtype,
-                    trust_remote_code=ns.trust_remote_code, parity=parity,
-                    merge_options=MergeOptions(base=ns.merge_base))
+                    trust_remote_code=ns.trust_remote_code,
+                    parity=_options_of(ns, ParityOptions, "parity"),
+                    merge_options=_options_of(ns, MergeOptions, "merge"))
 
 
 def _report(ns: argparse.Namespace, argv: list[str]) -> None:
