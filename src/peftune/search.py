@@ -197,14 +197,14 @@ class Liveness:
 
     grace: float
 
-    def silent_for(self, study_id: int) -> dict[int, float]:
-        """Seconds since each RUNNING trial's last heartbeat (or its start)."""
+    def silent_for(self, running: list[optuna.trial.FrozenTrial]) -> dict[int, float]:
+        """Seconds since each of the ``running`` trials' last heartbeat (or its start)."""
         raise NotImplementedError
 
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
         trials = self.get_all_trials(study_id, deepcopy=False,  # type: ignore[attr-defined]
                                      states=(TrialState.RUNNING,))
-        silent = self.silent_for(study_id)
+        silent = self.silent_for(trials)
         return [t._trial_id for t in trials
                 if silent.get(t._trial_id, 0.0) > self.grace or owner_gone(owner_of(t))]
 
@@ -222,9 +222,8 @@ class RDBWithLiveness(Liveness, RDBStorage):
     def grace(self) -> float:  # type: ignore[override]
         return float(self.grace_period or 2 * (self.heartbeat_interval or 0))
 
-    def silent_for(self, study_id: int) -> dict[int, float]:
-        trials = self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
-        ids = [t._trial_id for t in trials]
+    def silent_for(self, running: list[optuna.trial.FrozenTrial]) -> dict[int, float]:
+        ids = [t._trial_id for t in running]
         beat = rdb_models.TrialHeartbeatModel
         with _create_scoped_session(self.scoped_session) as session:
             # heartbeats are written with the database's clock: compare with it
@@ -232,7 +231,7 @@ class RDBWithLiveness(Liveness, RDBStorage):
             beats = dict(session.query(beat.trial_id, beat.heartbeat)
                          .filter(beat.trial_id.in_(ids)).all())
         return {t._trial_id: (now - beats[t._trial_id]).total_seconds()
-                if t._trial_id in beats else _since_start(t) for t in trials}
+                if t._trial_id in beats else _since_start(t) for t in running}
 
 
 class JournalWithHeartbeat(Liveness, JournalStorage, BaseHeartbeat):
@@ -257,8 +256,7 @@ class JournalWithHeartbeat(Liveness, JournalStorage, BaseHeartbeat):
     def record_heartbeat(self, trial_id: int) -> None:
         self.set_trial_system_attr(trial_id, self._key(trial_id), time.time())
 
-    def silent_for(self, study_id: int) -> dict[int, float]:
-        running = self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
+    def silent_for(self, running: list[optuna.trial.FrozenTrial]) -> dict[int, float]:
         now = time.time()
         return {t._trial_id: now - t.system_attrs[self._key(t._trial_id)]
                 if self._key(t._trial_id) in t.system_attrs else _since_start(t)
@@ -534,8 +532,8 @@ class WaitingLog:
         storage = _liveness(study)
         if storage is None:
             return
-        silent = storage.silent_for(study._study_id)
         trials = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        silent = storage.silent_for(trials)
         log.info("waiting for %d trial(s) running elsewhere: %s", len(trials), "; ".join(
             f"trial {t.number} ({owner_name(t)}), stale in "
             f"{max(0.0, storage.grace - silent.get(t._trial_id, 0.0)):.0f} s if its heartbeat "
