@@ -63,7 +63,7 @@ def make_run(tmp_path: Path, *, complete: int, pruned: int) -> tuple[Path, optun
     for name, preds in systems.items():
         write_outputs(run / name, "test", test, preds, rouge(preds, REFS))
     (run / "final" / "adapter").mkdir()
-    searching._compare(run, test, baselines=["zero-shot", "default"], seed=0)
+    searching.final._compare(run, test, baselines=["zero-shot", "default"], seed=0)
     return run, study
 
 
