@@ -133,7 +133,7 @@ def curve(rows: list[dict[str, Any]], key: str) -> tuple[list[float], list[float
 
 
 def test_comparison() -> dict[str, Any]:
-    from peftune.evaluate import compare_predictions, document_rouge, read_predictions
+    from peftune.metrics import compare_predictions, document_rouge, read_predictions
 
     out: dict[str, Any] = {}
     for arm in ("seed", "peftune"):

@@ -23,7 +23,7 @@ def _rouge_of(rows):
     """ROUGE recomputed from predictions.jsonl rows with rouge_score itself."""
     from rouge_score import rouge_scorer
 
-    from peftune.evaluate import split_sentences
+    from peftune.metrics import split_sentences
 
     scorer = rouge_scorer.RougeScorer(ROUGE_KEYS, use_stemmer=True)
     scores = [scorer.score(split_sentences(r["reference"]), split_sentences(r["prediction"]))

@@ -19,7 +19,8 @@ from optuna.trial import FrozenTrial, TrialState
 from peftune import config_from_dict, report
 from peftune import search as searching
 from peftune.config import save_yaml
-from peftune.evaluate import rouge, write_outputs
+from peftune.generation import write_outputs
+from peftune.metrics import rouge
 
 DISTRIBUTIONS = {"method": CategoricalDistribution(["lora", "ia3"]),
                  "learning_rate": FloatDistribution(1e-4, 1e-2, log=True),

@@ -19,7 +19,7 @@ from peftune import search as searching
 from peftune import train as training
 from peftune.card import read_facts
 from peftune.errors import ConfigError
-from peftune.evaluate import rouge
+from peftune.metrics import rouge
 
 
 @pytest.fixture

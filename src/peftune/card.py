@@ -26,7 +26,7 @@ import transformers
 import yaml
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
-from peftune import assembly, evaluate, models
+from peftune import assembly, generation, models
 from peftune.config import Config
 from peftune.rundir import atomic_write
 
@@ -62,7 +62,7 @@ DATASETS = {"aclsum": ("sobamchan/aclsum", "ACLSum (Takeshita et al., 2024): abs
 
 def generation_config(cfg: Config, tokenizer: PreTrainedTokenizerBase) -> GenerationConfig:
     """The decoding ``evaluate`` and ``summarize`` use for this run, with the BOS id too."""
-    config = evaluate.generation_config(cfg.eval, tokenizer)
+    config = generation.generation_config(cfg.eval, tokenizer)
     config.bos_token_id = tokenizer.bos_token_id
     return config
 

@@ -75,7 +75,7 @@ def train(cfg: Config) -> TrainResult:
 
 def evaluate(cfg: Config, *, adapter: Path | None, split: str = "test") -> dict[str, dict]:
     from peftune import assembly, card, devices, models
-    from peftune.evaluate import score
+    from peftune.generation import score
 
     out_dir = Path(cfg.output_dir)
     if adapter is None and (out_dir / "adapter" / "adapter_config.json").is_file():
@@ -144,7 +144,7 @@ def summarize(adapter: Path, cfg: Config, *, text: str | None = None,
     prompt, decoding settings and precision: the texts ``evaluate`` would score. One
     document or many take the same path (batched generation)."""
     from peftune import assembly, devices, models
-    from peftune.evaluate import generate
+    from peftune.generation import generate
 
     docs = [d for d in _read_documents(text, input_file) if d.strip()]
     if not docs:

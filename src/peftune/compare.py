@@ -74,7 +74,7 @@ def measure(run_dir: Path, split: str) -> dict[str, Any]:
     import torch
 
     from peftune import assembly, train
-    from peftune.evaluate import score
+    from peftune.generation import score
 
     cfg = config_from_dict(load_yaml(run_dir / "compare-config.yaml"))
     row: dict[str, Any] = {"method": cfg.method, "learning_rate": cfg.train.learning_rate}

@@ -34,7 +34,7 @@ from optuna.visualization import matplotlib as ovm  # noqa: E402
 from peftune.assembly import folder_config  # noqa: E402
 from peftune.config import Config, load_yaml  # noqa: E402
 from peftune.errors import PeftuneError  # noqa: E402
-from peftune.evaluate import ROUGE_KEYS, mean_interval, paired_bootstrap  # noqa: E402
+from peftune.metrics import ROUGE_KEYS, mean_interval, paired_bootstrap  # noqa: E402
 from peftune.rundir import atomic_write  # noqa: E402
 from peftune.search import signal_metric  # noqa: E402
 

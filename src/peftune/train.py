@@ -38,9 +38,10 @@ from peftune.config import Config, EvalConfig, save_yaml
 from peftune.data import IGNORE_INDEX, LengthGroupedSampler, token_lengths
 from peftune.devices import resolve_precision
 from peftune.errors import ConfigError, Diverged, Interrupted, PeftuneError
-from peftune.evaluate import ROUGE_KEYS, score
+from peftune.generation import score
 from peftune.logs import show_progress
 from peftune.methods import get_method
+from peftune.metrics import ROUGE_KEYS
 from peftune.rundir import update_metrics
 
 log = logging.getLogger(__name__)

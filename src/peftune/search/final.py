@@ -13,7 +13,8 @@ import optuna
 from peftune import assembly, card, devices
 from peftune import train as training
 from peftune.config import Config, save_yaml
-from peftune.evaluate import compare_predictions, score, write_examples
+from peftune.generation import score
+from peftune.metrics import compare_predictions, write_examples
 from peftune.rundir import update_metrics
 from peftune.search.objective import suggest, unwrap
 from peftune.search.study import directions

@@ -18,8 +18,9 @@ from peftune import assembly, devices, tracking
 from peftune import train as training
 from peftune.config import Config, SearchConfig
 from peftune.errors import Diverged, Interrupted
-from peftune.evaluate import generate, prompts_of, text_scores
+from peftune.generation import generate, prompts_of
 from peftune.methods import get_method
+from peftune.metrics import text_scores
 from peftune.search.study import directions, pruner_name
 
 
