@@ -139,10 +139,10 @@ def test_search_points_at_the_final_model_only_when_there_is_one(tmp_path, capsy
     study = SimpleNamespace(study_name="s", trials=[])
     monkeypatch.setattr(search, "run", lambda cfg, argv=None: (study, None))
     monkeypatch.setattr(report, "write", lambda run_dir: run_dir / "report" / "index.html")
-    commands.search(cfg)
+    commands.search_command(cfg)
     assert "peftune summarize" not in capsys.readouterr().out
     (tmp_path / "final" / "adapter").mkdir(parents=True)
-    commands.search(cfg)
+    commands.search_command(cfg)
     assert f"next:    peftune summarize {tmp_path / 'final'}" in capsys.readouterr().out
 
 

@@ -199,20 +199,20 @@ def _adapter_and_config(ns: argparse.Namespace) -> tuple[Any, Config]:
 
 def _evaluate(ns: argparse.Namespace, argv: list[str]) -> None:
     if not ns.adapter:
-        commands.evaluate(_config(ns), adapter=None, split=ns.split)
+        commands.evaluate_command(_config(ns), adapter=None, split=ns.split)
         return
     adapter, cfg = _adapter_and_config(ns)
-    commands.evaluate(cfg, adapter=adapter, split=ns.split)
+    commands.evaluate_command(cfg, adapter=adapter, split=ns.split)
 
 
 def _summarize(ns: argparse.Namespace, argv: list[str]) -> None:
     adapter, cfg = _adapter_and_config(ns)
-    commands.summarize(adapter, cfg, text=ns.text, input_file=ns.input)
+    commands.summarize_command(adapter, cfg, text=ns.text, input_file=ns.input)
 
 
 def _export(ns: argparse.Namespace, argv: list[str]) -> None:
     setup_libraries(ns.quiet)
-    commands.export(ns.adapter, fmt=ns.format, out=ns.out, dtype=ns.dtype,
+    commands.export_command(ns.adapter, fmt=ns.format, out=ns.out, dtype=ns.dtype,
                     trust_remote_code=ns.trust_remote_code,
                     parity=_options_of(ns, ParityOptions, "parity"),
                     merge_options=_options_of(ns, MergeOptions, "merge"))
@@ -220,7 +220,7 @@ def _export(ns: argparse.Namespace, argv: list[str]) -> None:
 
 def _report(ns: argparse.Namespace, argv: list[str]) -> None:
     setup_libraries(ns.quiet)
-    commands.report(ns.run_dir)
+    commands.report_command(ns.run_dir)
 
 
 def _compare(ns: argparse.Namespace, argv: list[str]) -> None:
@@ -232,14 +232,14 @@ def _compare(ns: argparse.Namespace, argv: list[str]) -> None:
 
 
 COMMANDS = {
-    "train": lambda ns, argv: commands.train(_config(ns)),
+    "train": lambda ns, argv: commands.train_command(_config(ns)),
     "evaluate": _evaluate,
     "summarize": _summarize,
-    "search": lambda ns, argv: commands.search(_config(ns), argv=argv),
-    "plan": lambda ns, argv: commands.plan(_config(ns)),
+    "search": lambda ns, argv: commands.search_command(_config(ns), argv=argv),
+    "plan": lambda ns, argv: commands.plan_command(_config(ns)),
     "export": _export,
     "report": _report,
-    "methods": lambda ns, argv: commands.methods(),
+    "methods": lambda ns, argv: commands.methods_command(),
     "compare": _compare,
 }
 

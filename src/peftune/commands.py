@@ -55,14 +55,13 @@ def describe(cfg: Config) -> str:
             f"{t.learning_rate:.2g}, batch {t.batch_size}, {budget}")
 
 
-def train(cfg: Config) -> TrainResult:
-    from peftune import lock
-    from peftune import train as training
+def train_command(cfg: Config) -> TrainResult:
+    from peftune import lock, train
 
-    if not training.is_main_process():  # rank 0 holds the run's lock for all ranks
-        return training.run(cfg)
+    if not train.is_main_process():  # rank 0 holds the run's lock for all ranks
+        return train.run(cfg)
     with lock.hold(Path(cfg.output_dir), what="training"):
-        result = training.run(cfg)
+        result = train.run(cfg)
     m = result.metrics
     print(f"\ntrained {cfg.method} on {cfg.data.source} in {m.get('train_runtime', 0):.0f}s: "
           f"train loss {m.get('train_loss', float('nan')):.4f}"
@@ -73,7 +72,7 @@ def train(cfg: Config) -> TrainResult:
     return result
 
 
-def evaluate(cfg: Config, *, adapter: Path | None, split: str = "test") -> dict[str, dict]:
+def evaluate_command(cfg: Config, *, adapter: Path | None, split: str = "test") -> dict[str, dict]:
     from peftune import assembly, card, devices, models
     from peftune.generation import score
 
@@ -138,8 +137,8 @@ def _read_documents(text: str | None, input_file: str | None) -> list[str]:
     return docs
 
 
-def summarize(adapter: Path, cfg: Config, *, text: str | None = None,
-              input_file: str | None = None) -> list[str]:
+def summarize_command(adapter: Path, cfg: Config, *, text: str | None = None,
+                      input_file: str | None = None) -> list[str]:
     """Summaries of ``text``, of each document of ``input_file`` or of stdin, with the run's
     prompt, decoding settings and precision: the texts ``evaluate`` would score. One
     document or many take the same path (batched generation)."""
@@ -159,7 +158,7 @@ def summarize(adapter: Path, cfg: Config, *, text: str | None = None,
     return outputs
 
 
-def methods() -> None:
+def methods_command() -> None:
     specs = flag_specs()
     for name, method in registry().items():
         notes = ["mergeable" if method.mergeable else "not mergeable",
@@ -171,47 +170,45 @@ def methods() -> None:
                 print(f"    --{key:<38} {default!s:<10} {text}")
 
 
-def plan(cfg: Config) -> str:
+def plan_command(cfg: Config) -> str:
     """Memory and time of ``cfg``'s training on one device, without loading weights (unless
     ``plan.measure``)."""
-    from peftune import assembly
-    from peftune import plan as planning
+    from peftune import assembly, plan
 
     data = assembly.prepare(cfg, roles=("train",)) if cfg.plan.use_data or \
         cfg.plan.measure else None
-    result = planning.make(cfg, data=data)
+    result = plan.make(cfg, data=data)
     speed = peak = None
     if cfg.plan.measure and data is not None:
         from peftune.measure import training_speed
 
         speed, peak = training_speed(cfg, data)
-    text = planning.render(result, tokens_per_s=speed, measured_peak=peak)
+    text = plan.render(result, tokens_per_s=speed, measured_peak=peak)
     print(text)
     return text
 
 
-def search(cfg: Config, *, argv: list[str] | None = None) -> None:
-    from peftune import report as reporting
-    from peftune import search as searching
+def search_command(cfg: Config, *, argv: list[str] | None = None) -> None:
+    from peftune import report, search
 
-    study, final = searching.run(cfg, argv=argv)
+    study, final = search.run(cfg, argv=argv)
     states = [t.state.name.lower() for t in study.trials]
     print(f"\nstudy '{study.study_name}': {len(states)} trials ("
           + ", ".join(f"{states.count(s)} {s}" for s in sorted(set(states))) + ")")
     if final is not None:
         best = final["config"]
         print(f"best (trial {final['trial']}): {describe(best)}")
-        noise = reporting.noise_sentence(study)
+        noise = report.noise_sentence(study)
         if noise:
             print(noise)
         rows = {**final["baselines"], f"best ({best.method})": final["test"]}
         print_rouge(rows, title="test split: zero-shot, default configuration and the best "
                     "configuration" if final["baselines"] else "final model on the test split")
         if final.get("comparison"):
-            print("\n".join(reporting.difference_lines(
-                final["comparison"], metric=reporting.headline_metric(cfg))))
+            print("\n".join(report.difference_lines(
+                final["comparison"], metric=report.headline_metric(cfg))))
         print(f"adapter: {final['adapter']}\nconfig:  {Path(cfg.output_dir) / 'best.yaml'}")
-    html = reporting.write(Path(cfg.output_dir))
+    html = report.write(Path(cfg.output_dir))
     print(f"report:  {html}")
     final_dir = Path(cfg.output_dir) / "final"
     if (final_dir / "adapter").is_dir():
@@ -221,23 +218,23 @@ def search(cfg: Config, *, argv: list[str] | None = None) -> None:
               "configuration")
 
 
-def export(adapter_path: str, *, fmt: str = "merged", out: str | None = None,
-           dtype: str | None = None, trust_remote_code: bool = False,
-           parity: Any = None, merge_options: Any = None) -> Path:
-    from peftune import export as exporting
+def export_command(adapter_path: str, *, fmt: str = "merged", out: str | None = None,
+                   dtype: str | None = None, trust_remote_code: bool = False,
+                   parity: Any = None, merge_options: Any = None) -> Path:
+    from peftune import export
 
     adapter = find_adapter(adapter_path)
-    allowed = {"adapter": (), "merged": exporting.MERGED_DTYPES,
-               "gguf": tuple(exporting.GGUF_DTYPES), "ollama": tuple(exporting.GGUF_DTYPES),
-               "gguf-lora": exporting.LORA_DTYPES}[fmt]
+    allowed = {"adapter": (), "merged": export.MERGED_DTYPES,
+               "gguf": tuple(export.GGUF_DTYPES), "ollama": tuple(export.GGUF_DTYPES),
+               "gguf-lora": export.LORA_DTYPES}[fmt]
     if dtype is not None and dtype not in allowed:
         raise PeftuneError(f"--dtype {dtype} does not apply to --format {fmt} (valid: "
                            f"{', '.join(allowed) or 'none'})")
     run_dir = adapter.parent if adapter.name == "adapter" else adapter
     target = Path(out) if out else run_dir / f"export-{fmt}"
-    done = exporting.export(adapter, target, fmt=fmt, dtype=dtype,
-                            trust_remote_code=trust_remote_code, parity=parity,
-                            merge_options=merge_options)
+    done = export.export(adapter, target, fmt=fmt, dtype=dtype,
+                         trust_remote_code=trust_remote_code, parity=parity,
+                         merge_options=merge_options)
     size = sum(p.stat().st_size for p in ([done.path] if done.path.is_file()
                                           else done.path.rglob("*")) if p.is_file())
     based = f", merged into the {done.merge_base} base" if done.merge_base else ""
@@ -254,7 +251,7 @@ def export(adapter_path: str, *, fmt: str = "merged", out: str | None = None,
     return done.path
 
 
-def report(run_dir: str) -> None:
-    from peftune import report as reporting
+def report_command(run_dir: str) -> None:
+    from peftune import report
 
-    print(reporting.write(Path(run_dir)))
+    print(report.write(Path(run_dir)))

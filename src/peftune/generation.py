@@ -25,7 +25,7 @@ from peftune.fast_generation import (
 )
 from peftune.logs import show_progress
 from peftune.metrics import text_scores
-from peftune.rundir import atomic_write, update_metrics
+from peftune.rundir import atomic_write, record_metrics
 
 log = logging.getLogger(__name__)
 
@@ -219,4 +219,4 @@ def write_outputs(out_dir: Path, tag: str, ds: Any, preds: list[str],
     lines = [json.dumps({"id": i, "prediction": p, "reference": r}) + "\n"
              for i, p, r in zip(ds["id"], preds, ds["summary"], strict=False)]
     atomic_write(out_dir / name, "".join(lines))
-    update_metrics(out_dir, tag, metrics)
+    record_metrics(out_dir, tag, metrics)

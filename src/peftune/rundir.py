@@ -16,7 +16,7 @@ def atomic_write(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def update_metrics(run_dir: Path, key: str, metrics: dict[str, Any]) -> dict[str, Any]:
+def record_metrics(run_dir: Path, key: str, metrics: dict[str, Any]) -> dict[str, Any]:
     """Set ``metrics.json[key]``, keeping what other stages wrote there."""
     path = run_dir / "metrics.json"
     current = json.loads(path.read_text()) if path.is_file() else {}

@@ -42,7 +42,7 @@ from peftune.generation import score
 from peftune.logs import show_progress
 from peftune.methods import get_method
 from peftune.metrics import ROUGE_KEYS
-from peftune.rundir import update_metrics
+from peftune.rundir import record_metrics
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ def wrap(base: PreTrainedModel, cfg: Config) -> PeftModel:
                           f"('{info.model_type}'); pick another --method")
     peft_config = method.build(cfg.method_options, info)
     torch.manual_seed(cfg.seed)
-    model = get_peft_model(method.prepare(base, cfg.method_options), peft_config)
+    model = get_peft_model(method.prepare_base(base, cfg.method_options), peft_config)
     # On a 16-bit base (model.dtype auto on a GPU) adapter weights must stay fp32: the
     # optimizer's updates would round away, and fp16 mixed precision refuses to unscale
     # 16-bit gradients. peft upcasts its tuner layers' (LoRA, AdaLoRA, IA3), not
@@ -651,5 +651,5 @@ def run(cfg: Config, *, base: PreTrainedModel | None = None, data: Prepared | No
     if is_main_process():
         save_yaml(cfg, adapter_dir / "peftune.yaml")
         card.write_for_run(adapter_dir, cfg, data.tokenizer, data.splits)
-        update_metrics(out, "train", metrics)
+        record_metrics(out, "train", metrics)
     return TrainResult(model=model, adapter_dir=adapter_dir, metrics=metrics)

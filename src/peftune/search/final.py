@@ -15,7 +15,7 @@ from peftune import train as training
 from peftune.config import Config, save_yaml
 from peftune.generation import score
 from peftune.metrics import compare_predictions, write_examples
-from peftune.rundir import update_metrics
+from peftune.rundir import record_metrics
 from peftune.search.objective import suggest, unwrap
 from peftune.search.study import directions
 
@@ -74,7 +74,7 @@ def finalize(cfg: Config, study: optuna.Study, bases: assembly.Bases,
         else study.best_trial.number
     out["comparison"] = _compare(run_dir, data.splits["test"], baselines=list(out["baselines"]),
                                  seed=cfg.seed)
-    update_metrics(run_dir / "final", "numerics", devices.numerics())
+    record_metrics(run_dir / "final", "numerics", devices.numerics())
     return out
 
 
@@ -93,6 +93,6 @@ def _compare(run_dir: Path, test: Any, *, baselines: list[str], seed: int) -> di
         return None
     comparison = compare_predictions(final_dir / "predictions.jsonl", preds,
                                      resamples=BOOTSTRAP_RESAMPLES, seed=seed)
-    update_metrics(final_dir, "comparison", comparison)
+    record_metrics(final_dir, "comparison", comparison)
     return comparison
 
