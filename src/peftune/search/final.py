@@ -31,6 +31,7 @@ def best_config(cfg: Config, study: optuna.Study) -> Config:
     chosen.train = replace(chosen.train, eval_steps=None)
     return chosen
 
+
 def _test_score(cfg: Config, model: Any, data: assembly.Prepared, out_dir: Path,
                 tag: str = "test") -> dict[str, float]:
     return score(model, data.tokenizer, data.splits["test"], cfg.eval, out_dir=out_dir,

@@ -191,6 +191,7 @@ class Objective:
         first = values[search.metric]
         return (first, values[search.second_objective]) if search.second_objective else first
 
+
 def load_for_search(cfg: Config) -> tuple[assembly.Bases, assembly.Prepared]:
     """The tokenized splits, and the base models (loaded when a trial first needs them)."""
     data = assembly.prepare(cfg, roles=("train", "validation", "test"))

@@ -91,6 +91,7 @@ def _liveness(study: optuna.Study) -> Liveness | None:
             return storage
     return None
 
+
 def orphaned() -> bool:
     """True in a worker whose parent search has died (it was re-parented, so getppid()
     changed): it finishes its trial but takes no new one."""
