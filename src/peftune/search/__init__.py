@@ -5,6 +5,11 @@ and the tokenized data are loaded once per worker; each trial wraps the base wit
 adapter and removes it afterwards. The study lives in ``OUTPUT_DIR/study.db`` (SQLite) unless
 ``search.storage`` names another Optuna storage; running the command again resumes the
 study and tops it up to ``search.n_trials``.
+
+The parts: :mod:`~peftune.search.study` (storage, sampler, pruner, heartbeats, who owns a
+trial), :mod:`~peftune.search.objective` (one trial), :mod:`~peftune.search.workers` (running
+trials here and in worker processes) and :mod:`~peftune.search.final` (the best configuration
+retrained, scored and compared with the baselines).
 """
 
 from __future__ import annotations
