@@ -37,7 +37,7 @@ def test_train_writes_generation_settings_and_a_filled_card(tiny_cfg, tmp_path):
 
 
 def card_cfg(adapter):
-    from peftune.assembly import folder_config
+    from peftune.rundir import folder_config
 
     return folder_config(adapter / "peftune.yaml")
 

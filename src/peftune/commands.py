@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from peftune.config import Config, flag_specs
 from peftune.errors import ModelError, PeftuneError
 from peftune.methods import registry
+from peftune.rundir import ADAPTER_SETTINGS, RunDir, folder_settings
 
 if TYPE_CHECKING:
     from peftune.train import TrainResult
@@ -23,20 +24,20 @@ if TYPE_CHECKING:
 def find_adapter(path: str | Path) -> Path:
     """Accept an adapter folder or a run folder that holds ``adapter/``."""
     path = Path(path)
-    for candidate in (path, path / "adapter"):
+    for candidate in (path, RunDir(path).adapter):
         if (candidate / "adapter_config.json").is_file():
             return candidate
     raise ModelError(f"no adapter found at {path} (expected adapter_config.json there or in "
-                     f"{path / 'adapter'})")
+                     f"{RunDir(path).adapter})")
 
 
 def adapter_settings(adapter: Path) -> dict[str, Any]:
     """The run settings saved with an adapter, checked first: nothing in the folder is read
     as settings, and no tokenizer or model is loaded, before the adapter passes its checks."""
-    from peftune import assembly, models
+    from peftune import models
 
     models.check_adapter_dir(adapter)
-    return assembly.folder_settings(adapter / "peftune.yaml")
+    return folder_settings(adapter / ADAPTER_SETTINGS)
 
 
 def describe(cfg: Config) -> str:
@@ -76,9 +77,9 @@ def evaluate_command(cfg: Config, *, adapter: Path | None, split: str = "test") 
     from peftune import assembly, card, devices, models
     from peftune.generation import score
 
-    out_dir = Path(cfg.output_dir)
-    if adapter is None and (out_dir / "adapter" / "adapter_config.json").is_file():
-        adapter = out_dir / "adapter"
+    out_dir, trained = Path(cfg.output_dir), RunDir.of(cfg).adapter
+    if adapter is None and (trained / "adapter_config.json").is_file():
+        adapter = trained
     if adapter is not None:
         models.check_adapter_dir(adapter)
     data = assembly.prepare(cfg, roles=(split,))
@@ -192,6 +193,7 @@ def search_command(cfg: Config, *, argv: list[str] | None = None) -> None:
     from peftune import report, search
 
     study, final = search.run(cfg, argv=argv)
+    run_dir = RunDir.of(cfg)
     states = [t.state.name.lower() for t in study.trials]
     print(f"\nstudy '{study.study_name}': {len(states)} trials ("
           + ", ".join(f"{states.count(s)} {s}" for s in sorted(set(states))) + ")")
@@ -207,12 +209,11 @@ def search_command(cfg: Config, *, argv: list[str] | None = None) -> None:
         if final.get("comparison"):
             print("\n".join(report.difference_lines(
                 final["comparison"], metric=report.headline_metric(cfg))))
-        print(f"adapter: {final['adapter']}\nconfig:  {Path(cfg.output_dir) / 'best.yaml'}")
-    html = report.write(Path(cfg.output_dir))
+        print(f"adapter: {final['adapter']}\nconfig:  {run_dir.best_config}")
+    html = report.write(run_dir.path)
     print(f"report:  {html}")
-    final_dir = Path(cfg.output_dir) / "final"
-    if (final_dir / "adapter").is_dir():
-        print(f"next:    peftune summarize {final_dir} \"text ...\"")
+    if run_dir.final.adapter.is_dir():
+        print(f"next:    peftune summarize {run_dir.final.path} \"text ...\"")
     else:
         print("next:    rerun with --search.final true to retrain and test the best "
               "configuration")
@@ -230,8 +231,8 @@ def export_command(adapter_path: str, *, fmt: str = "merged", out: str | None = 
     if dtype is not None and dtype not in allowed:
         raise PeftuneError(f"--dtype {dtype} does not apply to --format {fmt} (valid: "
                            f"{', '.join(allowed) or 'none'})")
-    run_dir = adapter.parent if adapter.name == "adapter" else adapter
-    target = Path(out) if out else run_dir / f"export-{fmt}"
+    run_dir = adapter.parent if adapter == RunDir(adapter.parent).adapter else adapter
+    target = Path(out) if out else RunDir(run_dir).export(fmt)
     done = export.export(adapter, target, fmt=fmt, dtype=dtype,
                          trust_remote_code=trust_remote_code, parity=parity,
                          merge_options=merge_options)

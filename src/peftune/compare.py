@@ -20,12 +20,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from peftune.atomic import atomic_write
 from peftune.config import Config, config_from_dict, load_yaml, save_yaml
 from peftune.errors import PeftuneError
 from peftune.logs import setup_libraries, setup_logging
 from peftune.methods import registry
 from peftune.report import write_compare
-from peftune.rundir import atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig, LogitsProcessorList, PreTrainedTokenizerBase
 
 from peftune import devices, resumable
+from peftune.atomic import atomic_write
 from peftune.config import EvalConfig
 from peftune.data import Collator
 from peftune.fast_generation import (
@@ -25,7 +26,7 @@ from peftune.fast_generation import (
 )
 from peftune.logs import show_progress
 from peftune.metrics import text_scores
-from peftune.rundir import atomic_write, record_metrics
+from peftune.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -215,8 +216,8 @@ def score(model: Any, tokenizer: PreTrainedTokenizerBase, ds: Any, settings: Eva
 
 def write_outputs(out_dir: Path, tag: str, ds: Any, preds: list[str],
                   metrics: dict[str, float]) -> None:
-    name = "predictions.jsonl" if tag == "test" else f"predictions_{tag}.jsonl"
+    run = RunDir(out_dir)
     lines = [json.dumps({"id": i, "prediction": p, "reference": r}) + "\n"
              for i, p, r in zip(ds["id"], preds, ds["summary"], strict=False)]
-    atomic_write(out_dir / name, "".join(lines))
-    record_metrics(out_dir, tag, metrics)
+    atomic_write(run.predictions(tag), "".join(lines))
+    run.record_metrics(tag, metrics)

@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 from rouge_score import rouge_scorer
 
+from peftune.atomic import atomic_write
 from peftune.errors import PeftuneError
-from peftune.rundir import atomic_write
 
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 _WORD = re.compile(r"\w+")

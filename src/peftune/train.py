@@ -42,7 +42,7 @@ from peftune.generation import score
 from peftune.logs import show_progress
 from peftune.methods import get_method
 from peftune.metrics import ROUGE_KEYS
-from peftune.rundir import record_metrics
+from peftune.rundir import ADAPTER_SETTINGS, RunDir
 
 log = logging.getLogger(__name__)
 
@@ -622,18 +622,18 @@ def run(cfg: Config, *, base: PreTrainedModel | None = None, data: Prepared | No
     ``adapter/`` holds the adapter in plain PEFT format, its tokenizer and the run config
     (``peftune.yaml``). Under ``accelerate launch`` every process trains; only rank 0 writes.
     """
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    run_dir = RunDir.of(cfg)
+    run_dir.path.mkdir(parents=True, exist_ok=True)
     if data is None:  # data first: a bad file fails before the model load
         data = prepare(cfg)
     # a rerun with other settings stops here, leaving the run's config.yaml as it was
     settings = checkpoints.fingerprint(cfg, len(data.splits["train"]))
-    checkpoints.resume_point(out / "checkpoints", settings, resume=cfg.train.resume,
+    checkpoints.resume_point(run_dir.checkpoints, settings, resume=cfg.train.resume,
                              discard=is_main_process())
     memory_plan = plan.make(cfg, data=data)
     cfg = plan.with_micro_batch(cfg, memory_plan)  # config.yaml says what trains
     if is_main_process():
-        save_yaml(cfg, out / "config.yaml")
+        save_yaml(cfg, run_dir.config_file)
         log.info("%s", plan.brief(memory_plan))
     if base is None:
         base = load_base(cfg, data.tokenizer)
@@ -643,13 +643,13 @@ def run(cfg: Config, *, base: PreTrainedModel | None = None, data: Prepared | No
     log.info("%s: %s trainable parameters of %s (%.3f%%); base weights in %s", cfg.method,
              f"{trainable:,}", f"{total:,}", 100 * trainable / total,
              devices.DTYPE_NAMES.get(dtype, dtype))
-    adapter_dir = out / "adapter"
+    adapter_dir = run_dir.adapter
     stopping, signal = early_stopping(cfg, data)
-    metrics = fit(cfg, model, data, output_dir=out / "checkpoints",
+    metrics = fit(cfg, model, data, output_dir=run_dir.checkpoints,
                   callbacks=[*stopping, *(callbacks or [])], resume=cfg.train.resume,
                   save_to=adapter_dir, memory_plan=memory_plan, signal=signal)
     if is_main_process():
-        save_yaml(cfg, adapter_dir / "peftune.yaml")
+        save_yaml(cfg, adapter_dir / ADAPTER_SETTINGS)
         card.write_for_run(adapter_dir, cfg, data.tokenizer, data.splits)
-        record_metrics(out, "train", metrics)
+        run_dir.record_metrics("train", metrics)
     return TrainResult(model=model, adapter_dir=adapter_dir, metrics=metrics)

@@ -23,6 +23,7 @@ import optuna
 
 from peftune import lock, plan
 from peftune.config import Config, save_yaml
+from peftune.rundir import RunDir
 from peftune.search.final import best_config, finalize
 from peftune.search.objective import (
     Objective,
@@ -74,7 +75,7 @@ def _private_lock(cfg: Config) -> contextlib.AbstractContextManager:
 
 
 def _run(cfg: Config, *, argv: list[str] | None) -> tuple[optuna.Study, dict | None]:
-    save_yaml(cfg, Path(cfg.output_dir) / "config.yaml")
+    save_yaml(cfg, RunDir.of(cfg).config_file)
     study = create_study(cfg)
     if cfg.search.workers > 1 and argv is not None:
         spawn_workers(argv, cfg.search.workers)

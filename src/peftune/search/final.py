@@ -15,7 +15,7 @@ from peftune import train as training
 from peftune.config import Config, save_yaml
 from peftune.generation import score
 from peftune.metrics import compare_predictions, write_examples
-from peftune.rundir import record_metrics
+from peftune.rundir import RunDir
 from peftune.search.objective import suggest, unwrap
 from peftune.search.study import directions
 
@@ -27,7 +27,7 @@ def best_config(cfg: Config, study: optuna.Study) -> Config:
     primary = directions(cfg.search)[0]
     best = (max if primary == "maximize" else min)(trials, key=lambda t: t.values[0])
     chosen = suggest(optuna.trial.FixedTrial(best.params), cfg)
-    chosen.output_dir = str(Path(cfg.output_dir) / "final")
+    chosen.output_dir = str(RunDir.of(cfg).final.path)
     chosen.train = replace(chosen.train, eval_steps=None)
     return chosen
 
@@ -55,9 +55,9 @@ def finalize(cfg: Config, study: optuna.Study, bases: assembly.Bases,
     With ``search.baselines`` the zero-shot model and the default configuration are scored
     on the same test rows, the default trained on the same data as the final model.
     """
-    run_dir = Path(cfg.output_dir)
+    run_dir = RunDir.of(cfg)
     final = best_config(cfg, study)
-    save_yaml(final, run_dir / "best.yaml")
+    save_yaml(final, run_dir.best_config)
     if cfg.search.final_on == "train+validation":
         import datasets
 
@@ -66,34 +66,33 @@ def finalize(cfg: Config, study: optuna.Study, bases: assembly.Bases,
     out: dict[str, Any] = {"config": final, "baselines": {}}
     if cfg.search.baselines:
         out["baselines"]["zero-shot"] = _test_score(cfg, bases.get(cfg), data,
-                                                    run_dir / "zero-shot")
+                                                    run_dir.baseline("zero-shot").path)
         default = copy.deepcopy(cfg)
-        default.output_dir = str(run_dir / "default")
+        default.output_dir = str(run_dir.baseline("default").path)
         out["baselines"]["default"], _ = _train_and_test(default, bases, data)
     out["test"], out["adapter"] = _train_and_test(final, bases, data)
     out["trial"] = study.best_trials[0].number if cfg.search.second_objective \
         else study.best_trial.number
     out["comparison"] = _compare(run_dir, data.splits["test"], baselines=list(out["baselines"]),
                                  seed=cfg.seed)
-    record_metrics(run_dir / "final", "numerics", devices.numerics())
+    run_dir.final.record_metrics("numerics", devices.numerics())
     return out
 
 
 EXAMPLES = 5  # test documents shown with every system's summary in the report
 
 
-def _compare(run_dir: Path, test: Any, *, baselines: list[str], seed: int) -> dict | None:
+def _compare(run: RunDir, test: Any, *, baselines: list[str], seed: int) -> dict | None:
     """The final model against each baseline, per test document, with bootstrap intervals
     (``final/metrics.json`` key ``comparison``); and a few examples for the report."""
-    final_dir = run_dir / "final"
-    preds = {name: run_dir / name / "predictions.jsonl" for name in baselines}
+    final = run.final
+    preds = {name: run.baseline(name).predictions() for name in baselines}
     documents = list(test.select(range(min(EXAMPLES, len(test))))["document"])
-    write_examples(final_dir / "examples.jsonl", documents,
-                   {**preds, "best": final_dir / "predictions.jsonl"})
+    write_examples(final.examples, documents, {**preds, "best": final.predictions()})
     if not baselines:
         return None
-    comparison = compare_predictions(final_dir / "predictions.jsonl", preds,
+    comparison = compare_predictions(final.predictions(), preds,
                                      resamples=BOOTSTRAP_RESAMPLES, seed=seed)
-    record_metrics(final_dir, "comparison", comparison)
+    final.record_metrics("comparison", comparison)
     return comparison
 

@@ -21,6 +21,7 @@ from peftune.errors import Diverged, Interrupted
 from peftune.generation import generate, prompts_of
 from peftune.methods import get_method
 from peftune.metrics import text_scores
+from peftune.rundir import RunDir
 from peftune.search.study import directions, pruner_name
 
 
@@ -119,7 +120,7 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
         cfg = suggest(trial, self.cfg)
-        cfg.output_dir = str(Path(self.cfg.output_dir) / "trials" / f"trial-{trial.number:04d}")
+        cfg.output_dir = str(RunDir.of(self.cfg).trial(trial.number).path)
         # the pruner's signal at intermediate steps; without a pruner, a trial's only
         # validation loss is the one at the end of each epoch. Pruning is a search's early
         # stopping: trials do not stop on train.early_stopping too.

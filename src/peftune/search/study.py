@@ -25,6 +25,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 
 from peftune.config import Config, SearchConfig
 from peftune.errors import ConfigError
+from peftune.rundir import RunDir
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -35,12 +36,12 @@ WORKER_ENV = "PEFTUNE_SEARCH_WORKER"
 
 def storage_for(cfg: Config) -> optuna.storages.BaseStorage:
     url = cfg.search.storage
-    run_dir = Path(cfg.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = RunDir.of(cfg)
+    run_dir.path.mkdir(parents=True, exist_ok=True)
     beat = cfg.search.heartbeat_seconds
     if url == "journal":
-        return JournalWithHeartbeat(JournalFileBackend(str(run_dir / "study.journal")), beat)
-    url = url or f"sqlite:///{run_dir.resolve() / 'study.db'}"
+        return JournalWithHeartbeat(JournalFileBackend(str(run_dir.study_journal)), beat)
+    url = url or f"sqlite:///{RunDir(run_dir.path.resolve()).study_db}"
     kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
     attempts = 3
     for attempt in range(attempts):
