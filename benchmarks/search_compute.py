@@ -86,10 +86,11 @@ class Meter:
 
 def run_arm(arm: str, trials: int | None) -> dict[str, Any]:
     from peftune import search
+    from peftune import train as training
 
     meter = Meter()
-    meter.wrap(search.training, "fit", "train")
-    meter.wrap(search, "score", "score")
+    meter.wrap(training, "fit", "train")
+    meter.wrap(search.final, "score", "score")  # where the final retrain scores
     cfg = arm_config(arm, trials=trials)
     cpu, wall = time.process_time(), time.perf_counter()
     study, final = search.run(cfg)
