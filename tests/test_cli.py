@@ -229,6 +229,18 @@ def test_help_shows_each_command_its_own_keys_and_the_chosen_methods_options(cap
     assert "--train.learning_rate" not in out and "--lora.r" not in out
 
 
+def test_the_command_table_is_the_command_line(capsys):
+    from peftune.cli import COMMANDS
+
+    out = _help([], capsys)
+    listed = re.findall(r"^    (\w+)\s+(\S.*)$", out.split("COMMAND")[-1], re.M)
+    assert [name for name, _ in listed] == list(COMMANDS)
+    for name, first_line in listed:
+        assert COMMANDS[name].help.startswith(first_line.strip())
+        has_config = "--config FILE.yaml" in _help([name], capsys)
+        assert has_config == (COMMANDS[name].keys is not None)
+
+
 def test_help_shows_the_default_values(capsys):
     out = _help(["train"], capsys)
     assert "0.05" in _entry(out, "--train.warmup_ratio")
