@@ -267,7 +267,8 @@ def anchor_train(workload: str, variant: str) -> dict[str, Any]:
 
 def generation_speed(variant: str) -> dict[str, Any]:
     from peftune import models
-    from peftune.evaluate import generate, prompts_of, rouge
+    from peftune.generation import generate, prompts_of
+    from peftune.metrics import rouge
 
     cfg = _cfg(variant)
     data = _data(cfg, "B")

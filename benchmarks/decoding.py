@@ -39,7 +39,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from peftune import assembly, devices, export, models
 from peftune import train as training
 from peftune.config import config_from_dict, load_yaml, save_yaml
-from peftune.evaluate import generate, prompts_of, rouge
+from peftune.generation import generate, prompts_of
+from peftune.metrics import rouge
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "aclsum-smollm2-lora.yaml"

@@ -14,7 +14,7 @@
 3. Scores every text against each ACLSum reference: the demo's summary (challenge, approach
    and outcome together) and each field alone. The prompt is the same abstract for all
    four, so one generation serves every field. Reports ROUGE-L and the loop rate
-   (:func:`peftune.evaluate.loops`: some 4 words recur 3 times or more).
+   (:func:`peftune.metrics.loops`: some 4 words recur 3 times or more).
 
 Prints a markdown table and writes it, with every text, to ``WORK/repetition-MODELS.json``.
 """
@@ -33,7 +33,8 @@ import torch
 from peftune import assembly, devices
 from peftune import train as training
 from peftune.config import config_from_dict, load_yaml
-from peftune.evaluate import generate, loop_rate, prompts_of, rouge
+from peftune.generation import generate, prompts_of
+from peftune.metrics import loop_rate, rouge
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "aclsum-smollm2-search.yaml"

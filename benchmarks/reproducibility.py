@@ -22,7 +22,8 @@ import torch
 
 from peftune import assembly, devices
 from peftune.config import config_from_dict, load_yaml
-from peftune.evaluate import generate, loop_rate, prompts_of, rouge
+from peftune.generation import generate, prompts_of
+from peftune.metrics import loop_rate, rouge
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "aclsum-smollm2-search.yaml"
 

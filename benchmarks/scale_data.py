@@ -128,7 +128,7 @@ def generate(out: Path, *, scale: float = 1.0, seed: int = 0) -> dict[str, int]:
 
 # ---------------------------------------------------------------- preparing it
 
-def prepare(source: Path) -> dict[str, Any]:
+def time_preparation(source: Path) -> dict[str, Any]:
     """One timed preparation (run in its own process): what `train` does before step one."""
     import datasets
 
@@ -221,7 +221,7 @@ def main() -> None:
     parser.add_argument("--num-proc", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.part == "prepare":
-        print(json.dumps(prepare(args.out)))
+        print(json.dumps(time_preparation(args.out)))
         return
     if args.part == "tokenize":
         print(json.dumps(tokenize_only(args.out, args.rows, args.num_proc)))

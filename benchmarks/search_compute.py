@@ -86,10 +86,11 @@ class Meter:
 
 def run_arm(arm: str, trials: int | None) -> dict[str, Any]:
     from peftune import search
+    from peftune import train as training
 
     meter = Meter()
-    meter.wrap(search.training, "fit", "train")
-    meter.wrap(search, "score", "score")
+    meter.wrap(training, "fit", "train")
+    meter.wrap(search.final, "score", "score")  # where the final retrain scores
     cfg = arm_config(arm, trials=trials)
     cpu, wall = time.process_time(), time.perf_counter()
     study, final = search.run(cfg)
@@ -133,7 +134,7 @@ def curve(rows: list[dict[str, Any]], key: str) -> tuple[list[float], list[float
 
 
 def test_comparison() -> dict[str, Any]:
-    from peftune.evaluate import compare_predictions, document_rouge, read_predictions
+    from peftune.metrics import compare_predictions, document_rouge, read_predictions
 
     out: dict[str, Any] = {}
     for arm in ("seed", "peftune"):

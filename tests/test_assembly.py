@@ -11,6 +11,7 @@ import yaml
 
 from peftune import config_from_dict
 from peftune import search as searching
+from peftune import train as training
 from peftune.assembly import load_base
 from peftune.cli import main
 from peftune.train import run
@@ -33,7 +34,7 @@ def test_qlora_trials_train_on_a_4bit_base_and_leave_the_plain_base_alone(tiny_c
     tiny_cfg["qlora"] = {"gradient_checkpointing": True}
     cfg = config_from_dict(tiny_cfg)
     seen = []
-    real_fit = searching.training.fit
+    real_fit = training.fit
 
     def spy(trial_cfg, model, *args, **kwargs):
         q_proj = model.get_base_model().model.layers[0].self_attn.q_proj
@@ -42,7 +43,7 @@ def test_qlora_trials_train_on_a_4bit_base_and_leave_the_plain_base_alone(tiny_c
                      base.is_gradient_checkpointing, id(base)))
         return real_fit(trial_cfg, model, *args, **kwargs)
 
-    monkeypatch.setattr(searching.training, "fit", spy)
+    monkeypatch.setattr(training, "fit", spy)
     bases, data = searching.load_for_search(cfg)
     study = optuna.create_study(direction="maximize")
     study.enqueue_trial(_params("qlora"))

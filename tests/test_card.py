@@ -37,7 +37,7 @@ def test_train_writes_generation_settings_and_a_filled_card(tiny_cfg, tmp_path):
 
 
 def card_cfg(adapter):
-    from peftune.assembly import folder_config
+    from peftune.rundir import folder_config
 
     return folder_config(adapter / "peftune.yaml")
 
@@ -74,8 +74,8 @@ def test_a_generated_only_rule_is_named_in_the_card_and_its_processor_reproduces
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from peftune.config import EvalConfig
-    from peftune.evaluate import generate
     from peftune.fast_generation import GeneratedNoRepeatNGram
+    from peftune.generation import generate
 
     tiny_cfg["eval"].update(generated_no_repeat_ngram_size=2, max_new_tokens=16)
     adapter = _train(tiny_cfg, tmp_path)

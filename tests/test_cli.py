@@ -23,7 +23,7 @@ def _rouge_of(rows):
     """ROUGE recomputed from predictions.jsonl rows with rouge_score itself."""
     from rouge_score import rouge_scorer
 
-    from peftune.evaluate import split_sentences
+    from peftune.metrics import split_sentences
 
     scorer = rouge_scorer.RougeScorer(ROUGE_KEYS, use_stemmer=True)
     scores = [scorer.score(split_sentences(r["reference"]), split_sentences(r["prediction"]))
@@ -139,10 +139,10 @@ def test_search_points_at_the_final_model_only_when_there_is_one(tmp_path, capsy
     study = SimpleNamespace(study_name="s", trials=[])
     monkeypatch.setattr(search, "run", lambda cfg, argv=None: (study, None))
     monkeypatch.setattr(report, "write", lambda run_dir: run_dir / "report" / "index.html")
-    commands.search(cfg)
+    commands.search_command(cfg)
     assert "peftune summarize" not in capsys.readouterr().out
     (tmp_path / "final" / "adapter").mkdir(parents=True)
-    commands.search(cfg)
+    commands.search_command(cfg)
     assert f"next:    peftune summarize {tmp_path / 'final'}" in capsys.readouterr().out
 
 
@@ -227,6 +227,18 @@ def test_help_shows_each_command_its_own_keys_and_the_chosen_methods_options(cap
     out = _help(["evaluate"], capsys)
     assert "--eval.num_beams" in out and "--train.precision" in out
     assert "--train.learning_rate" not in out and "--lora.r" not in out
+
+
+def test_the_command_table_is_the_command_line(capsys):
+    from peftune.cli import COMMANDS
+
+    out = _help([], capsys)
+    listed = re.findall(r"^    (\w+)\s+(\S.*)$", out.split("COMMAND")[-1], re.M)
+    assert [name for name, _ in listed] == list(COMMANDS)
+    for name, first_line in listed:
+        assert COMMANDS[name].help.startswith(first_line.strip())
+        has_config = "--config FILE.yaml" in _help([name], capsys)
+        assert has_config == (COMMANDS[name].keys is not None)
 
 
 def test_help_shows_the_default_values(capsys):

@@ -7,7 +7,7 @@ import yaml
 from PIL import Image
 
 from peftune.cli import main
-from peftune.evaluate import rouge
+from peftune.metrics import rouge
 
 
 def _suggested_rates(capsys):

@@ -309,7 +309,7 @@ def test_place_leaves_a_model_spread_over_devices_alone(monkeypatch):
 
 def test_generation_batch_of_a_model_from_its_config_and_the_gpu_memory(monkeypatch):
     from peftune.config import EvalConfig
-    from peftune.evaluate import batch_size
+    from peftune.generation import batch_size
     from tests.conftest import make_llama
 
     model = make_llama(50)  # 2 layers, 2 key-value heads of 16 dims, fp32

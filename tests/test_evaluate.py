@@ -7,13 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from peftune.errors import PeftuneError
-from peftune.evaluate import (
-    compare_predictions,
-    document_rouge,
-    paired_bootstrap,
-    rouge,
-    write_outputs,
-)
+from peftune.generation import write_outputs
+from peftune.metrics import compare_predictions, document_rouge, paired_bootstrap, rouge
 
 
 def test_bootstrap_of_a_hand_computed_case():
@@ -83,7 +78,7 @@ def test_compare_predictions_pairs_documents_and_matches_the_scored_means(tmp_pa
 
 
 def test_loop_rate_counts_outputs_that_repeat_a_phrase_three_times():
-    from peftune.evaluate import loop_rate, loops, text_scores
+    from peftune.metrics import loop_rate, loops, text_scores
 
     looping = "The work is based on a phrase-based engine and " * 4
     fine = "We present a parser. The parser is fast; the parser is small and the parser wins."
@@ -95,7 +90,7 @@ def test_loop_rate_counts_outputs_that_repeat_a_phrase_three_times():
 
 
 def test_mean_interval_holds_the_mean_and_narrows_with_agreeing_documents():
-    from peftune.evaluate import mean_interval
+    from peftune.metrics import mean_interval
 
     spread = [10.0, 30.0, 20.0, 40.0, 0.0, 20.0]
     mean, low, high = mean_interval(spread)
@@ -123,7 +118,7 @@ def test_generation_with_the_generated_only_rule_never_repeats_an_output_ngram(t
     from peftune import models
     from peftune.assembly import prepare
     from peftune.config import EvalConfig, ModelConfig, config_from_dict
-    from peftune.evaluate import generate, prompts_of
+    from peftune.generation import generate, prompts_of
 
     cfg = config_from_dict(tiny_cfg)
     model, tok = models.load_base(ModelConfig(name=tiny_cfg["model"]["name"]))

@@ -9,7 +9,7 @@ import pytest
 from peftune import config_from_dict, models
 from peftune.assembly import prepare
 from peftune.config import ModelConfig
-from peftune.evaluate import score
+from peftune.generation import score
 
 
 class Killed(Exception):

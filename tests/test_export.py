@@ -20,8 +20,8 @@ from peftune.assembly import prepare, prompt_format
 from peftune.cli import main
 from peftune.config import EvalConfig
 from peftune.errors import ModelError, PeftuneError
-from peftune.evaluate import generate, prompts_of
 from peftune.export import export
+from peftune.generation import generate, prompts_of
 from peftune.train import run
 from tests.conftest import bpe_adapter_config, make_llama, make_tokenizer
 

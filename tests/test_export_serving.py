@@ -15,8 +15,8 @@ from peftune import config_from_dict, llamacpp, ollama, vllm
 from peftune.assembly import prepare, prompt_format
 from peftune.cli import main
 from peftune.errors import ConfigError, ModelError, PeftuneError
-from peftune.evaluate import generate, prompts_of
 from peftune.export import export, permute_qk, run_config
+from peftune.generation import generate, prompts_of
 from peftune.parity import Parity, ParityOptions, check
 from peftune.train import run
 from tests.conftest import bpe_adapter_config, make_llama, make_tokenizer

@@ -10,7 +10,7 @@ from peftune import config_from_dict, models
 from peftune.assembly import load_base, prepare
 from peftune.config import EvalConfig
 from peftune.errors import ConfigError
-from peftune.evaluate import generate, prompts_of
+from peftune.generation import generate, prompts_of
 from peftune.methods import get_method, registry
 from peftune.methods.adalora import RankBudget
 from peftune.train import build_trainer, run, wrap

@@ -19,7 +19,9 @@ from optuna.trial import FrozenTrial, TrialState
 from peftune import config_from_dict, report
 from peftune import search as searching
 from peftune.config import save_yaml
-from peftune.evaluate import rouge, write_outputs
+from peftune.generation import write_outputs
+from peftune.metrics import rouge
+from peftune.rundir import RunDir
 
 DISTRIBUTIONS = {"method": CategoricalDistribution(["lora", "ia3"]),
                  "learning_rate": FloatDistribution(1e-4, 1e-2, log=True),
@@ -63,7 +65,7 @@ def make_run(tmp_path: Path, *, complete: int, pruned: int) -> tuple[Path, optun
     for name, preds in systems.items():
         write_outputs(run / name, "test", test, preds, rouge(preds, REFS))
     (run / "final" / "adapter").mkdir()
-    searching._compare(run, test, baselines=["zero-shot", "default"], seed=0)
+    searching.final._compare(RunDir(run), test, baselines=["zero-shot", "default"], seed=0)
     return run, study
 
 

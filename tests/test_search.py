@@ -16,9 +16,10 @@ from optuna.trial import FixedTrial, TrialState
 
 from peftune import config_from_dict, load_yaml
 from peftune import search as searching
+from peftune import train as training
 from peftune.card import read_facts
 from peftune.errors import ConfigError
-from peftune.evaluate import rouge
+from peftune.metrics import rouge
 
 
 @pytest.fixture
@@ -77,7 +78,7 @@ def test_opening_a_fresh_study_database_survives_a_concurrent_schema_race(
     # winner's half-created schema (seen as a UNIQUE failure on alembic_version).
     from sqlalchemy.exc import IntegrityError
 
-    real, calls = searching._rdb_storage, []
+    real, calls = searching.study._rdb_storage, []
 
     def racy(*args):
         calls.append(args)
@@ -85,7 +86,7 @@ def test_opening_a_fresh_study_database_survives_a_concurrent_schema_race(
             raise IntegrityError("INSERT INTO alembic_version", {}, Exception("UNIQUE"))
         return real(*args)
 
-    monkeypatch.setattr(searching, "_rdb_storage", racy)
+    monkeypatch.setattr(searching.study, "_rdb_storage", racy)
     storage = searching.storage_for(config_from_dict(search_cfg))
     assert len(calls) == 2 and storage.get_all_studies() == []
 
@@ -173,13 +174,13 @@ def test_trial_scores_do_not_depend_on_earlier_trials(search_cfg):
 def test_trials_compute_intermediate_validation_loss_only_for_a_pruner(search_cfg, monkeypatch,
                                                                        pruner, eval_steps):
     search_cfg["search"].update(n_trials=1, final=False, pruner=pruner)
-    fit, seen = searching.training.fit, []
+    fit, seen = training.fit, []
 
     def recording(cfg, *args, **kwargs):
         seen.append(cfg.train.eval_steps)
         return fit(cfg, *args, **kwargs)
 
-    monkeypatch.setattr(searching.training, "fit", recording)
+    monkeypatch.setattr(training, "fit", recording)
     study, _ = searching.run(config_from_dict(search_cfg))
     assert seen == [eval_steps] and study.trials[0].state == TrialState.COMPLETE
 
@@ -369,7 +370,7 @@ def test_stale_trials_are_the_silent_ones_and_those_of_dead_owners(search_cfg, s
         gone = subprocess.Popen(["true"])
         gone.wait()
         study._storage.set_trial_system_attr(orphan._trial_id,
-                                             searching._owner_key(orphan._trial_id),
+                                             searching.study._owner_key(orphan._trial_id),
                                              {**searching.me(), "pid": gone.pid})
         optuna.storages.fail_stale_trials(study)
         # at once: only the trial whose process is gone
@@ -394,7 +395,7 @@ def test_owner_gone_tells_a_dead_or_reused_pid_from_a_live_one():
     assert not searching.owner_gone(me), "this process never judges its own trials"
     sleeper = subprocess.Popen(["sleep", "60"])
     try:
-        alive = {**me, "pid": sleeper.pid, "started": searching._process_start(sleeper.pid)}
+        alive = {**me, "pid": sleeper.pid, "started": searching.study._process_start(sleeper.pid)}
         assert not searching.owner_gone(alive)
         # the same pid, started at another time: the owner died and its pid was reused
         assert searching.owner_gone({**alive, "started": alive["started"] - 100})
@@ -416,9 +417,9 @@ def test_a_search_waiting_on_another_process_says_for_whom_and_how_long(search_c
         # a live process on this host owns a trial that never beats: 4 s later it is stale
         trial = study.ask()
         owner = {**searching.me(), "pid": sleeper.pid,
-                 "started": searching._process_start(sleeper.pid)}
+                 "started": searching.study._process_start(sleeper.pid)}
         study._storage.set_trial_system_attr(trial._trial_id,
-                                             searching._owner_key(trial._trial_id), owner)
+                                             searching.study._owner_key(trial._trial_id), owner)
         caplog.set_level("INFO", logger="peftune.search")
         searching.optimize(cfg, study, lambda trial: 0.5)
     finally:
@@ -523,8 +524,6 @@ def test_a_trial_worse_than_the_median_is_pruned_early(search_cfg):
 
 
 def test_the_median_pruner_acts_on_rouge_of_the_signal_rows(search_cfg, monkeypatch):
-    from peftune import train as training
-
     search_cfg["search"].update(n_trials=3, final=False, pruner="median", prune_signal="rouge",
                                 signal_examples=2)
     search_cfg["train"]["max_steps"] = 4
@@ -718,13 +717,13 @@ def test_pareto_search_retrains_a_front_trial_on_train_and_validation(search_cfg
     for r, lr in ((4, 2e-2), (32, 2e-2), (8, 1e-5)):
         study.enqueue_trial(_fixed(learning_rate=lr, **{"lora.r": r}))
     trained_on = []
-    real_run = searching.training.run
+    real_run = training.run
 
     def spy(cfg, **kwargs):  # the real training; only the rows it got are noted
         trained_on.append((cfg.output_dir, len(kwargs["data"].splits["train"])))
         return real_run(cfg, **kwargs)
 
-    monkeypatch.setattr(searching.training, "run", spy)
+    monkeypatch.setattr(training, "run", spy)
     _, final = searching.run(cfg)
     trials = study.trials
     assert all(t.state == TrialState.COMPLETE for t in trials)  # no pruning in a Pareto search

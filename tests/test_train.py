@@ -10,7 +10,8 @@ from transformers import AutoModelForCausalLM
 from peftune import config_from_dict
 from peftune.config import EvalConfig
 from peftune.data import Collator
-from peftune.evaluate import generate, prompts_of, rouge, split_sentences
+from peftune.generation import generate, prompts_of
+from peftune.metrics import rouge, split_sentences
 from peftune.train import fit, run
 
 

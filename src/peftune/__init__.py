@@ -9,7 +9,7 @@
 import logging
 import sys
 
-if sys.version_info < (3, 11):  # transformers 5.24 and aclsum need 3.11 (so does search.py)
+if sys.version_info < (3, 11):  # transformers 5.24 and aclsum need 3.11 (so does search)
     raise ImportError("peftune needs Python 3.11 or newer; this is Python "
                       f"{sys.version_info[0]}.{sys.version_info[1]} ({sys.executable})")
 

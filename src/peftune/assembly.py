@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import datasets
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from peftune import devices, models
-from peftune.config import Config, config_from_dict, load_yaml
+from peftune.config import Config
 from peftune.data import Collator, PromptFormat, load_splits, tokenize
 from peftune.methods import get_method
 
@@ -100,24 +99,3 @@ class Bases:
 
     def add(self, cfg: Config, base: PreTrainedModel) -> None:
         self._bases.setdefault(base_key(cfg), base)
-
-
-# ---------------------------------------------------------------- run and adapter folders
-
-def folder_settings(path: Path) -> dict[str, Any]:
-    """The settings saved in a run or adapter folder (``peftune.yaml``, ``config.yaml``), as
-    a mapping that command-line flags can then override.
-
-    A folder's files are data, never permission to run code: ``model.trust_remote_code``
-    is dropped here, so only the current command line can allow remote code.
-    """
-    data = load_yaml(path) if path.is_file() else {}
-    model = data.get("model")
-    if isinstance(model, dict) and model.pop("trust_remote_code", None):
-        log.warning("%s asks for model.trust_remote_code; ignored (only the command line "
-                    "can allow remote code: --model.trust_remote_code true)", path)
-    return data
-
-
-def folder_config(path: Path) -> Config:
-    return config_from_dict(folder_settings(path))

@@ -26,9 +26,10 @@ import transformers
 import yaml
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
-from peftune import assembly, evaluate, models
+from peftune import assembly, generation, models
+from peftune.atomic import atomic_write
 from peftune.config import Config
-from peftune.rundir import atomic_write
+from peftune.rundir import ADAPTER_SETTINGS, folder_config
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ DATASETS = {"aclsum": ("sobamchan/aclsum", "ACLSum (Takeshita et al., 2024): abs
 
 def generation_config(cfg: Config, tokenizer: PreTrainedTokenizerBase) -> GenerationConfig:
     """The decoding ``evaluate`` and ``summarize`` use for this run, with the BOS id too."""
-    config = evaluate.generation_config(cfg.eval, tokenizer)
+    config = generation.generation_config(cfg.eval, tokenizer)
     config.bos_token_id = tokenizer.bos_token_id
     return config
 
@@ -189,10 +190,10 @@ def update_metrics(adapter: Path, metrics: dict[str, Any], *, cfg: Config,
     """Put ROUGE of ``split`` into the card of a trained adapter (``evaluate``, search's
     final score). Scores of other decoding or prompt settings than the adapter's own are
     not the adapter's: they are left out (returns False)."""
-    meta = adapter / "peftune.yaml"
+    meta = adapter / ADAPTER_SETTINGS
     if not meta.is_file():
         return False
-    saved = assembly.folder_config(meta)
+    saved = folder_config(meta)
     same = [getattr(saved.eval, k) == getattr(cfg.eval, k) for k in DECODING] + [
         getattr(saved.data, k) == getattr(cfg.data, k)
         for k in ("max_source_tokens", "instruction")]

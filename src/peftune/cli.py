@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from peftune import commands
@@ -22,38 +23,41 @@ from peftune.logs import setup_libraries, setup_logging
 from peftune.merging import MergeOptions
 from peftune.parity import ParityOptions
 
-CONFIG_COMMANDS = {
-    "train": "fine-tune a base model with a PEFT method and save the adapter",
-    "evaluate": "generate summaries for a held-out split and score them with ROUGE",
-    "search": "search methods and hyperparameters with Optuna, then retrain the best",
-    "plan": "memory per device, largest micro-batch and run time of a config, before running",
-}
-
-# The keys each command's --help shows (a trailing dot: the whole section). Every command
-# accepts every key, so one YAML file serves them all.
+# The config keys that the commands which train or score show in --help (a trailing dot: the
+# whole section). Every command accepts every key, so one YAML file serves them all.
 RUN_KEYS = ("output_dir", "seed", "method", "data.", "model.", "train.", "eval.")
-HELP_KEYS: dict[str, tuple[str, ...]] = {
-    "train": RUN_KEYS,
-    "search": (*RUN_KEYS, "search."),
-    "compare": RUN_KEYS,
-    "plan": (*RUN_KEYS, "plan.", "search.n_trials", "search.train_examples"),
-    "evaluate": ("output_dir", "seed", "data.", "model.", "eval.", "train.precision"),
-    "summarize": ("model.", "eval.", "data.instruction", "data.max_source_tokens",
-                  "train.precision"),
-}
-METHOD_HELP = ("train", "search", "compare", "plan")
-"""Commands whose --help also lists the chosen method's options."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """One subcommand: its help, its arguments and the function that runs it."""
+
+    help: str
+    run: Callable[[argparse.Namespace, list[str]], None]
+    """(the parsed command line, the raw one) -> runs the command."""
+    description: str | None = ""
+    """The opening text of its ``--help``: "" repeats ``help``, None shows none."""
+    keys: tuple[str, ...] | None = None
+    """The config keys its ``--help`` shows (a trailing dot: the whole section); None: it
+    takes no config flags at all."""
+    method_help: bool = False
+    """Its ``--help`` also lists the options of the chosen ``--method``."""
+    arguments: Callable[[argparse.ArgumentParser], Any] | None = None
+    """Adds the arguments it has besides the config keys."""
+    own_arguments_first: bool = False
+    """Its own arguments come before ``--config`` in ``--help``."""
+    positionals: str = ""
+    """Its positional arguments, as the usage line of a config command names them."""
 
 
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp).replace("typing.", ""))
 
 
-def _shown(key: str, command: str, method: str) -> bool:
-    if command in METHOD_HELP and key.startswith(f"{method}."):
+def _shown(key: str, command: Command, method: str) -> bool:
+    if command.method_help and key.startswith(f"{method}."):
         return True
-    return any(key == k or (k.endswith(".") and key.startswith(k))
-               for k in HELP_KEYS.get(command, ()))
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in command.keys or ())
 
 
 def chosen_method(argv: list[str]) -> str:
@@ -76,17 +80,21 @@ def chosen_method(argv: list[str]) -> str:
     return Config.method
 
 
-def add_config_flags(parser: argparse.ArgumentParser, command: str, *,
-                     method: str = Config.method, positionals: str = "") -> None:
+def add_config_flags(parser: argparse.ArgumentParser, name: str, *,
+                     method: str = Config.method) -> None:
+    """``--config`` and one flag per config key; ``--help`` shows the keys command ``name``
+    uses (:attr:`Command.keys`)."""
+    command = COMMANDS[name]
     # the keys listed once, in the help below, rather than again in the usage line
-    parser.usage = f"%(prog)s {positionals}[options] [--config FILE.yaml] [--KEY VALUE ...]"
+    parser.usage = (f"%(prog)s {command.positionals}[options] [--config FILE.yaml] "
+                    "[--KEY VALUE ...]")
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML config; flags override it")
-    if command in METHOD_HELP:
-        note = (f"Shown: the keys {command} uses and the options of --method {method}. Every "
+    if command.method_help:
+        note = (f"Shown: the keys {name} uses and the options of --method {method}. Every "
                 "key is accepted. `peftune methods` lists the methods and their options; "
-                f"`peftune {command} --method NAME --help` shows a method's options here.")
+                f"`peftune {name} --method NAME --help` shows a method's options here.")
     else:
-        note = (f"Shown: the keys {command} uses. Every key is accepted (`peftune search "
+        note = (f"Shown: the keys {name} uses. Every key is accepted (`peftune search "
                 "--help` lists the others, `peftune methods` the methods' options).")
     group = parser.add_argument_group("config keys (also valid as YAML keys)", note)
     for key, tp, text, default in flag_specs():
@@ -133,54 +141,15 @@ def parser(*, method: str = Config.method) -> argparse.ArgumentParser:
     top.add_argument("-q", "--quiet", action="store_true",
                      help="only warnings and results: no progress bars")
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, text in CONFIG_COMMANDS.items():
-        p = sub.add_parser(name, help=text, description=text)
-        add_config_flags(p, name, method=method)
-        if name == "evaluate":
-            p.add_argument("--adapter", help="adapter folder or run folder (default: "
-                           "OUTPUT_DIR/adapter; no adapter scores the base model)")
-            p.add_argument("--split", default="test", choices=("validation", "test"),
-                           help="split to score (default: test)")
-    p = sub.add_parser("summarize", help="summarize text with a trained adapter",
-                       description="summarize text with a trained adapter, with the run's "
-                       "prompt and decoding settings (flags override them)")
-    p.add_argument("adapter", help="adapter folder or run folder")
-    p.add_argument("text", nargs="?", help="text to summarize (else --input or stdin)")
-    p.add_argument("--input", help="a text file, or a .jsonl file with a 'document' field")
-    p.add_argument("--max-new-tokens", type=int, dest="cfg:eval.max_new_tokens", metavar="N",
-                   default=argparse.SUPPRESS, help="same as --eval.max_new_tokens")
-    add_config_flags(p, "summarize", method=method, positionals="ADAPTER [TEXT] ")
-    sub.add_parser("methods", help="list the PEFT methods and their default options")
-    p = sub.add_parser("export", help="export an adapter: as is, merged, as GGUF, as a GGUF "
-                       "LoRA or for Ollama",
-                       description="export a trained adapter for serving: the PEFT adapter as "
-                       "is (with its vLLM line), merged into its base (safetensors), a LLaMA "
-                       "GGUF file, a llama.cpp GGUF LoRA beside a GGUF base, or a GGUF file "
-                       "with an Ollama Modelfile; then check it against peftune's texts")
-    p.add_argument("adapter", help="adapter folder or run folder")
-    p.add_argument("--format", default="merged",
-                   choices=("adapter", "merged", "gguf", "gguf-lora", "ollama"),
-                   help="what to write (default: merged)")
-    p.add_argument("--out", help="output folder (default: RUN/export-FORMAT)")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow the base model's "
-                   "own code from the hub (never taken from the adapter folder)")
-    p.add_argument("--dtype", help="merged: auto, float32, bfloat16 or float16 (default: auto, "
-                   "the precision the run generated in; at least bfloat16 for a quantized "
-                   "base); gguf, ollama: f32, f16, bf16 or q8_0; gguf-lora: f32, f16 or bf16 "
-                   "(default: f16)")
-    _option_flags(p, MergeOptions, "merge")
-    _option_flags(p, ParityOptions, "parity", bare="mode")
-    p = sub.add_parser("report", help="HTML report and plots of a search run",
-                       description="HTML report and plots of a search run")
-    p.add_argument("run_dir", help="the search's output_dir")
-    text = "train and score several methods on the same data, budget and seed; write a table"
-    p = sub.add_parser("compare", help=text, description=text)
-    add_config_flags(p, "compare", method=method)
-    p.add_argument("--methods", help="comma-separated methods (default: all)")
-    p.add_argument("--split", default="test", choices=("validation", "test"),
-                   help="split to score (default: test)")
-    p.add_argument("--shared-lr", action="store_true", help="use train.learning_rate for every "
-                   "method instead of each method's suggested rate")
+    for name, command in COMMANDS.items():
+        p = sub.add_parser(name, help=command.help, description=command.help
+                           if command.description == "" else command.description)
+        if command.arguments and command.own_arguments_first:
+            command.arguments(p)
+        if command.keys is not None:
+            add_config_flags(p, name, method=method)
+        if command.arguments and not command.own_arguments_first:
+            command.arguments(p)
     return top
 
 
@@ -197,30 +166,72 @@ def _adapter_and_config(ns: argparse.Namespace) -> tuple[Any, Config]:
     return adapter, build_config(ns, commands.adapter_settings(adapter))
 
 
+def _split_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--split", default="test", choices=("validation", "test"),
+                   help="split to score (default: test)")
+
+
+def _evaluate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adapter", help="adapter folder or run folder (default: "
+                   "OUTPUT_DIR/adapter; no adapter scores the base model)")
+    _split_argument(p)
+
+
 def _evaluate(ns: argparse.Namespace, argv: list[str]) -> None:
     if not ns.adapter:
-        commands.evaluate(_config(ns), adapter=None, split=ns.split)
+        commands.evaluate_command(_config(ns), adapter=None, split=ns.split)
         return
     adapter, cfg = _adapter_and_config(ns)
-    commands.evaluate(cfg, adapter=adapter, split=ns.split)
+    commands.evaluate_command(cfg, adapter=adapter, split=ns.split)
+
+
+def _summarize_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("adapter", help="adapter folder or run folder")
+    p.add_argument("text", nargs="?", help="text to summarize (else --input or stdin)")
+    p.add_argument("--input", help="a text file, or a .jsonl file with a 'document' field")
+    p.add_argument("--max-new-tokens", type=int, dest="cfg:eval.max_new_tokens", metavar="N",
+                   default=argparse.SUPPRESS, help="same as --eval.max_new_tokens")
 
 
 def _summarize(ns: argparse.Namespace, argv: list[str]) -> None:
     adapter, cfg = _adapter_and_config(ns)
-    commands.summarize(adapter, cfg, text=ns.text, input_file=ns.input)
+    commands.summarize_command(adapter, cfg, text=ns.text, input_file=ns.input)
+
+
+def _export_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("adapter", help="adapter folder or run folder")
+    p.add_argument("--format", default="merged",
+                   choices=("adapter", "merged", "gguf", "gguf-lora", "ollama"),
+                   help="what to write (default: merged)")
+    p.add_argument("--out", help="output folder (default: RUN/export-FORMAT)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the base model's "
+                   "own code from the hub (never taken from the adapter folder)")
+    p.add_argument("--dtype", help="merged: auto, float32, bfloat16 or float16 (default: auto, "
+                   "the precision the run generated in; at least bfloat16 for a quantized "
+                   "base); gguf, ollama: f32, f16, bf16 or q8_0; gguf-lora: f32, f16 or bf16 "
+                   "(default: f16)")
+    _option_flags(p, MergeOptions, "merge")
+    _option_flags(p, ParityOptions, "parity", bare="mode")
 
 
 def _export(ns: argparse.Namespace, argv: list[str]) -> None:
     setup_libraries(ns.quiet)
-    commands.export(ns.adapter, fmt=ns.format, out=ns.out, dtype=ns.dtype,
-                    trust_remote_code=ns.trust_remote_code,
-                    parity=_options_of(ns, ParityOptions, "parity"),
-                    merge_options=_options_of(ns, MergeOptions, "merge"))
+    commands.export_command(ns.adapter, fmt=ns.format, out=ns.out, dtype=ns.dtype,
+                            trust_remote_code=ns.trust_remote_code,
+                            parity=_options_of(ns, ParityOptions, "parity"),
+                            merge_options=_options_of(ns, MergeOptions, "merge"))
 
 
 def _report(ns: argparse.Namespace, argv: list[str]) -> None:
     setup_libraries(ns.quiet)
-    commands.report(ns.run_dir)
+    commands.report_command(ns.run_dir)
+
+
+def _compare_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--methods", help="comma-separated methods (default: all)")
+    _split_argument(p)
+    p.add_argument("--shared-lr", action="store_true", help="use train.learning_rate for every "
+                   "method instead of each method's suggested rate")
 
 
 def _compare(ns: argparse.Namespace, argv: list[str]) -> None:
@@ -231,17 +242,50 @@ def _compare(ns: argparse.Namespace, argv: list[str]) -> None:
                 methods=methods)
 
 
-COMMANDS = {
-    "train": lambda ns, argv: commands.train(_config(ns)),
-    "evaluate": _evaluate,
-    "summarize": _summarize,
-    "search": lambda ns, argv: commands.search(_config(ns), argv=argv),
-    "plan": lambda ns, argv: commands.plan(_config(ns)),
-    "export": _export,
-    "report": _report,
-    "methods": lambda ns, argv: commands.methods(),
-    "compare": _compare,
+COMMANDS: dict[str, Command] = {
+    "train": Command(
+        "fine-tune a base model with a PEFT method and save the adapter",
+        lambda ns, argv: commands.train_command(_config(ns)),
+        keys=RUN_KEYS, method_help=True),
+    "evaluate": Command(
+        "generate summaries for a held-out split and score them with ROUGE", _evaluate,
+        keys=("output_dir", "seed", "data.", "model.", "eval.", "train.precision"),
+        arguments=_evaluate_arguments),
+    "search": Command(
+        "search methods and hyperparameters with Optuna, then retrain the best",
+        lambda ns, argv: commands.search_command(_config(ns), argv=argv),
+        keys=(*RUN_KEYS, "search."), method_help=True),
+    "plan": Command(
+        "memory per device, largest micro-batch and run time of a config, before running",
+        lambda ns, argv: commands.plan_command(_config(ns)),
+        keys=(*RUN_KEYS, "plan.", "search.n_trials", "search.train_examples"),
+        method_help=True),
+    "summarize": Command(
+        "summarize text with a trained adapter", _summarize,
+        description="summarize text with a trained adapter, with the run's prompt and "
+        "decoding settings (flags override them)",
+        keys=("model.", "eval.", "data.instruction", "data.max_source_tokens",
+              "train.precision"),
+        arguments=_summarize_arguments, own_arguments_first=True,
+        positionals="ADAPTER [TEXT] "),
+    "methods": Command(
+        "list the PEFT methods and their default options",
+        lambda ns, argv: commands.methods_command(), description=None),
+    "export": Command(
+        "export an adapter: as is, merged, as GGUF, as a GGUF LoRA or for Ollama", _export,
+        description="export a trained adapter for serving: the PEFT adapter as is (with its "
+        "vLLM line), merged into its base (safetensors), a LLaMA GGUF file, a llama.cpp GGUF "
+        "LoRA beside a GGUF base, or a GGUF file with an Ollama Modelfile; then check it "
+        "against peftune's texts",
+        arguments=_export_arguments),
+    "report": Command(
+        "HTML report and plots of a search run", _report,
+        arguments=lambda p: p.add_argument("run_dir", help="the search's output_dir")),
+    "compare": Command(
+        "train and score several methods on the same data, budget and seed; write a table",
+        _compare, keys=RUN_KEYS, method_help=True, arguments=_compare_arguments),
 }
+"""Every subcommand, in the order ``peftune --help`` lists them."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -249,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser(method=chosen_method(argv)).parse_args(argv)
     setup_logging(ns.quiet)
     try:
-        COMMANDS[ns.command](ns, argv)
+        COMMANDS[ns.command].run(ns, argv)
     except Interrupted as err:
         print(f"peftune: {err}", file=sys.stderr)
         return 130

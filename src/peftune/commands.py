@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from peftune.config import Config, flag_specs
 from peftune.errors import ModelError, PeftuneError
 from peftune.methods import registry
+from peftune.rundir import ADAPTER_SETTINGS, RunDir, folder_settings
 
 if TYPE_CHECKING:
     from peftune.train import TrainResult
@@ -23,20 +24,20 @@ if TYPE_CHECKING:
 def find_adapter(path: str | Path) -> Path:
     """Accept an adapter folder or a run folder that holds ``adapter/``."""
     path = Path(path)
-    for candidate in (path, path / "adapter"):
+    for candidate in (path, RunDir(path).adapter):
         if (candidate / "adapter_config.json").is_file():
             return candidate
     raise ModelError(f"no adapter found at {path} (expected adapter_config.json there or in "
-                     f"{path / 'adapter'})")
+                     f"{RunDir(path).adapter})")
 
 
 def adapter_settings(adapter: Path) -> dict[str, Any]:
     """The run settings saved with an adapter, checked first: nothing in the folder is read
     as settings, and no tokenizer or model is loaded, before the adapter passes its checks."""
-    from peftune import assembly, models
+    from peftune import models
 
     models.check_adapter_dir(adapter)
-    return assembly.folder_settings(adapter / "peftune.yaml")
+    return folder_settings(adapter / ADAPTER_SETTINGS)
 
 
 def describe(cfg: Config) -> str:
@@ -55,14 +56,13 @@ def describe(cfg: Config) -> str:
             f"{t.learning_rate:.2g}, batch {t.batch_size}, {budget}")
 
 
-def train(cfg: Config) -> TrainResult:
-    from peftune import lock
-    from peftune import train as training
+def train_command(cfg: Config) -> TrainResult:
+    from peftune import lock, train
 
-    if not training.is_main_process():  # rank 0 holds the run's lock for all ranks
-        return training.run(cfg)
+    if not train.is_main_process():  # rank 0 holds the run's lock for all ranks
+        return train.run(cfg)
     with lock.hold(Path(cfg.output_dir), what="training"):
-        result = training.run(cfg)
+        result = train.run(cfg)
     m = result.metrics
     print(f"\ntrained {cfg.method} on {cfg.data.source} in {m.get('train_runtime', 0):.0f}s: "
           f"train loss {m.get('train_loss', float('nan')):.4f}"
@@ -73,13 +73,13 @@ def train(cfg: Config) -> TrainResult:
     return result
 
 
-def evaluate(cfg: Config, *, adapter: Path | None, split: str = "test") -> dict[str, dict]:
+def evaluate_command(cfg: Config, *, adapter: Path | None, split: str = "test") -> dict[str, dict]:
     from peftune import assembly, card, devices, models
-    from peftune.evaluate import score
+    from peftune.generation import score
 
-    out_dir = Path(cfg.output_dir)
-    if adapter is None and (out_dir / "adapter" / "adapter_config.json").is_file():
-        adapter = out_dir / "adapter"
+    out_dir, trained = Path(cfg.output_dir), RunDir.of(cfg).adapter
+    if adapter is None and (trained / "adapter_config.json").is_file():
+        adapter = trained
     if adapter is not None:
         models.check_adapter_dir(adapter)
     data = assembly.prepare(cfg, roles=(split,))
@@ -138,13 +138,13 @@ def _read_documents(text: str | None, input_file: str | None) -> list[str]:
     return docs
 
 
-def summarize(adapter: Path, cfg: Config, *, text: str | None = None,
-              input_file: str | None = None) -> list[str]:
+def summarize_command(adapter: Path, cfg: Config, *, text: str | None = None,
+                      input_file: str | None = None) -> list[str]:
     """Summaries of ``text``, of each document of ``input_file`` or of stdin, with the run's
     prompt, decoding settings and precision: the texts ``evaluate`` would score. One
     document or many take the same path (batched generation)."""
     from peftune import assembly, devices, models
-    from peftune.evaluate import generate
+    from peftune.generation import generate
 
     docs = [d for d in _read_documents(text, input_file) if d.strip()]
     if not docs:
@@ -159,7 +159,7 @@ def summarize(adapter: Path, cfg: Config, *, text: str | None = None,
     return outputs
 
 
-def methods() -> None:
+def methods_command() -> None:
     specs = flag_specs()
     for name, method in registry().items():
         notes = ["mergeable" if method.mergeable else "not mergeable",
@@ -171,73 +171,71 @@ def methods() -> None:
                 print(f"    --{key:<38} {default!s:<10} {text}")
 
 
-def plan(cfg: Config) -> str:
+def plan_command(cfg: Config) -> str:
     """Memory and time of ``cfg``'s training on one device, without loading weights (unless
     ``plan.measure``)."""
-    from peftune import assembly
-    from peftune import plan as planning
+    from peftune import assembly, plan
 
     data = assembly.prepare(cfg, roles=("train",)) if cfg.plan.use_data or \
         cfg.plan.measure else None
-    result = planning.make(cfg, data=data)
+    result = plan.make(cfg, data=data)
     speed = peak = None
     if cfg.plan.measure and data is not None:
         from peftune.measure import training_speed
 
         speed, peak = training_speed(cfg, data)
-    text = planning.render(result, tokens_per_s=speed, measured_peak=peak)
+    text = plan.render(result, tokens_per_s=speed, measured_peak=peak)
     print(text)
     return text
 
 
-def search(cfg: Config, *, argv: list[str] | None = None) -> None:
-    from peftune import report as reporting
-    from peftune import search as searching
+def search_command(cfg: Config, *, argv: list[str] | None = None) -> None:
+    from peftune import report, search
 
-    study, final = searching.run(cfg, argv=argv)
+    study, final = search.run(cfg, argv=argv)
+    run_dir = RunDir.of(cfg)
     states = [t.state.name.lower() for t in study.trials]
     print(f"\nstudy '{study.study_name}': {len(states)} trials ("
           + ", ".join(f"{states.count(s)} {s}" for s in sorted(set(states))) + ")")
     if final is not None:
         best = final["config"]
         print(f"best (trial {final['trial']}): {describe(best)}")
-        noise = reporting.noise_sentence(study)
+        noise = report.noise_sentence(study)
         if noise:
             print(noise)
         rows = {**final["baselines"], f"best ({best.method})": final["test"]}
         print_rouge(rows, title="test split: zero-shot, default configuration and the best "
                     "configuration" if final["baselines"] else "final model on the test split")
         if final.get("comparison"):
-            print("\n".join(reporting.difference_lines(
-                final["comparison"], metric=reporting.headline_metric(cfg))))
-        print(f"adapter: {final['adapter']}\nconfig:  {Path(cfg.output_dir) / 'best.yaml'}")
-    html = reporting.write(Path(cfg.output_dir))
+            print("\n".join(report.difference_lines(
+                final["comparison"], metric=report.headline_metric(cfg))))
+        print(f"adapter: {final['adapter']}\nconfig:  {run_dir.best_config}")
+    html = report.write(run_dir.path)
     print(f"report:  {html}")
-    final_dir = Path(cfg.output_dir) / "final"
-    if (final_dir / "adapter").is_dir():
-        print(f"next:    peftune summarize {final_dir} \"text ...\"")
+    if run_dir.final.adapter.is_dir():
+        print(f"next:    peftune summarize {run_dir.final.path} \"text ...\"")
     else:
         print("next:    rerun with --search.final true to retrain and test the best "
               "configuration")
 
 
-def export(adapter_path: str, *, fmt: str = "merged", out: str | None = None,
-           dtype: str | None = None, trust_remote_code: bool = False,
-           parity: Any = None, merge_options: Any = None) -> Path:
-    from peftune import export as exporting
+def export_command(adapter_path: str, *, fmt: str = "merged", out: str | None = None,
+                   dtype: str | None = None, trust_remote_code: bool = False,
+                   parity: Any = None, merge_options: Any = None) -> Path:
+    from peftune import export
 
     adapter = find_adapter(adapter_path)
-    allowed = {"adapter": (), "merged": exporting.MERGED_DTYPES,
-               "gguf": tuple(exporting.GGUF_DTYPES), "ollama": tuple(exporting.GGUF_DTYPES),
-               "gguf-lora": exporting.LORA_DTYPES}[fmt]
+    allowed = {"adapter": (), "merged": export.MERGED_DTYPES,
+               "gguf": tuple(export.GGUF_DTYPES), "ollama": tuple(export.GGUF_DTYPES),
+               "gguf-lora": export.LORA_DTYPES}[fmt]
     if dtype is not None and dtype not in allowed:
         raise PeftuneError(f"--dtype {dtype} does not apply to --format {fmt} (valid: "
                            f"{', '.join(allowed) or 'none'})")
-    run_dir = adapter.parent if adapter.name == "adapter" else adapter
-    target = Path(out) if out else run_dir / f"export-{fmt}"
-    done = exporting.export(adapter, target, fmt=fmt, dtype=dtype,
-                            trust_remote_code=trust_remote_code, parity=parity,
-                            merge_options=merge_options)
+    run_dir = adapter.parent if adapter == RunDir(adapter.parent).adapter else adapter
+    target = Path(out) if out else RunDir(run_dir).export(fmt)
+    done = export.export(adapter, target, fmt=fmt, dtype=dtype,
+                         trust_remote_code=trust_remote_code, parity=parity,
+                         merge_options=merge_options)
     size = sum(p.stat().st_size for p in ([done.path] if done.path.is_file()
                                           else done.path.rglob("*")) if p.is_file())
     based = f", merged into the {done.merge_base} base" if done.merge_base else ""
@@ -254,7 +252,7 @@ def export(adapter_path: str, *, fmt: str = "merged", out: str | None = None,
     return done.path
 
 
-def report(run_dir: str) -> None:
-    from peftune import report as reporting
+def report_command(run_dir: str) -> None:
+    from peftune import report
 
-    print(reporting.write(Path(run_dir)))
+    print(report.write(Path(run_dir)))

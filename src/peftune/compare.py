@@ -20,12 +20,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from peftune.atomic import atomic_write
 from peftune.config import Config, config_from_dict, load_yaml, save_yaml
 from peftune.errors import PeftuneError
 from peftune.logs import setup_libraries, setup_logging
 from peftune.methods import registry
 from peftune.report import write_compare
-from peftune.rundir import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def measure(run_dir: Path, split: str) -> dict[str, Any]:
     import torch
 
     from peftune import assembly, train
-    from peftune.evaluate import score
+    from peftune.generation import score
 
     cfg = config_from_dict(load_yaml(run_dir / "compare-config.yaml"))
     row: dict[str, Any] = {"method": cfg.method, "learning_rate": cfg.train.learning_rate}

@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from peftune.atomic import atomic_write
 from peftune.errors import ConfigError
 from peftune.methods import get_method, registry
 from peftune.options import MAX_BATCH, MAX_COUNT, MAX_TOKENS, check_fields
@@ -437,8 +438,6 @@ def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
 
 
 def save_yaml(cfg: Config, path: str | Path) -> None:
-    from peftune.rundir import atomic_write
-
     atomic_write(Path(path), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 

@@ -46,6 +46,7 @@ from peftune.errors import ModelError, PeftuneError
 from peftune.merging import MergeOptions
 from peftune.methods import get_method
 from peftune.parity import ParityOptions
+from peftune.rundir import ADAPTER_SETTINGS, folder_settings
 
 log = logging.getLogger(__name__)
 
@@ -76,12 +77,12 @@ class Exported:
 
 def run_config(adapter: Path, *, trust_remote_code: bool = False) -> Config:
     """The adapter's run settings; remote code only if this command allows it."""
-    meta = adapter / "peftune.yaml"
+    meta = adapter / ADAPTER_SETTINGS
     if not meta.is_file():
-        raise ModelError(f"{adapter} has no peftune.yaml: export needs an adapter saved by "
+        raise ModelError(f"{adapter} has no {ADAPTER_SETTINGS}: export needs an adapter saved by "
                          "`peftune train`")
     models.check_adapter_dir(adapter)
-    settings = assembly.folder_settings(meta)
+    settings = folder_settings(meta)
     settings.setdefault("model", {})["trust_remote_code"] = trust_remote_code
     return config_from_dict(settings)
 

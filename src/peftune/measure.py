@@ -20,6 +20,7 @@ from transformers import TrainerCallback
 from peftune import assembly
 from peftune import train as training
 from peftune.config import Config
+from peftune.rundir import RunDir
 
 
 class StepClock(TrainerCallback):
@@ -61,6 +62,6 @@ def training_speed(cfg: Config, data: assembly.Prepared) -> tuple[float, float]:
         timed = dataclasses.replace(cfg, train=train, output_dir=tmp)
         model = training.wrap(assembly.load_base(timed, data.tokenizer), timed)
         clock = StepClock()
-        training.fit(timed, model, data, output_dir=Path(tmp) / "checkpoints",
+        training.fit(timed, model, data, output_dir=RunDir(Path(tmp)).checkpoints,
                      callbacks=[clock])
     return clock.tokens_per_s(), peak_memory()

@@ -56,7 +56,7 @@ class Parity:
 
 def compare(tokenizer: Any, reference: list[str], exported: list[str], summaries: list[str],
             *, client: str) -> Parity:
-    from peftune.evaluate import rouge
+    from peftune.metrics import rouge
 
     agree = total = 0
     for ref, got in zip(reference, exported, strict=True):
@@ -100,14 +100,14 @@ class Reference:
 def reference(cfg: Any, adapter: Path, options: ParityOptions) -> Reference:
     """The adapter (run config ``cfg``) through peftune's path, the one ``summarize`` and
     ``evaluate`` take."""
-    from peftune import assembly, devices, evaluate, models
+    from peftune import assembly, devices, generation, models
 
     tokenizer = models.load_tokenizer(cfg.model)
     data = assembly.prepare(cfg, tokenizer, roles=("validation",)).splits["validation"]
     data = data.select(range(min(options.documents, len(data))))
-    prompts = evaluate.prompts_of(data)
+    prompts = generation.prompts_of(data)
     model = models.load_adapter(devices.place(assembly.load_base(cfg, tokenizer)), adapter)
-    texts = evaluate.generate(model, tokenizer, prompts, cfg.eval,
+    texts = generation.generate(model, tokenizer, prompts, cfg.eval,
                               precision=assembly.precision(cfg), progress=False)
     return Reference(tokenizer, prompts, list(data["summary"]), texts)
 
@@ -118,7 +118,7 @@ def run(cfg: Any, adapter: Path, path: Path, *, fmt: str, options: ParityOptions
     ``adapter`` (run config ``cfg``) against ``ref`` (computed if not given); None if the
     format's only loader, llama.cpp, is not installed. Imports stay inside: the CLI reads
     :class:`ParityOptions` without loading torch."""
-    from peftune import devices, evaluate, llamacpp
+    from peftune import devices, generation, llamacpp
 
     if lora is not None and not llamacpp.available():
         return None
@@ -133,7 +133,7 @@ def run(cfg: Any, adapter: Path, path: Path, *, fmt: str, options: ParityOptions
         return compare(tokenizer, ref.texts, texts_of(tokenizer, ids), ref.summaries,
                        client="llama.cpp")
     exported, client = _transformers_model(cfg, path, fmt)
-    texts = evaluate.generate(devices.place(exported), tokenizer, prompts, cfg.eval,
+    texts = generation.generate(devices.place(exported), tokenizer, prompts, cfg.eval,
                               precision="fp32", progress=False)
     return compare(tokenizer, ref.texts, texts, ref.summaries, client=client)
 

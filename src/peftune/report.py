@@ -31,11 +31,11 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from optuna.trial import FrozenTrial, TrialState  # noqa: E402
 from optuna.visualization import matplotlib as ovm  # noqa: E402
 
-from peftune.assembly import folder_config  # noqa: E402
+from peftune.atomic import atomic_write  # noqa: E402
 from peftune.config import Config, load_yaml  # noqa: E402
 from peftune.errors import PeftuneError  # noqa: E402
-from peftune.evaluate import ROUGE_KEYS, mean_interval, paired_bootstrap  # noqa: E402
-from peftune.rundir import atomic_write  # noqa: E402
+from peftune.metrics import ROUGE_KEYS, mean_interval, paired_bootstrap  # noqa: E402
+from peftune.rundir import RunDir  # noqa: E402
 from peftune.search import signal_metric  # noqa: E402
 
 LABELS = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "rougeLsum": "ROUGE-Lsum",
@@ -54,9 +54,10 @@ def label(metric: str) -> str:
 def load_study(run_dir: Path) -> tuple[Any, optuna.Study]:
     from peftune.search import storage_for
 
-    if not (run_dir / "config.yaml").is_file():
-        raise PeftuneError(f"{run_dir}: not a run directory (no config.yaml)")
-    cfg = folder_config(run_dir / "config.yaml")
+    run = RunDir(run_dir)
+    if not run.config_file.is_file():
+        raise PeftuneError(f"{run_dir}: not a run directory (no {run.config_file.name})")
+    cfg = run.config()
     name = cfg.search.study_name or run_dir.resolve().name
     try:
         return cfg, optuna.load_study(study_name=name, storage=storage_for(cfg))
@@ -126,12 +127,8 @@ def difference_lines(comparison: dict[str, Any], *, metric: str) -> list[str]:
         bottom_line(comparison, metric)]
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def _best_name(run_dir: Path) -> str:
-    best = load_yaml(run_dir / "best.yaml") if (run_dir / "best.yaml").is_file() else {}
+def _best_name(run: RunDir) -> str:
+    best = load_yaml(run.best_config) if run.best_config.is_file() else {}
     return f"best configuration ({best['method']})" if best.get("method") else \
         "best configuration"
 
@@ -141,22 +138,22 @@ def _score_row(name: str, scores: dict[str, float]) -> str:
         f"<td>{scores[k]:.2f}</td>" for k in ROUGE_KEYS) + "</tr>"
 
 
-def _headline(run_dir: Path, cfg: Config) -> str:
-    metrics = _read_json(run_dir / "final" / "metrics.json")
+def _headline(run: RunDir, cfg: Config) -> str:
+    metrics = run.final.metrics()
     if "test" not in metrics:
         return ("<p>No final model yet: the search has not finished, or ran with "
                 "<code>--search.final false</code>.</p>")
     head = "<tr><th></th>" + "".join(f"<th>{label(k)}</th>" for k in ROUGE_KEYS) + "</tr>"
     comparison = metrics.get("comparison")
     if not comparison:
-        return (f"<table>{head}{_score_row(_best_name(run_dir), metrics['test'])}</table>"
+        return (f"<table>{head}{_score_row(_best_name(run), metrics['test'])}</table>"
                 f"<p>No baselines: the search ran without <code>--search.baselines true</code>, "
                 "so zero-shot and the default configuration were not scored on these "
                 "documents.</p>")
     scores = comparison["test"]
     baselines = [k.removeprefix("best - ") for k in comparison if k.startswith("best - ")]
     rows = [_score_row(SYSTEMS.get(b, b), scores[b]) for b in baselines]
-    rows.append(_score_row(_best_name(run_dir), scores["best"]))
+    rows.append(_score_row(_best_name(run), scores["best"]))
     for b in baselines:
         diffs = comparison[f"best - {b}"]
         rows.append(f"<tr class='diff'><th>best - {html.escape(SYSTEMS.get(b, b))}</th>" + "".join(
@@ -180,8 +177,8 @@ def _cut(text: str) -> str:
     return text[:DOCUMENT_CHARS].rsplit(" ", 1)[0] + " …"
 
 
-def _examples(run_dir: Path) -> str:
-    path = run_dir / "final" / "examples.jsonl"
+def _examples(run: RunDir) -> str:
+    path = run.final.examples
     if not path.is_file():
         return "<p>No examples: the final model has not been scored on the test split.</p>"
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
@@ -197,20 +194,20 @@ def _examples(run_dir: Path) -> str:
             f"{body}</table>")
 
 
-def _usage(run_dir: Path) -> str:
-    run = run_dir.as_posix()
+def _usage(run: RunDir) -> str:
     parts = []
-    if (run_dir / "best.yaml").is_file():
-        parts.append(f"<p>The best configuration: <code>{html.escape(run)}/best.yaml</code>. "
+    if run.best_config.is_file():
+        best = run.best_config.as_posix()
+        parts.append(f"<p>The best configuration: <code>{html.escape(best)}</code>. "
                      "Train it again, e.g. on more data, with <code>peftune train --config "
-                     f"{html.escape(shlex.quote(run + '/best.yaml'))} --output_dir runs/NEW"
+                     f"{html.escape(shlex.quote(best))} --output_dir runs/NEW"
                      "</code>.</p>")
-    if (run_dir / "final" / "adapter").is_dir():
-        final = shlex.quote(run + "/final")
+    if run.final.adapter.is_dir():
+        final = shlex.quote(run.final.path.as_posix())
         parts.append(
             "<p>The final model (its adapter is in <code>"
-            f"{html.escape(run)}/final/adapter</code>): summarize with the run's prompt and "
-            "decoding settings, or merge it into its base for plain transformers:</p>"
+            f"{html.escape(run.final.adapter.as_posix())}</code>): summarize with the run's "
+            "prompt and decoding settings, or merge it into its base for plain transformers:</p>"
             f"<pre>peftune summarize {html.escape(final)} \"text to summarize\"\n"
             f"peftune export {html.escape(final)} --format merged</pre>")
     return "".join(parts) or "<p>No best configuration yet.</p>"
@@ -488,7 +485,7 @@ PLOTS: list[tuple[str, str, Callable[[optuna.Study, Config], tuple[Figure | None
 ]
 
 
-def _figures(run_dir: Path, study: optuna.Study, cfg: Config) -> str:
+def _figures(run: RunDir, study: optuna.Study, cfg: Config) -> str:
     """Each plot as a heading, a sentence on what it shows, and the PNG inlined (also kept
     as ``report/NAME.png``); a plot that cannot be drawn yet says why instead."""
     plots = PLOTS + ([("pareto_front", "Pareto front", plot_pareto)]
@@ -502,7 +499,7 @@ def _figures(run_dir: Path, study: optuna.Study, cfg: Config) -> str:
         if fig is not None:
             fig.set_size_inches(8, max(fig.get_size_inches()[1], 3.0))
             fig.tight_layout()
-            path = run_dir / "report" / f"{name}.png"
+            path = run.report / f"{name}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             fig.savefig(path, dpi=90)
             plt.close(fig)
@@ -556,6 +553,7 @@ img{max-width:100%}small{color:#555}"""
 def write(run_dir: Path) -> Path:
     """Write ``report/index.html`` (and its PNGs) under ``run_dir``; return the HTML path."""
     cfg, study = load_study(run_dir)
+    run = RunDir(run_dir)
     states = [t.state.name.lower() for t in study.trials]
     counts = ", ".join(f"{states.count(s)} {s}" for s in sorted(set(states)))
     metric = label(cfg.search.metric)
@@ -571,11 +569,11 @@ def write(run_dir: Path) -> Path:
 {html.escape(cfg.data.source)} with {html.escape(cfg.model.name)}, chosen by validation
 {metric} on {cfg.search.eval_examples} examples; the best configuration was then trained
 again and scored once on the test split.</p>
-<h2>Test split: zero-shot, default and best configuration</h2>{_headline(run_dir, cfg)}
+<h2>Test split: zero-shot, default and best configuration</h2>{_headline(run, cfg)}
 <p>{html.escape(noise_sentence(study))}</p>
-<h2>Examples</h2>{_examples(run_dir)}
-<h2>How to use the result</h2>{_usage(run_dir)}
-<h2>The search</h2>{_figures(run_dir, study, cfg)}
+<h2>Examples</h2>{_examples(run)}
+<h2>How to use the result</h2>{_usage(run)}
+<h2>The search</h2>{_figures(run, study, cfg)}
 <h3>Best trial per method</h3><table><tr><th>method</th><th>trial</th>
 <th>validation {metric}</th><th>trainable params</th></tr>{best_rows}</table>
 <h3>All trials</h3><p>{html.escape(noise_sentence(study))}</p>
@@ -585,7 +583,7 @@ again and scored once on the test split.</p>
 <p>95% interval: percentile bootstrap of the mean over the validation documents (2,000
 resamples). Looping: the share of validation summaries in which some 4 words recur 3 times
 or more.</p></body></html>"""
-    out = run_dir / "report" / "index.html"
+    out = run.report / "index.html"
     atomic_write(out, page)
     return out
 

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from peftune.rundir import RunDir
+
 
 def fingerprint(model: Any, settings: Any, *, precision: str, tag: str, ids: list[Any],
                 prompts: list[list[int]]) -> str:
@@ -42,7 +44,7 @@ def fingerprint(model: Any, settings: Any, *, precision: str, tag: str, ids: lis
 
 
 def partial_file(out_dir: Path, tag: str, key: str) -> Path:
-    return out_dir / f"predictions_{tag}.partial-{key}.jsonl"
+    return RunDir(out_dir).partial_predictions(tag, key)
 
 
 def read(path: Path) -> dict[int, str]:

@@ -38,10 +38,11 @@ from peftune.config import Config, EvalConfig, save_yaml
 from peftune.data import IGNORE_INDEX, LengthGroupedSampler, token_lengths
 from peftune.devices import resolve_precision
 from peftune.errors import ConfigError, Diverged, Interrupted, PeftuneError
-from peftune.evaluate import ROUGE_KEYS, score
+from peftune.generation import score
 from peftune.logs import show_progress
 from peftune.methods import get_method
-from peftune.rundir import update_metrics
+from peftune.metrics import ROUGE_KEYS
+from peftune.rundir import ADAPTER_SETTINGS, RunDir
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ def wrap(base: PreTrainedModel, cfg: Config) -> PeftModel:
                           f"('{info.model_type}'); pick another --method")
     peft_config = method.build(cfg.method_options, info)
     torch.manual_seed(cfg.seed)
-    model = get_peft_model(method.prepare(base, cfg.method_options), peft_config)
+    model = get_peft_model(method.prepare_base(base, cfg.method_options), peft_config)
     # On a 16-bit base (model.dtype auto on a GPU) adapter weights must stay fp32: the
     # optimizer's updates would round away, and fp16 mixed precision refuses to unscale
     # 16-bit gradients. peft upcasts its tuner layers' (LoRA, AdaLoRA, IA3), not
@@ -621,18 +622,18 @@ def run(cfg: Config, *, base: PreTrainedModel | None = None, data: Prepared | No
     ``adapter/`` holds the adapter in plain PEFT format, its tokenizer and the run config
     (``peftune.yaml``). Under ``accelerate launch`` every process trains; only rank 0 writes.
     """
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    run_dir = RunDir.of(cfg)
+    run_dir.path.mkdir(parents=True, exist_ok=True)
     if data is None:  # data first: a bad file fails before the model load
         data = prepare(cfg)
     # a rerun with other settings stops here, leaving the run's config.yaml as it was
     settings = checkpoints.fingerprint(cfg, len(data.splits["train"]))
-    checkpoints.resume_point(out / "checkpoints", settings, resume=cfg.train.resume,
+    checkpoints.resume_point(run_dir.checkpoints, settings, resume=cfg.train.resume,
                              discard=is_main_process())
     memory_plan = plan.make(cfg, data=data)
     cfg = plan.with_micro_batch(cfg, memory_plan)  # config.yaml says what trains
     if is_main_process():
-        save_yaml(cfg, out / "config.yaml")
+        save_yaml(cfg, run_dir.config_file)
         log.info("%s", plan.brief(memory_plan))
     if base is None:
         base = load_base(cfg, data.tokenizer)
@@ -642,13 +643,13 @@ def run(cfg: Config, *, base: PreTrainedModel | None = None, data: Prepared | No
     log.info("%s: %s trainable parameters of %s (%.3f%%); base weights in %s", cfg.method,
              f"{trainable:,}", f"{total:,}", 100 * trainable / total,
              devices.DTYPE_NAMES.get(dtype, dtype))
-    adapter_dir = out / "adapter"
+    adapter_dir = run_dir.adapter
     stopping, signal = early_stopping(cfg, data)
-    metrics = fit(cfg, model, data, output_dir=out / "checkpoints",
+    metrics = fit(cfg, model, data, output_dir=run_dir.checkpoints,
                   callbacks=[*stopping, *(callbacks or [])], resume=cfg.train.resume,
                   save_to=adapter_dir, memory_plan=memory_plan, signal=signal)
     if is_main_process():
-        save_yaml(cfg, adapter_dir / "peftune.yaml")
+        save_yaml(cfg, adapter_dir / ADAPTER_SETTINGS)
         card.write_for_run(adapter_dir, cfg, data.tokenizer, data.splits)
-        update_metrics(out, "train", metrics)
+        run_dir.record_metrics("train", metrics)
     return TrainResult(model=model, adapter_dir=adapter_dir, metrics=metrics)

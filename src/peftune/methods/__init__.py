@@ -65,7 +65,7 @@ class Method:
     """(peft model, options) -> extra ``transformers.TrainerCallback`` instances."""
     load_kwargs: Callable[[Any], dict[str, Any]] = field(default=_no_load_kwargs)
     """options -> extra ``from_pretrained`` arguments for the base model (quantization)."""
-    prepare: Callable[[Any, Any], Any] = field(default=_unchanged)
+    prepare_base: Callable[[Any, Any], Any] = field(default=_unchanged)
     """(base model, options) -> the base model made ready for this method's adapter."""
     base_key: Callable[[Any], tuple[Any, ...]] = field(default=_plain_base)
     """options -> a key of the loaded (and prepared) base: trials whose keys are equal can

@@ -1,7 +1,7 @@
 """Prefix tuning (Li & Liang, 2021) through ``peft.PrefixTuningConfig``: learned key/value
 vectors prepended to every attention layer. Not mergeable.
 
-Generation goes through the KV cache; :func:`peftune.evaluate.kv_cache_compat` makes peft's
+Generation goes through the KV cache; :func:`peftune.generation.kv_cache_compat` makes peft's
 prefix reach the cache of current transformers.
 """
 

@@ -65,7 +65,7 @@ def nf4_load_kwargs(options: QLoraOptions) -> dict[str, Any]:
         bnb_4bit_compute_dtype=compute_dtype(), bnb_4bit_quant_storage=torch.uint8)}
 
 
-def prepare(model: Any, options: KbitOptions) -> Any:
+def prepare_kbit_base(model: Any, options: KbitOptions) -> Any:
     from peft import prepare_model_for_kbit_training
 
     return prepare_model_for_kbit_training(
@@ -112,5 +112,5 @@ for _name, _options, _load, _summary, _why in (
          "prepare_model_for_kbit_training leaves")):
     register(Method(name=_name, summary=_summary, options=_options, build=build_lora,
                     search_space=search_space_for(_name), learning_rate=1e-3,
-                    load_kwargs=_load, prepare=prepare, base_key=base_key_for(_name),
+                    load_kwargs=_load, prepare_base=prepare_kbit_base, base_key=base_key_for(_name),
                     refused_sharding=(("fsdp", _why), ("zero3", _why))))

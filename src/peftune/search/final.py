@@ -1,0 +1,98 @@
+"""The search's end: retrain the best configuration (and the baselines), score each once on
+the test split, and compare them document by document."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from peftune import assembly, card, devices
+from peftune import train as training
+from peftune.config import Config, save_yaml
+from peftune.generation import score
+from peftune.metrics import compare_predictions, write_examples
+from peftune.rundir import RunDir
+from peftune.search.objective import suggest, unwrap
+from peftune.search.study import directions
+
+BOOTSTRAP_RESAMPLES = 2000  # seconds even for thousands of documents
+
+
+def best_config(cfg: Config, study: optuna.Study) -> Config:
+    trials = study.best_trials if cfg.search.second_objective else [study.best_trial]
+    primary = directions(cfg.search)[0]
+    best = (max if primary == "maximize" else min)(trials, key=lambda t: t.values[0])
+    chosen = suggest(optuna.trial.FixedTrial(best.params), cfg)
+    chosen.output_dir = str(RunDir.of(cfg).final.path)
+    chosen.train = replace(chosen.train, eval_steps=None)
+    return chosen
+
+
+def _test_score(cfg: Config, model: Any, data: assembly.Prepared, out_dir: Path,
+                tag: str = "test") -> dict[str, float]:
+    return score(model, data.tokenizer, data.splits["test"], cfg.eval, out_dir=out_dir,
+                 tag=tag, precision=assembly.precision(cfg))
+
+
+def _train_and_test(cfg: Config, bases: assembly.Bases,
+                    data: assembly.Prepared) -> tuple[dict[str, float], Path]:
+    """Train on the final data and score on test; return the metrics and adapter dir."""
+    result = training.run(cfg, base=bases.get(cfg), data=data)
+    metrics = _test_score(cfg, result.model, data, Path(cfg.output_dir))
+    card.update_metrics(result.adapter_dir, metrics, cfg=cfg, tokenizer=data.tokenizer)
+    bases.put(cfg, unwrap(result.model))
+    return metrics, result.adapter_dir
+
+
+def finalize(cfg: Config, study: optuna.Study, bases: assembly.Bases,
+             data: assembly.Prepared) -> dict[str, Any]:
+    """Retrain the best configuration, score it once on the test split, write best.yaml.
+
+    With ``search.baselines`` the zero-shot model and the default configuration are scored
+    on the same test rows, the default trained on the same data as the final model.
+    """
+    run_dir = RunDir.of(cfg)
+    final = best_config(cfg, study)
+    save_yaml(final, run_dir.best_config)
+    if cfg.search.final_on == "train+validation":
+        import datasets
+
+        joined = datasets.concatenate_datasets([data.splits["train"], data.splits["validation"]])
+        data = replace(data, splits={**data.splits, "train": joined})
+    out: dict[str, Any] = {"config": final, "baselines": {}}
+    if cfg.search.baselines:
+        out["baselines"]["zero-shot"] = _test_score(cfg, bases.get(cfg), data,
+                                                    run_dir.baseline("zero-shot").path)
+        default = copy.deepcopy(cfg)
+        default.output_dir = str(run_dir.baseline("default").path)
+        out["baselines"]["default"], _ = _train_and_test(default, bases, data)
+    out["test"], out["adapter"] = _train_and_test(final, bases, data)
+    out["trial"] = study.best_trials[0].number if cfg.search.second_objective \
+        else study.best_trial.number
+    out["comparison"] = _compare(run_dir, data.splits["test"], baselines=list(out["baselines"]),
+                                 seed=cfg.seed)
+    run_dir.final.record_metrics("numerics", devices.numerics())
+    return out
+
+
+EXAMPLES = 5  # test documents shown with every system's summary in the report
+
+
+def _compare(run: RunDir, test: Any, *, baselines: list[str], seed: int) -> dict | None:
+    """The final model against each baseline, per test document, with bootstrap intervals
+    (``final/metrics.json`` key ``comparison``); and a few examples for the report."""
+    final = run.final
+    preds = {name: run.baseline(name).predictions() for name in baselines}
+    documents = list(test.select(range(min(EXAMPLES, len(test))))["document"])
+    write_examples(final.examples, documents, {**preds, "best": final.predictions()})
+    if not baselines:
+        return None
+    comparison = compare_predictions(final.predictions(), preds,
+                                     resamples=BOOTSTRAP_RESAMPLES, seed=seed)
+    final.record_metrics("comparison", comparison)
+    return comparison
+
