@@ -91,7 +91,7 @@ def cell(task: str, seed: int, work: Path, *, trials: int, extra: list[str]) -> 
 
 
 def compare(task: str, seed: int, work: Path) -> dict | None:
-    from peftune.evaluate import compare_predictions
+    from peftune.metrics import compare_predictions
 
     demo, double = work / task / f"seed{seed}" / "x1", work / task / f"seed{seed}" / "x2"
     if not (double / "final" / "predictions.jsonl").is_file():
