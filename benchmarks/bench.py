@@ -132,7 +132,8 @@ def train_speed(variant: str) -> dict[str, float]:
 
     cfg = _cfg(variant)
     data = _data(cfg, variant)
-    base = models.load_model(cfg.model, pad_token_id=data.tokenizer.pad_token_id)
+    base = models.load_model(models.resolve(cfg.model),
+                             pad_token_id=data.tokenizer.pad_token_id)
     model = train.wrap(base, cfg)
     timer = _StepTimer()
     trainer = train.build_trainer(cfg, model, data, output_dir=Path(cfg.output_dir),
@@ -271,7 +272,8 @@ def generation_speed(variant: str) -> dict[str, Any]:
 
     cfg = _cfg(variant)
     data = _data(cfg, "B")
-    model = models.load_model(cfg.model, pad_token_id=data.tokenizer.pad_token_id)
+    model = models.load_model(models.resolve(cfg.model),
+                              pad_token_id=data.tokenizer.pad_token_id)
     prompts = prompts_of(data.splits["test"])
     start = time.perf_counter()
     if variant == "peftune":  # as `peftune evaluate` does it
@@ -290,7 +292,8 @@ def generation_speed(variant: str) -> dict[str, Any]:
               "peak_rss_mb": _peak_rss_mb()}
     if variant == "peftune":  # the same code path at B's precision, for the text comparison
         del model
-        model = models.load_model(cfg.model, pad_token_id=data.tokenizer.pad_token_id)
+        model = models.load_model(models.resolve(cfg.model),
+                                  pad_token_id=data.tokenizer.pad_token_id)
         result["texts_fp32"] = generate(model, data.tokenizer, prompts, cfg.eval,
                                         progress=False, precision="fp32")
     return result

@@ -73,7 +73,7 @@ def cell(model: str, micro: int, tokens: int, gc: bool, steps: int) -> dict[str,
             torch.manual_seed(0)
             base = AutoModelForCausalLM.from_config(model_config, dtype=torch.bfloat16)
         else:
-            model_config = models.load_config(cfg.model)
+            model_config = assembly.resolve_base(cfg).config
             base = assembly.load_base(cfg, tokenizer)
         data = assembly.Prepared(tokenizer=tokenizer, fmt=None, splits={
             "train": _rows(tokens, micro * steps, model_config.vocab_size)})
