@@ -81,7 +81,7 @@ def cell(model: str, micro: int, tokens: int, gc: bool, steps: int) -> dict[str,
         memory = plan.estimate(predicted, micro_batch=micro, tokens=tokens, summary=SUMMARY,
                                checkpointing=gc)
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        training.fit(cfg, training.wrap(base, cfg), data, output_dir=Path(tmp) / "ckpt")
+        training.fit(cfg, assembly.wrap(base, cfg), data, output_dir=Path(tmp) / "ckpt")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"model": model, "micro_batch": micro, "tokens": tokens, "checkpointing": gc,
             "predicted_gib": memory.total / 2**30, "measured_gib": peak / 2**30,

@@ -7,13 +7,13 @@ from peft import PeftModel
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from peftune import config_from_dict, models
-from peftune.assembly import load_base, prepare
+from peftune.assembly import load_base, prepare, wrap
 from peftune.config import EvalConfig
 from peftune.errors import ConfigError
 from peftune.evaluate import generate, prompts_of
 from peftune.methods import get_method, registry
 from peftune.methods.adalora import RankBudget
-from peftune.train import build_trainer, run, wrap
+from peftune.train import build_trainer, run
 
 CASES = [pytest.param(name, arch, id=f"{name}-{arch}") for name, method in registry().items()
          for arch in ("llama", "t5") if arch == "llama" or method.seq2seq]
