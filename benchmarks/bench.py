@@ -128,12 +128,13 @@ class _StepTimer(TrainerCallback):
 
 def train_speed(variant: str) -> dict[str, float]:
     """The real training loop (Trainer.train), timed step by step after a warm-up step."""
-    from peftune import models, train
+    from peftune import assembly, models, train
 
     cfg = _cfg(variant)
     data = _data(cfg, variant)
-    base = models.load_model(cfg.model, pad_token_id=data.tokenizer.pad_token_id)
-    model = train.wrap(base, cfg)
+    base = models.load_model(models.resolve(cfg.model),
+                             pad_token_id=data.tokenizer.pad_token_id)
+    model = assembly.wrap(base, cfg)
     timer = _StepTimer()
     trainer = train.build_trainer(cfg, model, data, output_dir=Path(cfg.output_dir),
                                   callbacks=[timer])
@@ -205,7 +206,7 @@ def _timed_fit(cfg: Any) -> dict[str, Any]:
     prepared = _data(cfg, "peftune")
     memory_plan = plan.make(cfg, data=prepared)
     cfg = plan.with_micro_batch(cfg, memory_plan)
-    model = train.wrap(assembly.load_base(cfg, prepared.tokenizer), cfg)
+    model = assembly.wrap(assembly.load_base(cfg, prepared.tokenizer), cfg)
     timer = _StepTimer()
     train.fit(cfg, model, prepared, output_dir=Path(cfg.output_dir), callbacks=[timer],
               memory_plan=memory_plan)
@@ -272,7 +273,8 @@ def generation_speed(variant: str) -> dict[str, Any]:
 
     cfg = _cfg(variant)
     data = _data(cfg, "B")
-    model = models.load_model(cfg.model, pad_token_id=data.tokenizer.pad_token_id)
+    model = models.load_model(models.resolve(cfg.model),
+                              pad_token_id=data.tokenizer.pad_token_id)
     prompts = prompts_of(data.splits["test"])
     start = time.perf_counter()
     if variant == "peftune":  # as `peftune evaluate` does it
@@ -291,7 +293,8 @@ def generation_speed(variant: str) -> dict[str, Any]:
               "peak_rss_mb": _peak_rss_mb()}
     if variant == "peftune":  # the same code path at B's precision, for the text comparison
         del model
-        model = models.load_model(cfg.model, pad_token_id=data.tokenizer.pad_token_id)
+        model = models.load_model(models.resolve(cfg.model),
+                                  pad_token_id=data.tokenizer.pad_token_id)
         result["texts_fp32"] = generate(model, data.tokenizer, prompts, cfg.eval,
                                         progress=False, precision="fp32")
     return result

@@ -92,7 +92,7 @@ def _measure(args: argparse.Namespace, variant: str, method: str, folder: Path,
     base = assembly.load_base(cfg, data.tokenizer)
     if torch.cuda.is_available() and method == "lora":
         base = base.to("cuda")
-    model = train.wrap(base, cfg)
+    model = assembly.wrap(base, cfg)
     timer = _StepTimer(args.warmup)
     trainer = train.build_trainer(cfg, model, data, output_dir=Path(cfg.output_dir),
                                   callbacks=[timer])

@@ -103,7 +103,7 @@ def prepare(name: str, source: str, *, max_source_tokens: int, steps: int, batch
     (out / "dataset_info.json").write_text(json.dumps({name: {"file_name": "train.json"}}),
                                            encoding="utf-8")
     args = {
-        "model_name_or_path": models._local_path(cfg.model),
+        "model_name_or_path": models.resolve(cfg.model).path,
         "stage": "sft", "do_train": True, "finetuning_type": "lora",
         "lora_target": "q_proj,v_proj", "lora_rank": 8, "lora_alpha": 32,
         "lora_dropout": 0.1, "dataset": name, "dataset_dir": str(out),

@@ -58,7 +58,7 @@ def main(argv: list[str]) -> None:
     import json
 
     from peftune import config_from_dict, plan, train
-    from peftune.assembly import load_base, prepare
+    from peftune.assembly import load_base, prepare, wrap
     from peftune.config import load_yaml, set_dotted
 
     sampler = Sampler()
@@ -74,7 +74,7 @@ def main(argv: list[str]) -> None:
     memory_plan = plan.make(cfg, data=data)
     cfg = plan.with_micro_batch(cfg, memory_plan)
     phases.append((f"plan (micro-batch {cfg.train.micro_batch_size})", sampler.take()))
-    model = train.wrap(load_base(cfg, data.tokenizer), cfg)
+    model = wrap(load_base(cfg, data.tokenizer), cfg)
     phases.append(("model load and adapter", sampler.take()))
     steps = StepPeaks(sampler)
     train.fit(cfg, model, data, output_dir=Path(cfg.output_dir) / "checkpoints",

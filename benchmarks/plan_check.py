@@ -73,7 +73,7 @@ def cell(model: str, micro: int, tokens: int, gc: bool, steps: int) -> dict[str,
             torch.manual_seed(0)
             base = AutoModelForCausalLM.from_config(model_config, dtype=torch.bfloat16)
         else:
-            model_config = models.load_config(cfg.model)
+            model_config = assembly.resolve_base(cfg).config
             base = assembly.load_base(cfg, tokenizer)
         data = assembly.Prepared(tokenizer=tokenizer, fmt=None, splits={
             "train": _rows(tokens, micro * steps, model_config.vocab_size)})
@@ -81,7 +81,7 @@ def cell(model: str, micro: int, tokens: int, gc: bool, steps: int) -> dict[str,
         memory = plan.estimate(predicted, micro_batch=micro, tokens=tokens, summary=SUMMARY,
                                checkpointing=gc)
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        training.fit(cfg, training.wrap(base, cfg), data, output_dir=Path(tmp) / "ckpt")
+        training.fit(cfg, assembly.wrap(base, cfg), data, output_dir=Path(tmp) / "ckpt")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {"model": model, "micro_batch": micro, "tokens": tokens, "checkpointing": gc,
             "predicted_gib": memory.total / 2**30, "measured_gib": peak / 2**30,

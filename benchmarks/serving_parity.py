@@ -39,7 +39,8 @@ B_SCALE = 0.05
 
 def adapter(work: Path) -> Path:
     folder = work / "run" / "adapter"
-    base, _ = models.load_base(ModelConfig())
+    tokenizer = models.load_tokenizer(ModelConfig())
+    base = models.load_model(models.resolve(ModelConfig()), pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
     model = get_peft_model(base, LoraConfig(task_type=TaskType.CAUSAL_LM, r=8, lora_alpha=16,
                                             init_lora_weights=False))

@@ -119,7 +119,8 @@ def test_out_of_memory_is_not_retried_when_other_processes_train_along(tiny_cfg,
     from peftune.assembly import prepare
 
     cfg = config_from_dict(tiny_cfg)
-    base, tok = models.load_base(cfg.model)
+    tok = models.load_tokenizer(cfg.model)
+    base = models.load_model(models.resolve(cfg.model), pad_token_id=tok.pad_token_id)
     data, model = prepare(cfg, tok), train_module.wrap(base, cfg)
     calls = []
 

@@ -121,7 +121,9 @@ def test_generation_with_the_generated_only_rule_never_repeats_an_output_ngram(t
     from peftune.generation import generate, prompts_of
 
     cfg = config_from_dict(tiny_cfg)
-    model, tok = models.load_base(ModelConfig(name=tiny_cfg["model"]["name"]))
+    model_cfg = ModelConfig(name=tiny_cfg["model"]["name"])
+    tok = models.load_tokenizer(model_cfg)
+    model = models.load_model(models.resolve(model_cfg), pad_token_id=tok.pad_token_id)
     prompts = prompts_of(prepare(cfg, tok, roles=("test",)).splits["test"])
     plain = generate(model, tok, prompts, EvalConfig(batch_size=3, max_new_tokens=24),
                      progress=False)

@@ -18,7 +18,9 @@ class Killed(Exception):
 
 def _setup(tiny_cfg):
     cfg = config_from_dict({**tiny_cfg, "eval": {"max_new_tokens": 6, "batch_size": 2}})
-    model, tok = models.load_base(ModelConfig(name=tiny_cfg["model"]["name"]))
+    model_cfg = ModelConfig(name=tiny_cfg["model"]["name"])
+    tok = models.load_tokenizer(model_cfg)
+    model = models.load_model(models.resolve(model_cfg), pad_token_id=tok.pad_token_id)
     ds = prepare(cfg, tok, roles=("test",)).splits["test"]
     return cfg, model, tok, ds
 

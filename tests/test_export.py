@@ -131,7 +131,8 @@ def _embedded_random_adapter(cfg, folder):
     from peftune import models
     from peftune.config import ModelConfig
 
-    base, tok = models.load_base(ModelConfig())
+    tok = models.load_tokenizer(ModelConfig())
+    base = models.load_model(models.resolve(ModelConfig()), pad_token_id=tok.pad_token_id)
     torch.manual_seed(0)
     model = get_peft_model(base, LoraConfig(task_type=TaskType.CAUSAL_LM, r=4,
                                             init_lora_weights=False))

@@ -159,7 +159,7 @@ def _try_load(path, tiny_model_dir):
     """The loaded adapter's weights, or None after a one-line error."""
     from peft import get_peft_model_state_dict
 
-    base = models.load_model(models.ModelConfig(name=str(tiny_model_dir)))
+    base = models.load_model(models.resolve(models.ModelConfig(name=str(tiny_model_dir))))
     try:
         model = models.load_adapter(base, path)
     except ModelError as err:
@@ -211,7 +211,7 @@ def test_hostile_adapter_config(tmp_path_factory, trained_adapter, tiny_model_di
         cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()), **change}))
 
     path = _mutated(trained_adapter, tmp_path_factory, edit)
-    base = models.load_model(models.ModelConfig(name=str(tiny_model_dir)))
+    base = models.load_model(models.resolve(models.ModelConfig(name=str(tiny_model_dir))))
     with pytest.raises(ModelError, match=message):
         models.load_adapter(base, path)
 
@@ -221,7 +221,7 @@ def test_pickled_adapter_is_refused(tmp_path_factory, trained_adapter, tiny_mode
         (path / "adapter_model.safetensors").rename(path / "adapter_model.bin")
 
     path = _mutated(trained_adapter, tmp_path_factory, to_bin)
-    base = models.load_model(models.ModelConfig(name=str(tiny_model_dir)))
+    base = models.load_model(models.resolve(models.ModelConfig(name=str(tiny_model_dir))))
     with pytest.raises(ModelError, match="pickled .bin adapters are not loaded"):
         models.load_adapter(base, path)
 

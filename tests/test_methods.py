@@ -7,13 +7,13 @@ from peft import PeftModel
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from peftune import config_from_dict, models
-from peftune.assembly import load_base, prepare
+from peftune.assembly import load_base, prepare, wrap
 from peftune.config import EvalConfig
 from peftune.errors import ConfigError
 from peftune.generation import generate, prompts_of
 from peftune.methods import get_method, registry
 from peftune.methods.adalora import RankBudget
-from peftune.train import build_trainer, run, wrap
+from peftune.train import build_trainer, run
 
 CASES = [pytest.param(name, arch, id=f"{name}-{arch}") for name, method in registry().items()
          for arch in ("llama", "t5") if arch == "llama" or method.seq2seq]
@@ -99,7 +99,7 @@ def test_method_trains_saves_loads_merges_and_generates(name, arch, tiny_cfg, mo
     generated = generate(model, tokenizer, prompts, settings, progress=False)
     assert generated == [_greedy_by_forward(model, tokenizer, p, 4) for p in prompts]
 
-    full = models.load_model(cfg.model, pad_token_id=tokenizer.pad_token_id)
+    full = models.load_model(models.resolve(cfg.model), pad_token_id=tokenizer.pad_token_id)
     unmerged = PeftModel.from_pretrained(full, str(tmp_path / "adapter"))
     if method.mergeable:
         before_merge = _logits(unmerged, batch)
@@ -148,7 +148,7 @@ def test_llama_adapter_rejects_other_architectures(tiny_cfg, tiny_model_dir, tin
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=48, n_embd=32, n_layer=2, n_head=2))
     with pytest.raises(ConfigError, match="needs a LLaMA-family model .* is 'gpt2'"):
         wrap(gpt2, cfg)
-    t5 = models.load_model(_config(tiny_cfg, tiny_t5_dir, "llama-adapter").model)
+    t5 = models.load_model(models.resolve(_config(tiny_cfg, tiny_t5_dir, "llama-adapter").model))
     with pytest.raises(ConfigError, match="does not support encoder-decoder models"):
         wrap(t5, cfg)
     with pytest.raises(ConfigError, match=r"adapter_layers must be in \[1, 2\]"):
@@ -176,7 +176,7 @@ def test_ia3_defaults_follow_the_architecture(tiny_cfg, model_dirs):
     for arch, targets, feedforward in (("llama", {"k_proj", "v_proj", "down_proj"},
                                         {"down_proj"}), ("t5", {"k", "v", "wo"}, {"wo"})):
         cfg = _config(tiny_cfg, model_dirs[arch], "ia3")
-        config = wrap(models.load_model(cfg.model), cfg).peft_config["default"]
+        config = wrap(models.load_model(models.resolve(cfg.model)), cfg).peft_config["default"]
         assert set(config.target_modules) == targets
         assert set(config.feedforward_modules) == feedforward
 
@@ -193,10 +193,11 @@ def test_prompt_tuning_starts_from_the_instruction(tiny_cfg, tiny_model_dir):
 
 def test_lora_rslora_and_dora_switches(tiny_cfg, tiny_model_dir):
     cfg = _config(tiny_cfg, tiny_model_dir, "lora", r=4, alpha=8, use_rslora=True)
-    layer = wrap(models.load_model(cfg.model), cfg).base_model.model.model.layers[0]
+    base = models.load_model(models.resolve(cfg.model))
+    layer = wrap(base, cfg).base_model.model.model.layers[0]
     assert layer.self_attn.q_proj.scaling["default"] == pytest.approx(8 / 4 ** 0.5)
     cfg = _config(tiny_cfg, tiny_model_dir, "lora", r=4, alpha=8, use_dora=True)
-    model = wrap(models.load_model(cfg.model), cfg)
+    model = wrap(models.load_model(models.resolve(cfg.model)), cfg)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     assert any("lora_magnitude_vector" in n for n in names)
     assert model.base_model.model.model.layers[0].self_attn.q_proj.scaling["default"] == 2

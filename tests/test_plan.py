@@ -9,9 +9,8 @@ import yaml
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from peftune import config_from_dict, load_yaml, plan
-from peftune.assembly import prepare
+from peftune.assembly import prepare, wrap
 from peftune.cli import main
-from peftune.train import wrap
 
 ROOT = Path(__file__).resolve().parent.parent
 LLAMA_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,

@@ -220,7 +220,8 @@ def test_out_of_memory_halves_the_micro_batch_and_keeps_the_batch(tiny_cfg, capl
     tiny_cfg["train"].update(batch_size=4, micro_batch_size=4, max_steps=3)
     tiny_cfg["lora"] = {"dropout": 0.0}  # the same network in both runs, whatever the RNG
     cfg = config_from_dict(tiny_cfg)
-    base, tok = models.load_base(cfg.model)
+    tok = models.load_tokenizer(cfg.model)
+    base = models.load_model(models.resolve(cfg.model), pad_token_id=tok.pad_token_id)
     data = prepare(cfg, tok)
     model = wrap(base, cfg)
     initial = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
@@ -232,7 +233,7 @@ def test_out_of_memory_halves_the_micro_batch_and_keeps_the_batch(tiny_cfg, capl
     assert 4 in oom.sizes and oom.sizes[-1] <= 2
     # the promise: the same training as a run asked for micro-batch 2 from the start
     halved = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, micro_batch_size=2))
-    other_base, _ = models.load_base(cfg.model)
+    other_base = models.load_model(models.resolve(cfg.model), pad_token_id=tok.pad_token_id)
     other = wrap(other_base, halved)
     with torch.no_grad():
         for name, param in other.named_parameters():

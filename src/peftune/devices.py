@@ -66,7 +66,7 @@ def weights_dtype(name: str, precision: str, *, gpu: bool | None = None) -> torc
 
     ``auto`` on a GPU: the 16-bit type training autocasts to (bf16 from compute capability
     8.0, fp16 below), so frozen weights are neither twice their size nor re-cast every
-    forward; trainable adapter weights are kept in fp32 (``train.wrap``). On a CPU, or when
+    forward; trainable adapter weights are kept in fp32 (``assembly.wrap``). On a CPU, or when
     ``train.precision`` is fp32: fp32 master weights (mixed precision is the Trainer's job).
     Under FSDP: fp32 too. FSDP flattens every parameter of a wrapped unit into one tensor of
     one dtype, and (IA)^3, AdaLoRA and LLaMA-Adapter keep fp32 trainable parameters inside

@@ -30,7 +30,7 @@ import dataclasses
 import json
 import logging
 import shutil
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -104,27 +104,12 @@ def export_adapter(adapter: Path, out: Path, *, trust_remote_code: bool = False)
     # transformers' own adapter loading (from_pretrained(out)) needs a newer peft than the
     # pinned one: name the base explicitly
     base_name = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
-    auto = models.auto_class(models.load_config(cfg.model)).__name__
+    auto = models.resolve(cfg.model).auto_class.__name__
     return Exported(out, f'PeftModel.from_pretrained({auto}.from_pretrained("{base_name}"), '
                          f'"{out}")')
 
 
 # ---------------------------------------------------------------- merged
-
-def check_mergeable(adapter: Path, cfg: Config) -> None:
-    get_method(cfg.method).check_mergeable(PeftConfig.from_pretrained(str(adapter)))
-
-
-def is_quantized(cfg: Config) -> bool:
-    """A quantized GGUF source or a checkpoint stored quantized (bitsandbytes, GPTQ, ...)."""
-    path, gguf_file = models.resolve(cfg.model)
-    if gguf_file:
-        reader = gguf.GGUFReader(str(Path(path) / gguf_file))
-        plain = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16,
-                 gguf.GGMLQuantizationType.BF16}
-        return any(t.tensor_type not in plain for t in reader.tensors)
-    return getattr(models.load_config(cfg.model), "quantization_config", None) is not None
-
 
 def merged_dtype(cfg: Config, dtype: str) -> str:
     """``auto``: the precision the run was evaluated in (its ``train.precision`` resolved on
@@ -133,7 +118,8 @@ def merged_dtype(cfg: Config, dtype: str) -> str:
     if dtype != "auto":
         return dtype
     chosen = devices.PRECISION_DTYPES[assembly.precision(cfg)]
-    return "bfloat16" if chosen == "float32" and is_quantized(cfg) else chosen
+    quantized = models.resolve(cfg.model).stored_quantized
+    return "bfloat16" if chosen == "float32" and quantized else chosen
 
 
 def merge_base(cfg: Config, options: MergeOptions) -> str | None:
@@ -149,11 +135,10 @@ def load_merge_base(cfg: Config, dtype: str, base_kind: str | None
     """The base to merge into, at ``dtype``: ``dequantized``, quantized as training loaded it
     (:func:`assembly.load_base`) and dequantized; otherwise the checkpoint loaded at ``dtype``
     (a checkpoint stored quantized is dequantized: there is no other)."""
-    if base_kind == "dequantized":
-        tokenizer = models.load_tokenizer(cfg.model)
-        base = assembly.load_base(cfg, tokenizer)
-    else:
-        base, tokenizer = models.load_base(replace(cfg.model, dtype=dtype))
+    tokenizer = models.load_tokenizer(cfg.model)
+    model = None if base_kind == "dequantized" else \
+        models.resolve(cfg.model).at(getattr(torch, dtype))
+    base = assembly.load_base(cfg, tokenizer, model=model)
     if getattr(base, "hf_quantizer", None) is not None:
         base = base.dequantize(dtype=getattr(torch, dtype))
     return base.to(getattr(torch, dtype)), tokenizer
@@ -165,7 +150,8 @@ def merge(adapter: Path, *, dtype: str = "auto", options: MergeOptions | None = 
     """The base at ``dtype`` (for a quantized method's adapter the one ``options`` names)
     with the adapter folded into its weights."""
     cfg = run_config(adapter, trust_remote_code=trust_remote_code)
-    check_mergeable(adapter, cfg)
+    # refused before any model loads; Method.merge asks the same rule again
+    get_method(cfg.method).check_mergeable(PeftConfig.from_pretrained(str(adapter)))
     chosen = merged_dtype(cfg, dtype)
     base_kind = merge_base(cfg, options or MergeOptions())
     base, tokenizer = load_merge_base(cfg, chosen, base_kind)
@@ -252,7 +238,7 @@ def export_gguf_lora(adapter: Path, out: Path, *, dtype: str = "f16",
                            f"{', '.join(LORA_DTYPES)})")
     out.mkdir(parents=True, exist_ok=True)
     base_path = base_gguf(cfg, out, dtype=dtype)
-    config = models.load_config(cfg.model)
+    config = models.resolve(cfg.model).config
     check_llama(config)
     path = gguf_lora.write(adapter, out / f"{Path(cfg.output_dir).name}-lora-{dtype}.gguf",
                            config, qtype=GGUF_DTYPES[dtype][0])
@@ -271,12 +257,13 @@ def _settings(cfg: Config, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]
 
 def base_gguf(cfg: Config, out: Path, *, dtype: str) -> Path:
     """The base as a GGUF file in ``out``: a GGUF source copied as is, else written."""
-    source, gguf_file = models.resolve(cfg.model)
-    if gguf_file:
-        target = out / gguf_file
-        shutil.copyfile(Path(source) / gguf_file, target)
+    model = models.resolve(cfg.model)
+    if model.gguf_path is not None:
+        target = out / model.gguf_path.name
+        shutil.copyfile(model.gguf_path, target)
         return target
-    base, tokenizer = models.load_base(replace(cfg.model, dtype="float32"))
+    tokenizer = models.load_tokenizer(cfg.model)
+    base = assembly.load_base(cfg, tokenizer, model=model.at(torch.float32))
     return write_gguf(base, tokenizer, cfg, out / f"base-{dtype}.gguf", dtype=dtype)
 
 
@@ -345,10 +332,10 @@ def write_llama_tensors(writer: gguf.GGUFWriter, model: PreTrainedModel, *,
 
 def source_pre_tokenizer(cfg: Config) -> str | None:
     """A GGUF base names its pre-tokenizer for llama.cpp; keep that name."""
-    path, gguf_file = models.resolve(cfg.model)
-    if not gguf_file:
+    path = models.resolve(cfg.model).gguf_path
+    if path is None:
         return None
-    field = gguf.GGUFReader(str(Path(path) / gguf_file)).get_field("tokenizer.ggml.pre")
+    field = gguf.GGUFReader(str(path)).get_field("tokenizer.ggml.pre")
     return field.contents() if field is not None else None
 
 
@@ -437,7 +424,8 @@ def is_fp32(cfg: Config, *, fmt: str, dtype: str | None) -> bool:
         return True
     if fmt == "merged":
         return merged_dtype(cfg, dtype or "auto") == "float32"
-    return dtype == "f32" and not (fmt == "gguf-lora" and is_quantized(cfg))
+    return dtype == "f32" and not (fmt == "gguf-lora"
+                                   and models.resolve(cfg.model).stored_quantized)
 
 
 def check_parity(adapter: Path, done: Exported, *, fmt: str, options: ParityOptions,

@@ -60,7 +60,7 @@ def training_speed(cfg: Config, data: assembly.Prepared) -> tuple[float, float]:
     data = dataclasses.replace(data, splits={"train": data.splits["train"]})
     with tempfile.TemporaryDirectory(prefix="peftune-plan-") as tmp:
         timed = dataclasses.replace(cfg, train=train, output_dir=tmp)
-        model = training.wrap(assembly.load_base(timed, data.tokenizer), timed)
+        model = assembly.wrap(assembly.load_base(timed, data.tokenizer), timed)
         clock = StepClock()
         training.fit(timed, model, data, output_dir=RunDir(Path(tmp)).checkpoints,
                      callbacks=[clock])

@@ -16,6 +16,8 @@ import os
 import shutil
 import struct
 import threading
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +65,89 @@ def embedded_gguf() -> Path:
     raise ModelError(f"no .gguf file found in the installed {EMBEDDED_PACKAGE} package")
 
 
-def resolve(cfg: ModelConfig) -> tuple[str, str | None]:
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A configured model resolved once: where its files are, its config and loading class,
+    and how its weights load (dtype, quantization). Loading, ``peftune plan``, model cards and
+    export all read this one object; :func:`resolve` (and, for a run,
+    :func:`peftune.assembly.resolve_base`) build it."""
+
+    settings: ModelConfig
+    source: str
+    """The folder or Hub id the model is read from."""
+    gguf_file: str | None
+    """The GGUF file inside ``source``, if the model is one."""
+    dtype: torch.dtype = torch.float32
+    """The dtype the weights load in (:func:`devices.weights_dtype`, the one rule)."""
+    quantization: Any = None
+    """A transformers quantization config (the k-bit methods' bitsandbytes), or None."""
+
+    @cached_property
+    def path(self) -> str:
+        """What transformers reads: ``source``, or a GGUF file's plain conversion (cached)."""
+        return _gguf_as_plain(self.source, self.gguf_file) if self.gguf_file else self.source
+
+    @property
+    def gguf_path(self) -> Path | None:
+        return Path(self.source) / self.gguf_file if self.gguf_file else None
+
+    @cached_property
+    def config(self) -> Any:
+        try:
+            return AutoConfig.from_pretrained(self.path, **_hub_kwargs(self.settings))
+        except (OSError, ValueError) as err:
+            raise ModelError(f"cannot load model '{self.settings.name}': {_first_line(err)}") \
+                from None
+
+    @property
+    def auto_class(self) -> type:
+        return auto_class(self.config)
+
+    @property
+    def is_seq2seq(self) -> bool:
+        return bool(self.config.is_encoder_decoder)
+
+    @property
+    def weight_format(self) -> str:
+        """``nf4``, ``nf4-dq``, ``int8`` or the name of :attr:`dtype`: how the weights load."""
+        quant = self.quantization
+        if quant is not None and getattr(quant, "load_in_4bit", False):
+            return "nf4-dq" if getattr(quant, "bnb_4bit_use_double_quant", False) else "nf4"
+        if quant is not None and getattr(quant, "load_in_8bit", False):
+            return "int8"
+        return devices.DTYPE_NAMES[self.dtype]
+
+    @property
+    def stored_quantized(self) -> bool:
+        """The checkpoint itself is quantized: a GGUF of quantized tensors, or a checkpoint
+        saved quantized (bitsandbytes, GPTQ, ...)."""
+        if self.gguf_path is not None:
+            import gguf
+
+            plain = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16,
+                     gguf.GGMLQuantizationType.BF16}
+            return any(t.tensor_type not in plain
+                       for t in gguf.GGUFReader(str(self.gguf_path)).tensors)
+        return getattr(self.config, "quantization_config", None) is not None
+
+    def at(self, dtype: torch.dtype) -> ResolvedModel:
+        """The same checkpoint, not quantized on load, its weights in ``dtype`` (what export
+        merges into and writes)."""
+        return dataclasses.replace(self, dtype=dtype, quantization=None)
+
+
+def resolve(cfg: ModelConfig, *, precision: str = "fp32", gpu: bool | None = None,
+            quantization: Any = None) -> ResolvedModel:
+    """Resolve the configured name (hub id, folder, GGUF file, embedded model) once; its
+    weights load in the dtype ``model.dtype`` means for a run in ``precision`` on a GPU if
+    ``gpu`` (default: whether this machine has one; :func:`devices.weights_dtype`)."""
+    source, gguf_file = _locate(cfg)
+    return ResolvedModel(cfg, source, gguf_file,
+                         dtype=devices.weights_dtype(cfg.dtype, precision, gpu=gpu),
+                         quantization=quantization)
+
+
+def _locate(cfg: ModelConfig) -> tuple[str, str | None]:
     """Map the configured name to (path or hub id, gguf file name or None)."""
     name = cfg.name
     if name in EMBEDDED_NAMES:
@@ -133,7 +217,7 @@ def _gguf_as_plain(path: str, gguf_file: str) -> str:
 
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     try:
-        tokenizer = AutoTokenizer.from_pretrained(_local_path(cfg), **_hub_kwargs(cfg))
+        tokenizer = AutoTokenizer.from_pretrained(resolve(cfg).path, **_hub_kwargs(cfg))
     except (OSError, ValueError) as err:
         raise ModelError(f"cannot load tokenizer for '{cfg.name}': {_first_line(err)}") from None
     if tokenizer.pad_token is None:
@@ -142,50 +226,30 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def _local_path(cfg: ModelConfig) -> str:
-    path, gguf_file = resolve(cfg)
-    return _gguf_as_plain(path, gguf_file) if gguf_file else path
-
-
-def load_config(cfg: ModelConfig) -> Any:
-    try:
-        return AutoConfig.from_pretrained(_local_path(cfg), **_hub_kwargs(cfg))
-    except (OSError, ValueError) as err:
-        raise ModelError(f"cannot load model '{cfg.name}': {_first_line(err)}") from None
-
-
-def is_seq2seq(cfg: ModelConfig) -> bool:
-    return bool(load_config(cfg).is_encoder_decoder)
-
-
 def auto_class(config: Any) -> type:
     """The transformers class that loads a model of this config."""
     return AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
 
 
-def load_model(cfg: ModelConfig, *, pad_token_id: int | None = None,
-               extra: dict[str, Any] | None = None, precision: str = "fp32") -> PreTrainedModel:
-    """Causal or encoder-decoder LM, as its config says; ``extra`` goes to ``from_pretrained``
-    (a method's quantization config). ``precision`` is the one the model will run in: with
-    ``model.dtype: auto`` it decides the weights' dtype on a GPU (:func:`devices.weights_dtype`)."""
-    config = load_config(cfg)
-    auto = auto_class(config)
-    extra = dict(extra or {})
-    if "quantization_config" in extra:
-        extra = {**devices.quantized_load_kwargs(), **extra}
+def load_model(model: ResolvedModel, *, pad_token_id: int | None = None) -> PreTrainedModel:
+    """Causal or encoder-decoder LM, as its config says, its weights in ``model.dtype`` and
+    quantized as ``model.quantization`` says."""
+    extra: dict[str, Any] = {}
+    if model.quantization is not None:
+        extra = {**devices.quantized_load_kwargs(), "quantization_config": model.quantization}
     try:
-        model = auto.from_pretrained(_local_path(cfg),
-                                     dtype=devices.weights_dtype(cfg.dtype, precision),
-                                     **_hub_kwargs(cfg), **extra)
+        loaded = model.auto_class.from_pretrained(model.path, dtype=model.dtype,
+                                                  **_hub_kwargs(model.settings), **extra)
     except (OSError, ValueError) as err:
-        raise ModelError(f"cannot load model '{cfg.name}': {_first_line(err)}") from None
-    _keep_4bit_weights_trainable(model)
+        raise ModelError(f"cannot load model '{model.settings.name}': {_first_line(err)}") \
+            from None
+    _keep_4bit_weights_trainable(loaded)
     if pad_token_id is not None:
         # keep model, generation config and tokenizer in agreement about padding
-        model.config.pad_token_id = pad_token_id
-        if model.generation_config is not None:
-            model.generation_config.pad_token_id = pad_token_id
-    return model
+        loaded.config.pad_token_id = pad_token_id
+        if loaded.generation_config is not None:
+            loaded.generation_config.pad_token_id = pad_token_id
+    return loaded
 
 
 def _keep_4bit_weights_trainable(model: PreTrainedModel) -> None:
@@ -196,11 +260,6 @@ def _keep_4bit_weights_trainable(model: PreTrainedModel) -> None:
     for module in model.modules():
         if getattr(module, "support_avx512bf16_for_cpu", False):
             module.support_avx512bf16_for_cpu = False
-
-
-def load_base(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    tokenizer = load_tokenizer(cfg)
-    return load_model(cfg, pad_token_id=tokenizer.pad_token_id), tokenizer
 
 
 def model_info(model: torch.nn.Module) -> ModelInfo:

@@ -132,7 +132,7 @@ def run(cfg: Any, adapter: Path, path: Path, *, fmt: str, options: ParityOptions
                               stop={tokenizer.eos_token_id, *_eos(cfg, tokenizer)})
         return compare(tokenizer, ref.texts, texts_of(tokenizer, ids), ref.summaries,
                        client="llama.cpp")
-    exported, client = _transformers_model(cfg, path, fmt)
+    exported, client = _transformers_model(cfg, path, fmt, tokenizer)
     texts = generation.generate(devices.place(exported), tokenizer, prompts, cfg.eval,
                               precision="fp32", progress=False)
     return compare(tokenizer, ref.texts, texts, ref.summaries, client=client)
@@ -145,21 +145,20 @@ def _eos(cfg: Any, tokenizer: Any) -> list[int]:
     return [int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None]
 
 
-def _transformers_model(cfg: Any, path: Path, fmt: str) -> tuple[Any, str]:
+def _transformers_model(cfg: Any, path: Path, fmt: str, tokenizer: Any) -> tuple[Any, str]:
     from transformers import AutoModelForCausalLM
 
-    from peftune import models
+    from peftune import assembly, models
 
+    model = models.resolve(cfg.model)
     if fmt == "adapter":
-        from peft import PeftModel
-
-        base, _ = models.load_base(cfg.model)
-        return PeftModel.from_pretrained(base, str(path)), "peft"
+        # the checkpoint as a user loads it (not quantized; model.dtype, auto: float32)
+        base = assembly.load_base(cfg, tokenizer, model=model)
+        return models.load_adapter(base, path), "peft"
     if path.is_file():
         return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                     dtype="float32"), "transformers (GGUF)"
-    auto = models.auto_class(models.load_config(cfg.model))
-    return auto.from_pretrained(str(path), dtype="auto"), "transformers"
+    return model.auto_class.from_pretrained(str(path), dtype="auto"), "transformers"
 
 
 __all__ = ["MODES", "Parity", "ParityOptions", "Reference", "check", "compare", "reference",

@@ -2,7 +2,8 @@
 
 Loads no weights: the model's ``config.json``, the tokenizer and (unless ``plan.use_data``
 is off) the tokenized training data. Parameters are counted on an empty (meta-device) model
-wrapped with the configured method, so the trainable count is peft's own.
+wrapped as training wraps it (:func:`peftune.assembly.wrap`), so the trainable count is peft's
+own, and the weights' format is the one loading resolves (:func:`peftune.assembly.resolve_base`).
 
 Memory of one device (data parallel: every device holds all of it for its micro-batch):
 
@@ -53,9 +54,8 @@ from typing import Any
 
 import torch
 
-from peftune import devices, models
+from peftune import assembly, devices, models
 from peftune.config import Config, parse_memory
-from peftune.methods import get_method
 
 log = logging.getLogger(__name__)
 
@@ -201,21 +201,17 @@ class Plan:
 
 
 def count_parameters(cfg: Config, model_config: Any) -> Params:
-    """Base and trainable parameters of ``cfg.method`` on an empty (meta) model. The meta
-    device, not accelerate's ``init_empty_weights``: under the latter, tied input and output
-    embeddings stay two tensors and are counted twice."""
-    from peft import get_peft_model
-
-    method = get_method(cfg.method)
-    with torch.device("meta"):
+    """Base and trainable parameters of ``cfg.method`` on an empty (meta) model, wrapped as
+    training wraps it (:func:`assembly.wrap`). The meta device, not accelerate's
+    ``init_empty_weights``: under the latter, tied input and output embeddings stay two
+    tensors and are counted twice."""
+    with torch.device("meta"), torch.random.fork_rng(devices=[]):  # wrap seeds
         base = models.auto_class(model_config).from_config(model_config)
         params = _base_counts(base)
-        info = replace(models.model_info(base), instruction=cfg.data.instruction)
-        peft_config = method.build(cfg.method_options, info)
-        model = get_peft_model(base, peft_config)
+        model = assembly.wrap(base, cfg)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return replace(params, trainable=trainable,
-                   prompt_learning=bool(peft_config.is_prompt_learning))
+                   prompt_learning=bool(model.active_peft_config.is_prompt_learning))
 
 
 def _base_counts(model: torch.nn.Module) -> Params:
@@ -257,20 +253,6 @@ def assumed_lengths(cfg: Config, examples: int = 0) -> Lengths:
     return Lengths(p50=total, p90=total, max=total, summary_p50=summary,
                    summary_p90=summary, summary_max=summary, examples=examples,
                    mean=float(total), measured=False)
-
-
-def weight_format(cfg: Config, device_kind: str) -> str:
-    """``nf4``, ``nf4-dq``, ``int8`` or the dtype the base model is loaded in on a device of
-    ``device_kind`` (the loading rule, :func:`devices.weights_dtype`)."""
-    load = get_method(cfg.method).load_kwargs(cfg.method_options)
-    quant = load.get("quantization_config")
-    if quant is not None and getattr(quant, "load_in_4bit", False):
-        return "nf4-dq" if getattr(quant, "bnb_4bit_use_double_quant", False) else "nf4"
-    if quant is not None and getattr(quant, "load_in_8bit", False):
-        return "int8"
-    dtype = devices.weights_dtype(cfg.model.dtype, cfg.train.precision,
-                                  gpu=device_kind == "cuda")
-    return devices.DTYPE_NAMES[dtype]
 
 
 def weight_bytes(params: Params, fmt: str) -> float:
@@ -334,19 +316,20 @@ def device_memory(setting: str) -> tuple[str, int]:
 
 def make(cfg: Config, *, data: Any = None, model_config: Any = None) -> Plan:
     """The plan of ``cfg``. ``data`` (a Prepared) supplies the token lengths; without it the
-    training split is prepared here (or lengths assumed, with ``plan.use_data`` off)."""
-    model_config = model_config or models.load_config(cfg.model)
+    training split is prepared here (or lengths assumed, with ``plan.use_data`` off).
+    ``model_config``: a shape to plan instead of the model's own (one with no files)."""
+    kind, memory = device_memory(cfg.plan.device_memory)
+    # the model as training on a device of this kind loads it: one dtype rule for both
+    model = assembly.resolve_base(cfg, gpu=kind == "cuda")
+    model_config = model_config or model.config
     params = count_parameters(cfg, model_config)
     if data is None and cfg.plan.use_data:
-        from peftune.assembly import prepare
-
-        data = prepare(cfg, roles=("train",))
+        data = assembly.prepare(cfg, roles=("train",))
     lengths = measure_lengths(data.splits["train"]) if data is not None else \
         assumed_lengths(cfg)
-    kind, memory = device_memory(cfg.plan.device_memory)
     auto = cfg.train.micro_batch_size == "auto"
     plan = Plan(cfg=cfg, shape=Shape.of(model_config), params=params, lengths=lengths,
-                weight_format=weight_format(cfg, kind),
+                weight_format=model.weight_format,
                 precision=devices.resolve_precision(cfg.train.precision),
                 device_kind=kind, device_memory=memory,
                 micro_batch=1 if auto else cfg.train.micro_batch_size)

@@ -13,13 +13,13 @@ import os
 import signal
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate.utils.memory import should_reduce_batch_size
-from peft import PeftModel, get_peft_model
+from peft import PeftModel
 from transformers import (
     EarlyStoppingCallback,
     PreTrainedModel,
@@ -31,7 +31,7 @@ from transformers import (
 )
 
 from peftune import card, checkpoints, devices, models, plan, tracking
-from peftune.assembly import Prepared, load_base, prepare
+from peftune.assembly import Prepared, load_base, prepare, wrap
 from peftune.assembly import precision as run_precision
 from peftune.checkpoints import COMPLETE_MARKER, last_complete_checkpoint
 from peftune.config import Config, EvalConfig, save_yaml
@@ -45,26 +45,6 @@ from peftune.metrics import ROUGE_KEYS
 from peftune.rundir import ADAPTER_SETTINGS, RunDir
 
 log = logging.getLogger(__name__)
-
-
-def wrap(base: PreTrainedModel, cfg: Config) -> PeftModel:
-    """A fresh adapter of the configured method around ``base`` (seeded)."""
-    method = get_method(cfg.method)
-    info = replace(models.model_info(base), instruction=cfg.data.instruction)
-    if info.is_encoder_decoder and not method.seq2seq:
-        raise ConfigError(f"method '{method.name}' does not support encoder-decoder models "
-                          f"('{info.model_type}'); pick another --method")
-    peft_config = method.build(cfg.method_options, info)
-    torch.manual_seed(cfg.seed)
-    model = get_peft_model(method.prepare_base(base, cfg.method_options), peft_config)
-    # On a 16-bit base (model.dtype auto on a GPU) adapter weights must stay fp32: the
-    # optimizer's updates would round away, and fp16 mixed precision refuses to unscale
-    # 16-bit gradients. peft upcasts its tuner layers' (LoRA, AdaLoRA, IA3), not
-    # LLaMA-Adapter's, which take the dtype of the attention they wrap.
-    for param in model.parameters():
-        if param.requires_grad and param.dtype in (torch.float16, torch.bfloat16):
-            param.data = param.data.float()
-    return model
 
 
 def use_checkpointing(model: PeftModel, on: bool) -> None:

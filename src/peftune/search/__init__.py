@@ -31,7 +31,6 @@ from peftune.search.objective import (
     load_for_search,
     signal_metric,
     suggest,
-    unwrap,
 )
 from peftune.search.study import (
     FINISHED,
@@ -52,7 +51,7 @@ __all__ = [
     "FINISHED", "PARENT_ENV", "WORKER_ENV", "Objective", "ReportToTrial", "WaitingLog",
     "best_config", "count", "create_study", "directions", "finalize", "load_for_search", "me",
     "optimize", "orphaned", "owner_gone", "owner_of", "pruner_name", "run", "sampler_seed",
-    "signal_metric", "spawn_workers", "storage_for", "suggest", "unwrap",
+    "signal_metric", "spawn_workers", "storage_for", "suggest",
 ]
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from peftune.config import Config, save_yaml
 from peftune.generation import score
 from peftune.metrics import compare_predictions, write_examples
 from peftune.rundir import RunDir
-from peftune.search.objective import suggest, unwrap
+from peftune.search.objective import suggest
 from peftune.search.study import directions
 
 BOOTSTRAP_RESAMPLES = 2000  # seconds even for thousands of documents
@@ -44,7 +44,7 @@ def _train_and_test(cfg: Config, bases: assembly.Bases,
     result = training.run(cfg, base=bases.get(cfg), data=data)
     metrics = _test_score(cfg, result.model, data, Path(cfg.output_dir))
     card.update_metrics(result.adapter_dir, metrics, cfg=cfg, tokenizer=data.tokenizer)
-    bases.put(cfg, unwrap(result.model))
+    bases.put(cfg, assembly.unwrap(result.model))
     return metrics, result.adapter_dir
 
 

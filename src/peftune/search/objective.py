@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from transformers import PreTrainedModel, TrainerCallback
+from transformers import TrainerCallback
 
 from peftune import assembly, devices, tracking
 from peftune import train as training
@@ -94,12 +94,6 @@ class ReportToTrial(TrainerCallback):
             control.should_training_stop = True
 
 
-def unwrap(model: Any) -> PreTrainedModel:
-    """Remove the adapter, returning the untouched base model for the next trial."""
-    inner = model.base_model
-    return inner.unload() if hasattr(inner, "unload") else model.get_base_model()
-
-
 class Objective:
     """Trains and scores one configuration on a base model loaded once per worker (one per
     load configuration: k-bit methods get their own quantized base)."""
@@ -131,11 +125,11 @@ class Objective:
         trial.set_user_attr("config", cfg.to_dict())
         base = self.bases.get(cfg)
         keys = self.keys.setdefault(assembly.base_key(cfg), set(base.state_dict()))
-        model = training.wrap(base, cfg)
+        model = assembly.wrap(base, cfg)
         try:
             return self._train_and_score(trial, cfg, model)
         finally:
-            base = unwrap(model)
+            base = assembly.unwrap(model)
             self.bases.put(cfg, base)
             devices.free_memory()  # the trial's optimizer state and activations
             if set(base.state_dict()) != keys:
