@@ -364,7 +364,7 @@ def test_stale_trials_are_the_silent_ones_and_those_of_dead_owners(search_cfg, s
         search_cfg["search"].update(storage=url, study_name=f"stale-{time.time_ns()}")
     study = searching.create_study(config_from_dict(search_cfg))
     try:
-        never, beating, orphan = study.ask(), study.ask(), study.ask()
+        _never, beating, orphan = study.ask(), study.ask(), study.ask()
         study._storage.record_heartbeat(beating._trial_id)
         gone = subprocess.Popen(["true"])
         gone.wait()
