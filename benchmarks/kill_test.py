@@ -26,7 +26,10 @@ In every mode the rerun (for ``worker``, the search's whole run) must take no lo
 ``remaining work + start-up + grace``: the uninterrupted run's length after the kill
 instant, plus the fixed cost of any rerun (measured: a rerun of a finished run), plus the
 stale-trial grace period, all with a 25% allowance for a shared machine's noise.
-Prints one markdown table per mode.
+Prints one markdown table per mode, with each kill's clock time and load average. Each run
+keeps its output in ``WORK/MODE/kill-NN-A/log.txt``; a worker-mode search still running at
+1.25 x its bound gets its processes' stacks dumped beside it (``stacks.txt``; needs
+``py-spy`` on the PATH).
 """
 
 from __future__ import annotations
