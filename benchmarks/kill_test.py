@@ -26,7 +26,10 @@ In every mode the rerun (for ``worker``, the search's whole run) must take no lo
 ``remaining work + start-up + grace``: the uninterrupted run's length after the kill
 instant, plus the fixed cost of any rerun (measured: a rerun of a finished run), plus the
 stale-trial grace period, all with a 25% allowance for a shared machine's noise.
-Prints one markdown table per mode.
+Prints one markdown table per mode, with each kill's clock time and load average. Each run
+keeps its output in ``WORK/MODE/kill-NN-A/log.txt``; a worker-mode search still running at
+1.25 x its bound gets its processes' stacks dumped beside it (``stacks.txt``; needs
+``py-spy`` on the PATH).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -112,11 +116,15 @@ def children(pid: int) -> list[int]:
 
 
 def kill_at(cmd: list[str], instant: float, *, worker: bool, rng: random.Random,
-            snapshot: Callable[[], str]) -> tuple[str, str]:
+            snapshot: Callable[[], str], log: Path, overdue: float) -> tuple[str, str]:
     """Start ``cmd``, SIGKILL it (or one of its workers) ``instant`` s later; what was hit
-    ("finished first" when it ended before) and ``snapshot()`` just after the kill."""
-    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.perf_counter() + instant
+    ("finished first" when it ended before) and ``snapshot()`` just after the kill. The
+    run's output goes to ``log``; a worker-mode search still running ``overdue`` s after its
+    start gets its processes' stacks dumped next to it (see :func:`dump_stacks`)."""
+    start = time.perf_counter()
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, env=ENV, stdout=out, stderr=subprocess.STDOUT)
+    deadline = start + instant
     while time.perf_counter() < deadline and proc.poll() is None:
         time.sleep(0.01)
     if proc.poll() is not None:
@@ -135,8 +143,25 @@ def kill_at(cmd: list[str], instant: float, *, worker: bool, rng: random.Random,
         if time.perf_counter() > deadline + 120:
             break
         time.sleep(0.01)
-    proc.wait()
+    try:
+        proc.wait(timeout=max(1.0, start + overdue - time.perf_counter()))
+    except subprocess.TimeoutExpired:
+        dump_stacks(proc.pid, log.with_name("stacks.txt"))
+        proc.wait()
     return hit, state
+
+
+def dump_stacks(pid: int, path: Path) -> None:
+    """Where process ``pid`` and its children are (``py-spy dump``, when installed)."""
+    spy = shutil.which("py-spy")
+    if spy is None:
+        return
+    with path.open("w") as out:
+        for p in [pid, *children(pid)]:
+            out.write(f"== pid {p} at {time.strftime('%H:%M:%S')}, load "
+                      f"{os.getloadavg()[0]:.1f}\n")
+            out.flush()
+            subprocess.run([spy, "dump", "--pid", str(p)], stdout=out, stderr=out)
 
 
 def progress(mode: str, run: Path) -> str:
@@ -231,8 +256,8 @@ def run_mode(mode: str, cfg: dict, work: Path, kills: int, rng: random.Random,
                                else []))
     print(f"\n### {mode}: uninterrupted run {baseline:.1f} s, rerun of a finished run "
           f"{startup:.1f} s, grace {GRACE} s\n\n"
-          f"| {mode} kill | at s | killed | left on disk | rerun s | bound s | result |\n"
-          "|---|---|---|---|---|---|---|", flush=True)
+          f"| {mode} kill | started (UTC) | load | at s | killed | left on disk | rerun s "
+          "| bound s | result |\n|---|---|---|---|---|---|---|---|---|", flush=True)
     rows = []
     for i in range(kills):
         # a busy machine may run faster than the baseline did: a run that ends before its
@@ -242,9 +267,12 @@ def run_mode(mode: str, cfg: dict, work: Path, kills: int, rng: random.Random,
             instant = rng.uniform(0.0, length)
             out = work / mode / f"kill-{i:02d}-{attempt}"
             cmd = command(mode, cfg, out, adapter)
-            start = time.perf_counter()
+            start, clock = time.perf_counter(), time.strftime("%H:%M:%S", time.gmtime())
             hit, state = kill_at(cmd, instant, worker=mode == "worker", rng=rng,
-                                 snapshot=lambda: progress(mode, out / "run"))
+                                 snapshot=lambda out=out: progress(mode, out / "run"),
+                                 log=out / "log.txt",
+                                 overdue=NOISE * (instant + baseline + GRACE))
+            load = os.getloadavg()[0]  # the 1-minute load average just after the kill
             if hit != "finished first":
                 break
             length = time.perf_counter() - start
@@ -262,10 +290,12 @@ def run_mode(mode: str, cfg: dict, work: Path, kills: int, rng: random.Random,
                     else check_evaluate(run, ref / "run"))
         if rerun > NOISE * bound:
             problems.append(f"rerun {rerun:.1f} s > {NOISE} x {bound:.1f} s")
-        rows.append({"kill": i, "at_s": instant, "hit": hit, "state": state, "rerun_s": rerun,
-                     "bound_s": bound, "ok": not problems, "problems": problems})
-        print(f"| {i} | {instant:.1f} | {hit} | {state} | {rerun:.1f} | {bound:.1f} | "
-              f"{'clean' if not problems else '; '.join(problems)} |", flush=True)
+        rows.append({"kill": i, "started": clock, "load": load, "at_s": instant, "hit": hit,
+                     "state": state, "rerun_s": rerun, "bound_s": bound, "ok": not problems,
+                     "problems": problems, "dir": str(out)})
+        print(f"| {i} | {clock} | {load:.1f} | {instant:.1f} | {hit} | {state} | {rerun:.1f} "
+              f"| {bound:.1f} | {'clean' if not problems else '; '.join(problems)} |",
+              flush=True)
     clean = sum(r["ok"] for r in rows)
     print(f"{mode}: {clean}/{len(rows)} clean resumes", flush=True)
     return rows

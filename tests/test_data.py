@@ -85,6 +85,15 @@ def test_local_folder_and_single_file(tmp_path, tiny_data_dir):
     assert load_splits(DataConfig(source=str(single)))["test"]["id"] == ids["test"]  # seeded
 
 
+def test_reading_local_files_looks_up_no_host(tmp_path, tiny_data_dir, monkeypatch):
+    import socket
+
+    looked_up = []
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, *a, **k: looked_up.append(host))
+    load_splits(DataConfig(source=str(tiny_data_dir)))
+    assert looked_up == []
+
+
 def test_csv_and_parquet_with_renamed_columns(tmp_path):
     import pandas as pd
 

@@ -47,6 +47,9 @@ _CODE_VERSION = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16] + \
     f"-transformers-{transformers.__version__}"
 # Splits this long are tokenized in one process per CPU (see `tokenize`).
 PARALLEL_TOKENIZE_ROWS = 50_000
+# datasets counts each load_dataset, a local file's too, with an HTTP request to its hub
+# (a DNS lookup, then up to 3 s): reading local files must not wait on the network.
+datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
 
 
 # ---------------------------------------------------------------- loading
