@@ -86,7 +86,7 @@ def summary(texts: list[str], references: list[str], tokenizer: Any,
 def decoding(cfg: Any, model: Any, data: Any) -> dict[str, Any]:
     ds = data.splits["validation"]
     prompts, refs = prompts_of(ds), ds["summary"]
-    precision = assembly.precision(cfg)
+    precision = models.precision(cfg)
     rows: dict[str, Any] = {}
     for name, (ngram, penalty, _) in CANDIDATES.items():
         settings = replace(cfg.eval, no_repeat_ngram_size=ngram, repetition_penalty=penalty)

@@ -87,8 +87,8 @@ def prepare(name: str, source: str, *, max_source_tokens: int, steps: int, batch
     """Model folder, data set (``dataset_info.json``) and LLaMA-Factory arguments for a run
     on the training split of ``source``; returns the arguments file."""
     from peftune import config_from_dict, models
-    from peftune.assembly import prompt_format
     from peftune.data import load_splits
+    from peftune.models import prompt_format
 
     cfg = config_from_dict({"data": {"source": source,
                                      "max_source_tokens": max_source_tokens}})

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from peftune import assembly, devices
+from peftune import assembly, devices, models
 from peftune import train as training
 from peftune.config import config_from_dict, load_yaml
 from peftune.generation import generate, prompts_of
@@ -94,7 +94,7 @@ def main() -> None:
     model = PeftModel.from_pretrained(base, str(adapter)) if "adapter" in who_runs else base
     val = data.splits["validation"].select(range(min(args.docs, len(data.splits["validation"]))))
     prompts, refs = prompts_of(val), references(list(val["id"]))
-    precision = assembly.precision(cfg)
+    precision = models.precision(cfg)
     rows: dict[str, Any] = {}
     for name, (ngram, penalty) in RULES.items():
         settings = replace(cfg.eval, generated_no_repeat_ngram_size=ngram,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from peftune import assembly, devices
+from peftune import assembly, devices, models
 from peftune.config import config_from_dict, load_yaml
 from peftune.generation import generate, prompts_of
 from peftune.metrics import loop_rate, rouge
@@ -44,7 +44,7 @@ def main() -> None:
     base = devices.place(assembly.load_base(cfg, data.tokenizer))
     start = time.time()
     texts = generate(base, data.tokenizer, prompts_of(val), cfg.eval,
-                     precision=assembly.precision(cfg), progress=False)
+                     precision=models.precision(cfg), progress=False)
     result = {**devices.numerics(), "rougeL": rouge(texts, val["summary"])["rougeL"],
               "loop_rate": loop_rate(texts), "seconds": round(time.time() - start),
               "texts": texts}

@@ -164,14 +164,14 @@ def time_preparation(source: Path) -> dict[str, Any]:
 
 def tokenize_only(source: Path, rows: int, num_proc: int) -> dict[str, Any]:
     """Tokenizing the first ``rows`` training rows with ``num_proc`` processes, timed."""
-    from peftune import assembly, config_from_dict, models
+    from peftune import config_from_dict, models
     from peftune.data import load_splits, tokenize
 
     cfg = config_from_dict({"data": {"source": str(source), "max_train_examples": rows}})
     tokenizer = models.load_tokenizer(cfg.model)
     train = load_splits(cfg.data)["train"]
     start = time.perf_counter()
-    tokenize(train, tokenizer, assembly.prompt_format(cfg, tokenizer),
+    tokenize(train, tokenizer, models.prompt_format(cfg, tokenizer),
              cfg.data.max_source_tokens, num_proc=num_proc)
     return {"num_proc": num_proc, "rows": len(train),
             "tokenize_s": round(time.perf_counter() - start, 1)}

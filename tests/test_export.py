@@ -16,12 +16,13 @@ from peft import PeftModel, PromptTuningConfig, TaskType, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from peftune import config_from_dict
-from peftune.assembly import prepare, prompt_format
+from peftune.assembly import prepare
 from peftune.cli import main
 from peftune.config import EvalConfig
 from peftune.errors import ModelError, PeftuneError
 from peftune.export import export
 from peftune.generation import generate, prompts_of
+from peftune.models import prompt_format
 from peftune.train import run
 from tests.conftest import bpe_adapter_config, make_llama, make_tokenizer
 

@@ -12,11 +12,12 @@ import pytest
 from peft import IA3Config, LoraConfig, TaskType, get_peft_model
 
 from peftune import config_from_dict, llamacpp, ollama, vllm
-from peftune.assembly import prepare, prompt_format
+from peftune.assembly import prepare
 from peftune.cli import main
 from peftune.errors import ConfigError, ModelError, PeftuneError
 from peftune.export import export, permute_qk, run_config
 from peftune.generation import generate, prompts_of
+from peftune.models import prompt_format
 from peftune.parity import Parity, ParityOptions, check
 from peftune.train import run
 from tests.conftest import bpe_adapter_config, make_llama, make_tokenizer

@@ -8,9 +8,10 @@ token ids with what ``peftune train``/``evaluate``/``summarize`` use.
 import datasets
 import pytest
 
-from peftune.assembly import prepare, prompt_format
+from peftune.assembly import prepare
 from peftune.config import config_from_dict
 from peftune.data import PromptFormat, tokenize
+from peftune.models import prompt_format
 from tests.conftest import make_bpe_tokenizer, make_rows, make_tokenizer
 
 INSTRUCTION = "Summarize the following text."

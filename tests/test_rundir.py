@@ -4,6 +4,7 @@ import ast
 import logging
 from pathlib import Path
 
+import pytest
 import yaml
 
 from peftune import rundir
@@ -63,9 +64,19 @@ def test_only_rundir_names_the_run_folders_files():
     assert not found, f"run folder layout outside rundir.py: {sorted(found)}"
 
 
-def test_report_reads_the_run_folder_without_assembly():
-    tree = ast.parse((SRC / "report.py").read_text())
-    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
-                 for alias in node.names}
+def _imported(path: Path) -> set[str]:
+    """Modules ``path`` imports, ``from peftune import x`` counted as ``peftune.x``."""
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            out.add(node.module)
+            out |= {f"{node.module}.{alias.name}" for alias in node.names}
+        elif isinstance(node, ast.Import):
+            out |= {alias.name for alias in node.names}
+    return out
+
+
+@pytest.mark.parametrize("module", ["report.py", "card.py"])
+def test_report_and_card_read_the_run_folder_without_assembly(module):
+    imported = _imported(SRC / module)
     assert "peftune.assembly" not in imported and "peftune.rundir" in imported

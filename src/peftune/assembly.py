@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import datasets
@@ -24,6 +25,7 @@ from peftune.config import Config
 from peftune.data import Collator, PromptFormat, load_splits, tokenize
 from peftune.errors import ConfigError
 from peftune.methods import get_method
+from peftune.models import prompt_format
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +43,6 @@ class Prepared:
         return Collator(pad_id=self.tokenizer.pad_token_id, pad_to_multiple_of=8)
 
 
-def precision(cfg: Config) -> str:
-    """The precision this run trains and generates in (``train.precision``, resolved)."""
-    return devices.resolve_precision(cfg.train.precision)
-
-
-def prompt_format(cfg: Config, tokenizer: PreTrainedTokenizerBase) -> PromptFormat:
-    return PromptFormat.for_tokenizer(tokenizer, cfg.data.instruction,
-                                      seq2seq=models.resolve(cfg.model).is_seq2seq)
 
 
 def prepare(cfg: Config, tokenizer: PreTrainedTokenizerBase | None = None, *,
@@ -68,7 +62,7 @@ def resolve_base(cfg: Config, *, gpu: bool | None = None) -> models.ResolvedMode
     whether this machine has one; :func:`devices.weights_dtype`). ``peftune plan`` reads the
     same object that loading does."""
     load = get_method(cfg.method).load_kwargs(cfg.method_options)
-    return models.resolve(cfg.model, precision=precision(cfg), gpu=gpu,
+    return models.resolve(cfg.model, precision=models.precision(cfg), gpu=gpu,
                           quantization=load.get("quantization_config"))
 
 
@@ -79,6 +73,12 @@ def load_base(cfg: Config, tokenizer: PreTrainedTokenizerBase, *,
     method = get_method(cfg.method)
     method.check_sharding(devices.sharding(), model_dtype=cfg.model.dtype)
     return models.load_model(model or resolve_base(cfg), pad_token_id=tokenizer.pad_token_id)
+
+
+def load_trained(cfg: Config, tokenizer: PreTrainedTokenizerBase, adapter: Path) -> PeftModel:
+    """The base on this process's device with the trained ``adapter`` on it, ready to generate
+    (``summarize`` and the export's parity reference)."""
+    return models.load_adapter(devices.place(load_base(cfg, tokenizer)), adapter)
 
 
 def wrap(base: PreTrainedModel, cfg: Config) -> PeftModel:

@@ -26,7 +26,7 @@ import transformers
 import yaml
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
-from peftune import assembly, generation, models
+from peftune import generation, models
 from peftune.atomic import atomic_write
 from peftune.config import Config
 from peftune.rundir import ADAPTER_SETTINGS, folder_config
@@ -152,10 +152,10 @@ def write(folder: Path, cfg: Config, tokenizer: PreTrainedTokenizerBase, *, kind
     gguf-lora export's adapter file beside its base ``gguf_file``."""
     settings = write_generation_config(folder, cfg, tokenizer)
     facts = {**(facts or {})}
-    facts.setdefault("precision", assembly.precision(cfg))
+    facts.setdefault("precision", models.precision(cfg))
     path = folder / CARD
     atomic_write(path, render(cfg, settings, facts, kind=kind, folder=folder,
-                              chat=assembly.prompt_format(cfg, tokenizer).chat,
+                              chat=models.prompt_format(cfg, tokenizer).chat,
                               gguf_file=gguf_file, weights=weights, lora_file=lora_file))
     return path
 

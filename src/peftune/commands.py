@@ -86,7 +86,7 @@ def evaluate_command(cfg: Config, *, adapter: Path | None, split: str = "test") 
     ds = data.splits[split]
     base = devices.place(assembly.load_base(cfg, data.tokenizer))
     # the base only generates from here on: it may keep 16-bit weights
-    kw = {"precision": assembly.precision(cfg), "keep_fp32_weights": False}
+    kw = {"precision": models.precision(cfg), "keep_fp32_weights": False}
     results: dict[str, dict] = {}
     if cfg.eval.zero_shot or adapter is None:
         tag = f"zero_shot_{split}" if adapter else split
@@ -143,16 +143,16 @@ def summarize_command(adapter: Path, cfg: Config, *, text: str | None = None,
     """Summaries of ``text``, of each document of ``input_file`` or of stdin, with the run's
     prompt, decoding settings and precision: the texts ``evaluate`` would score. One
     document or many take the same path (batched generation)."""
-    from peftune import assembly, devices, models
+    from peftune import assembly, models
     from peftune.generation import generate
 
     docs = [d for d in _read_documents(text, input_file) if d.strip()]
     if not docs:
         raise PeftuneError("nothing to summarize: the input is empty")
     tokenizer = models.load_tokenizer(cfg.model)
-    prompts, _ = assembly.prompt_format(cfg, tokenizer).prompts(docs, cfg.data.max_source_tokens)
-    model = models.load_adapter(devices.place(assembly.load_base(cfg, tokenizer)), adapter)
-    outputs = generate(model, tokenizer, prompts, cfg.eval, precision=assembly.precision(cfg),
+    prompts, _ = models.prompt_format(cfg, tokenizer).prompts(docs, cfg.data.max_source_tokens)
+    model = assembly.load_trained(cfg, tokenizer, adapter)
+    outputs = generate(model, tokenizer, prompts, cfg.eval, precision=models.precision(cfg),
                        keep_fp32_weights=False, progress=len(prompts) > 1)
     for out in outputs:
         print(out)

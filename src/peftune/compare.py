@@ -73,7 +73,7 @@ def measure(run_dir: Path, split: str) -> dict[str, Any]:
     """Train and score one method (in this process); the row of the table."""
     import torch
 
-    from peftune import assembly, train
+    from peftune import assembly, models, train
     from peftune.generation import score
 
     cfg = config_from_dict(load_yaml(run_dir / "compare-config.yaml"))
@@ -82,7 +82,7 @@ def measure(run_dir: Path, split: str) -> dict[str, Any]:
     data = assembly.prepare(cfg, roles=("train", "validation", split))
     result = train.run(cfg, data=data)
     scores = score(result.model, data.tokenizer, data.splits[split], cfg.eval, out_dir=run_dir,
-                   tag=split, precision=assembly.precision(cfg))
+                   tag=split, precision=models.precision(cfg))
     m = result.metrics
     adapter_bytes = sum(f.stat().st_size for f in result.adapter_dir.glob("adapter_model.*"))
     row.update({key: scores[key] for key in ("rouge1", "rouge2", "rougeL")})

@@ -117,7 +117,7 @@ def merged_dtype(cfg: Config, dtype: str) -> str:
     for a quantized base (a 16-bit copy to merge into)."""
     if dtype != "auto":
         return dtype
-    chosen = devices.PRECISION_DTYPES[assembly.precision(cfg)]
+    chosen = devices.PRECISION_DTYPES[models.precision(cfg)]
     quantized = models.resolve(cfg.model).stored_quantized
     return "bfloat16" if chosen == "float32" and quantized else chosen
 
@@ -418,7 +418,7 @@ def export(adapter: Path, out: Path, *, fmt: str, dtype: str | None = None,
 def is_fp32(cfg: Config, *, fmt: str, dtype: str | None) -> bool:
     """Whether the run generated in fp32 and the export computes in fp32 too: then its
     greedy texts are peftune's, token for token."""
-    if assembly.precision(cfg) != "fp32":
+    if models.precision(cfg) != "fp32":
         return False
     if fmt == "adapter":
         return True

@@ -32,7 +32,8 @@ from transformers import (
 )
 
 from peftune import devices
-from peftune.config import ModelConfig
+from peftune.config import Config, ModelConfig
+from peftune.data import PromptFormat
 from peftune.errors import ModelError
 from peftune.methods import ModelInfo
 
@@ -332,3 +333,15 @@ def load_adapter(base: PreTrainedModel, path: Path) -> Any:
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+def precision(cfg: Config) -> str:
+    """The precision this run trains and generates in (``train.precision``, resolved)."""
+    return devices.resolve_precision(cfg.train.precision)
+
+
+def prompt_format(cfg: Config, tokenizer: PreTrainedTokenizerBase) -> PromptFormat:
+    """How this run's model reads a document and writes its summary (chat template or plain
+    prompt, decoder-only or encoder-decoder)."""
+    return PromptFormat.for_tokenizer(tokenizer, cfg.data.instruction,
+                                      seq2seq=resolve(cfg.model).is_seq2seq)

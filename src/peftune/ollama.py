@@ -17,7 +17,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from peftune import assembly
+from peftune import models
 from peftune.config import Config
 from peftune.errors import ModelError
 
@@ -34,7 +34,7 @@ def template(cfg: Config, tokenizer: PreTrainedTokenizerBase) -> str:
     """The prompt peftune sends for a document, as an Ollama TEMPLATE over ``.Prompt``.
     A plain (non-chat) prompt starts with BOS; llama.cpp adds it only where the tokenizer
     does, so otherwise the template writes it."""
-    fmt = assembly.prompt_format(cfg, tokenizer)
+    fmt = models.prompt_format(cfg, tokenizer)
     before, after = fmt.text(PLACEHOLDER).split(PLACEHOLDER)
     bos = tokenizer.bos_token_id
     if not fmt.chat and bos is not None and bos != fmt.eos and \

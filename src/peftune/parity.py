@@ -100,15 +100,15 @@ class Reference:
 def reference(cfg: Any, adapter: Path, options: ParityOptions) -> Reference:
     """The adapter (run config ``cfg``) through peftune's path, the one ``summarize`` and
     ``evaluate`` take."""
-    from peftune import assembly, devices, generation, models
+    from peftune import assembly, generation, models
 
     tokenizer = models.load_tokenizer(cfg.model)
     data = assembly.prepare(cfg, tokenizer, roles=("validation",)).splits["validation"]
     data = data.select(range(min(options.documents, len(data))))
     prompts = generation.prompts_of(data)
-    model = models.load_adapter(devices.place(assembly.load_base(cfg, tokenizer)), adapter)
+    model = assembly.load_trained(cfg, tokenizer, adapter)
     texts = generation.generate(model, tokenizer, prompts, cfg.eval,
-                              precision=assembly.precision(cfg), progress=False)
+                              precision=models.precision(cfg), progress=False)
     return Reference(tokenizer, prompts, list(data["summary"]), texts)
 
 

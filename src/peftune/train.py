@@ -32,7 +32,6 @@ from transformers import (
 
 from peftune import card, checkpoints, devices, models, plan, tracking
 from peftune.assembly import Prepared, load_base, prepare, wrap
-from peftune.assembly import precision as run_precision
 from peftune.checkpoints import COMPLETE_MARKER, last_complete_checkpoint
 from peftune.config import Config, EvalConfig, save_yaml
 from peftune.data import IGNORE_INDEX, LengthGroupedSampler, token_lengths
@@ -42,6 +41,7 @@ from peftune.generation import score
 from peftune.logs import show_progress
 from peftune.methods import get_method
 from peftune.metrics import ROUGE_KEYS
+from peftune.models import precision as run_precision
 from peftune.rundir import ADAPTER_SETTINGS, RunDir
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ from typing import Any
 
 import optuna
 
-from peftune import assembly, card, devices
+from peftune import assembly, card, devices, models
 from peftune import train as training
 from peftune.config import Config, save_yaml
 from peftune.generation import score
@@ -35,7 +35,7 @@ def best_config(cfg: Config, study: optuna.Study) -> Config:
 def _test_score(cfg: Config, model: Any, data: assembly.Prepared, out_dir: Path,
                 tag: str = "test") -> dict[str, float]:
     return score(model, data.tokenizer, data.splits["test"], cfg.eval, out_dir=out_dir,
-                 tag=tag, precision=assembly.precision(cfg))
+                 tag=tag, precision=models.precision(cfg))
 
 
 def _train_and_test(cfg: Config, bases: assembly.Bases,

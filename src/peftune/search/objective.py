@@ -14,7 +14,7 @@ from typing import Any
 import optuna
 from transformers import TrainerCallback
 
-from peftune import assembly, devices, tracking
+from peftune import assembly, devices, models, tracking
 from peftune import train as training
 from peftune.config import Config, SearchConfig
 from peftune.errors import Diverged, Interrupted
@@ -172,7 +172,7 @@ class Objective:
             raise optuna.TrialPruned(reason)
         generating = time.perf_counter()
         preds = generate(model, self.data.tokenizer, prompts_of(self.eval_ds), cfg.eval,
-                         precision=assembly.precision(cfg))
+                         precision=models.precision(cfg))
         seconds = time.perf_counter() - generating
         rouge, per_doc = text_scores(preds, self.eval_ds["summary"])
         values = {**rouge, "eval_loss": metrics.get("eval_loss", math.nan),
