@@ -68,10 +68,10 @@ def write_task(task: str, work: Path) -> str:
 
 
 def search(source: str, seed: int, out: Path, *, trials: int, baselines: bool,
-           study: str, extra: list[str]) -> None:
+           study: str, extra: list[str], config: Path = DEMO) -> None:
     if (out / "final" / "metrics.json").is_file():
         return
-    subprocess.run([sys.executable, "-m", "peftune", "search", "--config", str(DEMO),
+    subprocess.run([sys.executable, "-m", "peftune", "search", "--config", str(config),
                     "--data.source", source, "--seed", str(seed), "--output_dir", str(out),
                     "--data.max_eval_examples", str(TEST_DOCUMENTS),
                     "--search.n_trials", str(trials), "--search.study_name", study,
@@ -87,7 +87,9 @@ def cell(task: str, seed: int, work: Path, *, trials: int, extra: list[str]) -> 
     if not (double / "final" / "metrics.json").is_file() and not (double / "study.db").exists():
         double.mkdir(parents=True, exist_ok=True)
         shutil.copy(demo / "study.db", double / "study.db")
-    search(source, seed, double, trials=2 * trials, baselines=False, study=study, extra=extra)
+    # the larger search asks the same question: the settings the demo-sized one saved
+    search(source, seed, double, trials=2 * trials, baselines=False, study=study, extra=extra,
+           config=demo / "config.yaml")
 
 
 def compare(task: str, seed: int, work: Path) -> dict | None:
