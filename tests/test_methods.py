@@ -1,12 +1,14 @@
 """Every PEFT method x {tiny LLaMA, tiny T5 where peft supports it}: it trains, it saves and
 loads, it merges (or says it cannot), and it generates what its own forward pass predicts."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from peft import PeftModel
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from peftune import config_from_dict, models
+from peftune import config_from_dict, load_yaml, models
 from peftune.assembly import load_base, prepare, wrap
 from peftune.config import EvalConfig
 from peftune.errors import ConfigError
@@ -189,6 +191,18 @@ def test_prompt_tuning_starts_from_the_instruction(tiny_cfg, tiny_model_dir):
     ids = tokenizer(cfg.data.instruction, add_special_tokens=False)["input_ids"]
     embeddings = model.get_input_embeddings().weight[ids[:5]]
     torch.testing.assert_close(model.prompt_encoder["default"].embedding.weight, embeddings)
+
+
+def test_the_demo_default_adapts_every_linear_layer(tiny_cfg, tiny_model_dir):
+    """The demo's default LoRA, chosen by measurement (BENCHMARKS.md, the default
+    configuration), reaches the MLP as well as attention, at its rank."""
+    demo = load_yaml(Path(__file__).parents[1] / "configs" / "aclsum-smollm2-search.yaml")
+    cfg = _config(tiny_cfg, tiny_model_dir, "lora", **demo["lora"])
+    model = wrap(models.load_model(models.resolve(cfg.model)), cfg)
+    adapted = {name.rsplit(".", 1)[-1]: module.r["default"]
+               for name, module in model.named_modules() if hasattr(module, "lora_A")}
+    assert adapted == dict.fromkeys(("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                     "up_proj", "down_proj"), 16)
 
 
 def test_lora_rslora_and_dora_switches(tiny_cfg, tiny_model_dir):
