@@ -1,6 +1,6 @@
 """Which LoRA configuration the demo should start from: candidates against zero-shot, 3 seeds.
 
-    OMP_NUM_THREADS=1 nice -n 5 python benchmarks/default_config.py   # ~2 h on 2 busy CPU cores
+    OMP_NUM_THREADS=1 nice -n 5 python benchmarks/default_config.py   # ~75 min on 2 busy CPU cores
 
 The demo's data settings (configs/aclsum-smollm2-search.yaml: the 100 training papers,
 320 source tokens, 96 new tokens), every candidate trained with `peftune train` for seeds
