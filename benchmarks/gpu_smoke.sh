@@ -188,7 +188,7 @@ import sys
 from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from peftune.commands import export
+from peftune.commands import export_command as export
 work, device = Path(sys.argv[1]), sys.argv[2]
 merged = export(str(work / "train"), fmt="merged", out=str(work / "merged"))
 gguf = export(str(work / "train"), fmt="gguf", out=str(work / "gguf"))
