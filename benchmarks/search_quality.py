@@ -132,9 +132,9 @@ def table(work: Path, tasks: list[str], seeds: list[int]) -> str:
                 continue
             test = got["x2"]["test"]
             lines.append(
-                f"| {task} | {seed} | {100 * test['zero-shot']['rougeL']:.2f} | "
-                f"{100 * test['default']['rougeL']:.2f} | {100 * test['x1']['rougeL']:.2f} | "
-                f"{100 * test['best']['rougeL']:.2f} | {_diff(got['x1']['best - default'])} | "
+                f"| {task} | {seed} | {test['zero-shot']['rougeL']:.2f} | "
+                f"{test['default']['rougeL']:.2f} | {test['x1']['rougeL']:.2f} | "
+                f"{test['best']['rougeL']:.2f} | {_diff(got['x1']['best - default'])} | "
                 f"{_diff(got['x2']['best - default'])} | {_diff(got['x1']['best - zero-shot'])} |")
             verdicts.setdefault(task, []).append(_verdict(got["x1"]["best - default"]))
     lines.append("")

@@ -41,7 +41,9 @@ def test_search_quality_script_scores_both_searches_on_the_same_test_documents(
                          capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     row = next(line for line in out.stdout.splitlines() if line.startswith("| titles | 1 |"))
-    assert len(row.split("|")) == 11 and row.count("[") == 3
+    cells = row.split("|")
+    assert len(cells) == 11 and row.count("[") == 3
+    assert all(0 <= float(c) <= 100 for c in cells[3:7]), row  # ROUGE points
     import optuna
 
     runs = work / "titles" / "seed1"
