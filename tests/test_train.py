@@ -7,12 +7,26 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from peftune import config_from_dict
+from peftune import config_from_dict, models
+from peftune.assembly import prepare, wrap
 from peftune.config import EvalConfig
 from peftune.data import Collator
 from peftune.generation import generate, prompts_of
 from peftune.metrics import rouge, split_sentences
 from peftune.train import fit, run
+
+
+def _assembled(cfg, *, live: bool = False):
+    """The prepared data and the tiny model wrapped as training wraps it; ``live``: its
+    first LoRA B drawn non-zero, so gradients flow to A as well."""
+    tok = models.load_tokenizer(cfg.model)
+    base = models.load_model(models.resolve(cfg.model), pad_token_id=tok.pad_token_id)
+    data = prepare(cfg, tok)
+    model = wrap(base, cfg)
+    if live:
+        torch.nn.init.normal_(model.base_model.model.model.layers[0].self_attn.q_proj
+                              .lora_B["default"].weight)
+    return data, model
 
 
 def test_train_save_load_in_plain_peft_gives_same_logits(tiny_cfg, tiny_model_dir):
@@ -57,8 +71,6 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(tiny_cfg, tmp_path):
 
 
 def test_generation_strips_prompt_and_sorts_by_length(tiny_cfg):
-    from peftune import models
-    from peftune.assembly import prepare
     from peftune.config import ModelConfig
 
     cfg = config_from_dict(tiny_cfg)
@@ -118,17 +130,10 @@ def test_rouge_equals_rouge_scores_own_on_multi_sentence_pairs():
 
 
 def test_summary_only_loss_equals_the_models_own_loss_and_gradients(tiny_cfg, tmp_path):
-    from peftune import models
-    from peftune.assembly import prepare
-    from peftune.train import PeftuneTrainer, build_trainer, wrap
+    from peftune.train import PeftuneTrainer, build_trainer
 
     cfg = config_from_dict(tiny_cfg)
-    tok = models.load_tokenizer(cfg.model)
-    model = models.load_model(models.resolve(cfg.model), pad_token_id=tok.pad_token_id)
-    data = prepare(cfg, tok)
-    peft_model = wrap(model, cfg)
-    torch.nn.init.normal_(peft_model.base_model.model.model.layers[0].self_attn.q_proj
-                          .lora_B["default"].weight)  # non-zero adapter: gradients flow to A
+    data, peft_model = _assembled(cfg, live=True)
     trainer = build_trainer(cfg, peft_model, data, output_dir=tmp_path / "ckpt")
     assert isinstance(trainer, PeftuneTrainer)
     batch = data.collator([data.splits["train"][i] for i in range(4)])
@@ -157,19 +162,12 @@ def test_summary_only_loss_equals_the_models_own_loss_and_gradients(tiny_cfg, tm
 def test_default_precision_trains_in_bf16_with_the_models_own_loss(tiny_cfg, tmp_path):
     """precision auto, what shipped configs use: the Trainer autocasts to bf16, and the
     summary-only loss equals the model's own loss under that same autocast."""
-    from peftune import models
-    from peftune.assembly import prepare
-    from peftune.train import build_trainer, wrap
+    from peftune.train import build_trainer
 
     del tiny_cfg["train"]["precision"]
     cfg = config_from_dict(tiny_cfg)
     assert cfg.train.precision == "auto"
-    tok = models.load_tokenizer(cfg.model)
-    model = models.load_model(models.resolve(cfg.model), pad_token_id=tok.pad_token_id)
-    data = prepare(cfg, tok)
-    peft_model = wrap(model, cfg)
-    torch.nn.init.normal_(peft_model.base_model.model.model.layers[0].self_attn.q_proj
-                          .lora_B["default"].weight)
+    data, peft_model = _assembled(cfg, live=True)
     trainer = build_trainer(cfg, peft_model, data, output_dir=tmp_path / "ckpt")
     assert trainer.accelerator.mixed_precision == "bf16" and trainer.summary_loss
     batch = data.collator([data.splits["train"][i] for i in range(4)])
@@ -202,15 +200,10 @@ def _head_rows(model):
 
 
 def test_summary_only_loss_projects_only_the_labelled_positions(tiny_cfg, tmp_path):
-    from peftune import models
-    from peftune.assembly import prepare
-    from peftune.train import build_trainer, wrap
+    from peftune.train import build_trainer
 
     cfg = config_from_dict(tiny_cfg)
-    tok = models.load_tokenizer(cfg.model)
-    model = models.load_model(models.resolve(cfg.model), pad_token_id=tok.pad_token_id)
-    data = prepare(cfg, tok)
-    peft_model = wrap(model, cfg)
+    data, peft_model = _assembled(cfg)
     trainer = build_trainer(cfg, peft_model, data, output_dir=tmp_path / "ckpt")
     batch = data.collator([data.splits["train"][i] for i in range(4)])
     rows = _head_rows(peft_model)
@@ -221,16 +214,11 @@ def test_summary_only_loss_projects_only_the_labelled_positions(tiny_cfg, tmp_pa
 
 
 def test_adalora_keeps_its_orthogonality_penalty_on_the_summary_path(tiny_cfg, tmp_path):
-    from peftune import models
-    from peftune.assembly import prepare
-    from peftune.train import build_trainer, wrap
+    from peftune.train import build_trainer
 
     tiny_cfg.update(method="adalora", adalora={"dropout": 0.0, "total_step": 10})
     cfg = config_from_dict(tiny_cfg)
-    tok = models.load_tokenizer(cfg.model)
-    model = models.load_model(models.resolve(cfg.model), pad_token_id=tok.pad_token_id)
-    data = prepare(cfg, tok)
-    peft_model = wrap(model, cfg)
+    data, peft_model = _assembled(cfg)
     trainer = build_trainer(cfg, peft_model, data, output_dir=tmp_path / "ckpt")
     batch = data.collator([data.splits["train"][i] for i in range(4)])
     peft_model.eval()
@@ -245,8 +233,6 @@ def test_adalora_keeps_its_orthogonality_penalty_on_the_summary_path(tiny_cfg, t
 
 
 def test_generation_halves_a_batch_that_runs_out_of_memory(tiny_cfg, monkeypatch, caplog):
-    from peftune import models
-    from peftune.assembly import prepare
 
     cfg = config_from_dict(tiny_cfg)
     tok = models.load_tokenizer(cfg.model)
@@ -399,9 +385,7 @@ def test_the_micro_batch_splits_each_step_s_examples_without_changing_them(tiny_
     """Length grouping is by optimizer step, so a step trains on the same examples whatever
     the micro-batch, and the results agree (the out-of-memory retry and
     ``micro_batch_size: auto`` rely on it)."""
-    from peftune import models
-    from peftune.assembly import prepare
-    from peftune.train import build_trainer, fit, wrap
+    from peftune.train import build_trainer
 
     tiny_cfg["train"].update(batch_size=4, max_steps=3, group_by_length=True)
     tiny_cfg["lora"] = {"dropout": 0.0}
@@ -448,18 +432,11 @@ def test_a_step_over_the_token_budget_trains_in_parts_with_the_same_gradients(ti
                                                                              tmp_path):
     """The step with one long row runs as several smaller forward passes; its loss and
     gradients are the whole micro-batch's (the loss is summed over the step's labels)."""
-    from peftune import models
-    from peftune.assembly import prepare
-    from peftune.train import build_trainer, wrap
+    from peftune.train import build_trainer
 
     tiny_cfg["lora"] = {"dropout": 0.0}
     cfg = config_from_dict(tiny_cfg)
-    tok = models.load_tokenizer(cfg.model)
-    base = models.load_model(models.resolve(cfg.model), pad_token_id=tok.pad_token_id)
-    data = prepare(cfg, tok)
-    model = wrap(base, cfg)
-    torch.nn.init.normal_(model.base_model.model.model.layers[0].self_attn.q_proj
-                          .lora_B["default"].weight)  # non-zero adapter: gradients flow to A
+    data, model = _assembled(cfg, live=True)
     rows = [{k: data.splits["train"][i][k] for k in ("input_ids", "labels")}
             for i in range(4)]
     rows[1] = {k: v * 6 for k, v in rows[1].items()}  # one row six times as long
