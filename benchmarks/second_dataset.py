@@ -16,27 +16,15 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA = Path("/tmp/peftune-titles")
+sys.path.insert(0, str(ROOT / "benchmarks"))
+WORK = Path("/tmp/peftune-titles")
 RUN = Path("/tmp/peftune-titles-run")
 
 
-def write_titles() -> Path:
-    from peftune.data import _detok
-
-    root = Path(__import__("aclsum").__file__).parent / "dataset"
-    DATA.mkdir(parents=True, exist_ok=True)
-    for name, role in (("train", "train"), ("val", "validation"), ("test", "test")):
-        rows = [json.loads(line) for line in
-                (root / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()]
-        (DATA / f"{role}.jsonl").write_text("".join(
-            json.dumps({"id": r["id"], "summary": r["title"].strip(),
-                        "document": " ".join(map(_detok, r["sentences"]["abstract"]))}) + "\n"
-            for r in rows), encoding="utf-8")
-    return DATA
-
-
 def main() -> None:
-    source = write_titles()
+    from search_quality import write_task  # the same titles task as the 3-task benchmark
+
+    source = write_task("titles", WORK)
     subprocess.run([sys.executable, "-m", "peftune", "search", "--config",
                     str(ROOT / "configs" / "aclsum-smollm2-search.yaml"),
                     "--data.source", str(source), "--output_dir", str(RUN)], check=True)
