@@ -249,6 +249,9 @@ class SearchConfig:
     train_examples: int | None = _help("training rows per trial (a cheaper fidelity; the "
                                        "final model uses all)", None,
                                        within=f"[1, {MAX_COUNT}]")
+    start_from_default: bool = _help("a new study's first trial is the configured "
+                                     "configuration itself, so the search returns it or one "
+                                     "that scored higher on validation", True)
     tune_method_options: bool = _help("also search each method's own options (rank, alpha, "
                                       "dropout, targets, ...); false keeps the configured ones",
                                       True)

@@ -50,6 +50,10 @@ def _plain_base(options: Any) -> tuple[Any, ...]:
     return ()
 
 
+def _no_params(options: Any) -> dict[str, Any]:
+    return {}
+
+
 @dataclass(frozen=True)
 class Method:
     name: str
@@ -59,6 +63,9 @@ class Method:
     """(options, model info) -> a ``peft.PeftConfig``."""
     search_space: Callable[[Any], dict[str, Any]]
     """An Optuna trial -> options for this method (keys of ``options``)."""
+    params_of: Callable[[Any], dict[str, Any]] = field(default=_no_params)
+    """options -> the trial parameters :attr:`search_space` turns into these options (its
+    inverse: the search queues the configured options as its first trial)."""
     learning_rate: float = 2e-4
     """A learning rate that trains this method well (``peftune compare`` uses it)."""
     callbacks: Callable[[Any, Any], list[Any]] = field(default=_no_callbacks)

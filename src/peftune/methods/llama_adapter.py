@@ -47,7 +47,11 @@ def search_space(trial: Any) -> dict[str, Any]:
     return {"adapter_len": trial.suggest_categorical("llama-adapter.adapter_len", [5, 10, 20])}
 
 
+def params_of(options: LlamaAdapterOptions) -> dict[str, Any]:
+    return {"llama-adapter.adapter_len": options.adapter_len}
+
+
 register(Method(name="llama-adapter", summary="LLaMA-Adapter: gated adaption prompts in the "
                 "top layers (LLaMA family)", options=LlamaAdapterOptions, build=build,
-                search_space=search_space, learning_rate=9e-3, mergeable=False, seq2seq=False,
+                search_space=search_space, params_of=params_of, learning_rate=9e-3, mergeable=False, seq2seq=False,
                 trains_inside_base_layers=True))

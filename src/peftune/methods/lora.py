@@ -75,10 +75,19 @@ def search_space(trial: Any) -> dict[str, Any]:
     }
 
 
+def params_of(options: LoraOptions) -> dict[str, Any]:
+    targets, ratio = options.target_modules, options.alpha / options.r
+    return {"lora.r": options.r, "lora.alpha_over_r": int(ratio) if ratio.is_integer() else ratio,
+            "lora.dropout": options.dropout,
+            "lora.targets": "default" if not targets else targets[0] if len(targets) == 1
+            else ",".join(targets)}
+
+
 def _targets(trial: Any) -> list[str]:
     choice = trial.suggest_categorical("lora.targets", ["default", "attention", "all-linear"])
     return [] if choice == "default" else [choice]
 
 
 register(Method(name="lora", summary="LoRA: low-rank updates of linear layers",
-                options=LoraOptions, build=build, search_space=search_space, learning_rate=1e-3))
+                options=LoraOptions, build=build, search_space=search_space, params_of=params_of,
+                learning_rate=1e-3))

@@ -47,6 +47,11 @@ def search_space(trial: Any) -> dict[str, Any]:
     }
 
 
+def params_of(options: PrefixOptions) -> dict[str, Any]:
+    return {"prefix.num_virtual_tokens": options.num_virtual_tokens,
+            "prefix.prefix_projection": options.prefix_projection}
+
+
 register(Method(name="prefix", summary="Prefix tuning: learned keys/values in every layer",
-                options=PrefixOptions, build=build, search_space=search_space,
+                options=PrefixOptions, build=build, search_space=search_space, params_of=params_of,
                 learning_rate=1e-2, mergeable=False))

@@ -57,6 +57,11 @@ def search_space(trial: Any) -> dict[str, Any]:
     }
 
 
+def params_of(options: PromptOptions) -> dict[str, Any]:
+    return {"prompt.num_virtual_tokens": options.num_virtual_tokens,
+            "prompt.prompt_tuning_init": options.prompt_tuning_init}
+
+
 register(Method(name="prompt", summary="Prompt tuning: learned virtual token embeddings",
-                options=PromptOptions, build=build, search_space=search_space,
+                options=PromptOptions, build=build, search_space=search_space, params_of=params_of,
                 learning_rate=3e-2, mergeable=False))

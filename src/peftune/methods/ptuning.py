@@ -54,6 +54,12 @@ def search_space(trial: Any) -> dict[str, Any]:
     }
 
 
+def params_of(options: PTuningOptions) -> dict[str, Any]:
+    return {"ptuning.num_virtual_tokens": options.num_virtual_tokens,
+            "ptuning.encoder_reparameterization_type": options.encoder_reparameterization_type,
+            "ptuning.encoder_hidden_size": options.encoder_hidden_size}
+
+
 register(Method(name="ptuning", summary="P-tuning: virtual tokens from an MLP/LSTM prompt "
-                "encoder", options=PTuningOptions, build=build, search_space=search_space,
+                "encoder", options=PTuningOptions, build=build, search_space=search_space, params_of=params_of,
                 learning_rate=3e-3, mergeable=False))

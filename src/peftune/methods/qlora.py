@@ -17,6 +17,7 @@ from peftune.errors import ConfigError
 from peftune.methods import Method, register
 from peftune.methods.lora import LoraOptions
 from peftune.methods.lora import build as build_lora
+from peftune.methods.lora import params_of as lora_params_of
 from peftune.methods.lora import search_space as lora_space
 from peftune.options import option
 
@@ -86,6 +87,13 @@ def search_space_for(name: str) -> Any:
     return search_space
 
 
+def params_of_for(name: str) -> Any:
+    def params_of(options: KbitOptions) -> dict[str, Any]:
+        return {key.replace("lora.", f"{name}.", 1): value
+                for key, value in lora_params_of(options).items()}
+    return params_of
+
+
 class _Prefixed:
     """Renames LoRA's ``lora.*`` parameters to ``<name>.*`` so search spaces never collide."""
 
@@ -111,6 +119,7 @@ for _name, _options, _load, _summary, _why in (
          "its 4-bit base weights cannot be flattened with the fp32 norms "
          "prepare_model_for_kbit_training leaves")):
     register(Method(name=_name, summary=_summary, options=_options, build=build_lora,
-                    search_space=search_space_for(_name), learning_rate=1e-3,
+                    search_space=search_space_for(_name), params_of=params_of_for(_name),
+                    learning_rate=1e-3,
                     load_kwargs=_load, prepare_base=prepare_kbit_base, base_key=base_key_for(_name),
                     refused_sharding=(("fsdp", _why), ("zero3", _why))))

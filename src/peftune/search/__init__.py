@@ -28,7 +28,9 @@ from peftune.search.final import best_config, finalize
 from peftune.search.objective import (
     Objective,
     ReportToTrial,
+    default_params,
     load_for_search,
+    queue_default,
     signal_metric,
     suggest,
 )
@@ -49,9 +51,9 @@ from peftune.search.workers import PARENT_ENV, WaitingLog, optimize, orphaned, s
 
 __all__ = [
     "FINISHED", "PARENT_ENV", "WORKER_ENV", "Objective", "ReportToTrial", "WaitingLog",
-    "best_config", "count", "create_study", "directions", "finalize", "load_for_search", "me",
-    "optimize", "orphaned", "owner_gone", "owner_of", "pruner_name", "run", "sampler_seed",
-    "signal_metric", "spawn_workers", "storage_for", "suggest",
+    "best_config", "count", "create_study", "default_params", "directions", "finalize",
+    "load_for_search", "me", "optimize", "orphaned", "owner_gone", "owner_of", "pruner_name",
+    "queue_default", "run", "sampler_seed", "signal_metric", "spawn_workers", "storage_for", "suggest",
 ]
 
 log = logging.getLogger(__name__)
@@ -76,6 +78,8 @@ def _private_lock(cfg: Config) -> contextlib.AbstractContextManager:
 def _run(cfg: Config, *, argv: list[str] | None) -> tuple[optuna.Study, dict | None]:
     save_yaml(cfg, RunDir.of(cfg).config_file)
     study = create_study(cfg)
+    if cfg.search.start_from_default:
+        queue_default(study, cfg)
     if cfg.search.workers > 1 and argv is not None:
         spawn_workers(argv, cfg.search.workers)
     if count(study, FINISHED) >= cfg.search.n_trials and not cfg.search.final:

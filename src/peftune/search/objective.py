@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import math
 import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -17,12 +19,14 @@ from transformers import TrainerCallback
 from peftune import assembly, devices, models, tracking
 from peftune import train as training
 from peftune.config import Config, SearchConfig
-from peftune.errors import Diverged, Interrupted
+from peftune.errors import ConfigError, Diverged, Interrupted
 from peftune.generation import generate, prompts_of
 from peftune.methods import get_method
 from peftune.metrics import text_scores
 from peftune.rundir import RunDir
 from peftune.search.study import directions, pruner_name
+
+log = logging.getLogger(__name__)
 
 
 def suggest(trial: optuna.trial.BaseTrial, cfg: Config) -> Config:
@@ -51,6 +55,61 @@ def suggest(trial: optuna.trial.BaseTrial, cfg: Config) -> Config:
     new.method, new.train = name, train
     new.methods[name] = options
     return new
+
+
+DEFAULT_ATTR = "default_configuration"  # user attribute of the trial queued by queue_default
+
+
+def default_params(cfg: Config) -> dict[str, Any]:
+    """The trial parameters :func:`suggest` turns into the configured configuration itself
+    (its method, training settings and method options); ConfigError naming the first one
+    outside the search space."""
+    name, train = cfg.method, cfg.train
+    params: dict[str, Any] = {
+        "method": name, "batch_size": train.batch_size, "learning_rate": train.learning_rate,
+        "epochs": train.epochs, "warmup_ratio": train.warmup_ratio,
+        "weight_decay": train.weight_decay}
+    if cfg.search.tune_method_options:
+        params.update(get_method(name).params_of(cfg.methods[name]))
+    trial = optuna.trial.FixedTrial(params)
+    try:
+        with warnings.catch_warnings():  # Optuna warns of a value out of range: said below
+            warnings.simplefilter("ignore")
+            drawn = suggest(trial, cfg)
+        outside = [key for key, dist in trial.distributions.items()
+                   if not dist._contains(dist.to_internal_repr(params[key]))]
+    except ValueError as err:  # a categorical value that is not among the choices
+        raise ConfigError(f"the default configuration is not in the search space: {err}") \
+            from None
+    if outside:
+        key = outside[0]
+        raise ConfigError(f"the default configuration is not in the search space: {key}="
+                          f"{params[key]} lies outside {_span(trial.distributions[key])}")
+    if drawn.train != cfg.train or drawn.methods[name] != cfg.methods[name]:
+        raise ConfigError("the default configuration is not a point of the search space "
+                          f"(its {name} options cannot be drawn as they are)")
+    return params
+
+
+def _span(dist: optuna.distributions.BaseDistribution) -> str:
+    if isinstance(dist, optuna.distributions.CategoricalDistribution):
+        return f"the choices {list(dist.choices)}"
+    return f"[{dist.low:g}, {dist.high:g}]"  # type: ignore[attr-defined]
+
+
+def queue_default(study: optuna.Study, cfg: Config) -> bool:
+    """Queue the configured configuration as a new study's first trial, so the search can only
+    return it or one that scored higher on validation. A study that has trials (resumed,
+    or shared and started elsewhere) is left as it is. Returns whether a trial was queued."""
+    if study.get_trials(deepcopy=False):
+        return False
+    try:
+        params = default_params(cfg)
+    except ConfigError as err:
+        log.warning("search.start_from_default: %s; the search starts without it", err)
+        return False
+    study.enqueue_trial(params, user_attrs={DEFAULT_ATTR: True}, skip_if_exists=True)
+    return True
 
 
 # ---------------------------------------------------------------- one trial
