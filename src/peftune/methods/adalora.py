@@ -148,7 +148,8 @@ def params_of(options: AdaLoraOptions) -> dict[str, Any]:
 
 register(Method(name="adalora", summary="LoRA with a rank budget pruned during training",
                 options=AdaLoraOptions, build=build, search_space=search_space,
-                params_of=params_of, learning_rate=1e-3, callbacks=callbacks, trains_inside_base_layers=True,
+                params_of=params_of, learning_rate=1e-3, callbacks=callbacks,
+                trains_inside_base_layers=True,
                 # its rank allocator reads and masks every lora_E in place each step, which
                 # ZeRO-3's partitioned (empty) parameters do not allow; not tried on GPUs
                 refused_sharding=(("zero3", "its rank allocator edits every layer's "

@@ -53,5 +53,6 @@ def params_of(options: LlamaAdapterOptions) -> dict[str, Any]:
 
 register(Method(name="llama-adapter", summary="LLaMA-Adapter: gated adaption prompts in the "
                 "top layers (LLaMA family)", options=LlamaAdapterOptions, build=build,
-                search_space=search_space, params_of=params_of, learning_rate=9e-3, mergeable=False, seq2seq=False,
+                search_space=search_space, params_of=params_of, learning_rate=9e-3,
+                mergeable=False, seq2seq=False,
                 trains_inside_base_layers=True))

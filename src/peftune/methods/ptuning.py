@@ -61,5 +61,6 @@ def params_of(options: PTuningOptions) -> dict[str, Any]:
 
 
 register(Method(name="ptuning", summary="P-tuning: virtual tokens from an MLP/LSTM prompt "
-                "encoder", options=PTuningOptions, build=build, search_space=search_space, params_of=params_of,
+                "encoder", options=PTuningOptions, build=build, search_space=search_space,
+                params_of=params_of,
                 learning_rate=3e-3, mergeable=False))

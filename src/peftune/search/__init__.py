@@ -53,7 +53,8 @@ __all__ = [
     "FINISHED", "PARENT_ENV", "WORKER_ENV", "Objective", "ReportToTrial", "WaitingLog",
     "best_config", "count", "create_study", "default_params", "directions", "finalize",
     "load_for_search", "me", "optimize", "orphaned", "owner_gone", "owner_of", "pruner_name",
-    "queue_default", "run", "sampler_seed", "signal_metric", "spawn_workers", "storage_for", "suggest",
+    "queue_default", "run", "sampler_seed", "signal_metric", "spawn_workers", "storage_for",
+    "suggest",
 ]
 
 log = logging.getLogger(__name__)
