@@ -22,6 +22,7 @@ from peftune.config import save_yaml
 from peftune.generation import write_outputs
 from peftune.metrics import rouge
 from peftune.rundir import RunDir
+from peftune.search import DEFAULT_ATTR
 
 DISTRIBUTIONS = {"method": CategoricalDistribution(["lora", "ia3"]),
                  "learning_rate": FloatDistribution(1e-4, 1e-2, log=True),
@@ -125,10 +126,13 @@ def test_bottom_line_says_plainly_when_the_winner_beats_every_baseline():
         "beats zero-shot beyond noise; it is worse than default configuration beyond noise.")
 
 
-def _scored_study(scores: dict[int, list[float]], params: dict[int, int]) -> optuna.Study:
+def _scored_study(scores: dict[int, list[float]], params: dict[int, int],
+                  default: int | None = None) -> optuna.Study:
     study = optuna.create_study(direction="maximize")
     for number, docs in scores.items():
         trial = _trial(number, TrialState.COMPLETE, value=sum(docs) / len(docs))
+        if number == default:
+            trial.set_user_attr(DEFAULT_ATTR, True)
         trial.set_user_attr("document_scores", docs)
         trial.set_user_attr("trainable_params", params[number])
         trial.set_user_attr("loop_rate", 0.25)
@@ -171,6 +175,23 @@ def test_a_best_trial_ahead_beyond_noise_is_said_to_be():
     plain = optuna.create_study(direction="maximize")  # no per-document scores: no claim
     plain.add_trial(_trial(0, TrialState.COMPLETE, value=20.0))
     assert report.within_noise(plain) is None and report.noise_sentence(plain) == ""
+
+
+def test_the_noise_sentence_says_where_the_default_trial_stands():
+    best = [30.0, 20.0, 40.0, 25.0, 35.0, 22.0, 31.0, 28.0, 26.0, 33.0, 29.0, 24.0]
+    close = [v + (3.0 if i % 2 else -4.0) for i, v in enumerate(best)]
+    far = [v - 10.0 for v in best]
+    sizes = {0: 500, 1: 9000, 2: 1200}
+    said = {default: report.noise_sentence(_scored_study({0: far, 1: best, 2: close}, sizes,
+                                                         default=default))
+            for default in (0, 1, 2)}
+    assert said[0].endswith(" Trial 0, the default configuration, is behind the best beyond "
+                            "noise.")
+    assert said[1].endswith(" The best is trial 1, the default configuration itself: no "
+                            "searched configuration scored higher on validation.")
+    assert said[2].endswith(" Trial 2, the default configuration, is one of them.")
+    rows = report._trial_rows(_scored_study({0: far, 1: best}, sizes, default=0))
+    assert "<td>0 (default)</td>" in rows and "<td>1</td>" in rows
 
 
 def test_plots_say_what_they_show(tmp_path):

@@ -20,6 +20,7 @@ from peftune import search as searching
 from peftune import train as training
 from peftune.card import read_facts
 from peftune.errors import ConfigError
+from peftune.methods import registry
 from peftune.metrics import rouge
 
 
@@ -64,6 +65,54 @@ def test_method_options_can_stay_as_configured(search_cfg):
                                  "warmup_ratio", "weight_decay"}
     assert (drawn.method_options.r, drawn.method_options.alpha,
             drawn.method_options.dropout) == (16, 32, 0.05)
+
+
+@pytest.mark.parametrize("method", sorted(registry()))
+def test_default_params_draw_the_configured_configuration(search_cfg, method):
+    search_cfg["method"] = method
+    search_cfg["search"]["methods"] = [method]
+    search_cfg["train"]["learning_rate"] = 1e-4  # inside the default space [1e-5, 1e-3]
+    cfg = config_from_dict(search_cfg)
+    params = searching.default_params(cfg)
+    drawn = searching.suggest(FixedTrial(params), cfg)
+    assert drawn.train == cfg.train and drawn.method_options == cfg.method_options
+    assert params["method"] == method and params["learning_rate"] == 1e-4
+
+
+@pytest.mark.parametrize(("over", "message"), [
+    ({"train": {"learning_rate": 5e-2}}, r"learning_rate=0.05 lies outside \[1e-05, 0.001\]"),
+    ({"train": {"batch_size": 6}}, r"batch_size=6 lies outside the choices \[4, 8, 16, 32\]"),
+    ({"lora": {"r": 16, "alpha": 24}}, r"lora.alpha_over_r=1.5 lies outside the choices"),
+])
+def test_a_default_outside_the_space_names_the_parameter(search_cfg, over, message):
+    search_cfg["train"]["learning_rate"] = 1e-4
+    for section, values in over.items():
+        search_cfg.setdefault(section, {}).update(values)
+    with pytest.raises(ConfigError, match=message):
+        searching.default_params(config_from_dict(search_cfg))
+
+
+def test_a_new_search_starts_from_the_default_configuration(search_cfg, caplog):
+    search_cfg["search"].update(n_trials=2, final=False, pruner="none")
+    search_cfg["train"]["learning_rate"] = 1e-4
+    cfg = config_from_dict(search_cfg)
+    study, _ = searching.run(cfg)
+    first, second = study.trials
+    assert first.user_attrs[searching.DEFAULT_ATTR] is True
+    assert first.params == searching.default_params(cfg)
+    assert searching.DEFAULT_ATTR not in second.user_attrs and second.params != first.params
+    trained = config_from_dict(first.user_attrs["config"])
+    assert trained.train.learning_rate == 1e-4 and trained.method_options == cfg.method_options
+    # a top-up of the same study queues no second default trial
+    more = config_from_dict({**search_cfg, "search": {**search_cfg["search"], "n_trials": 3}})
+    study, _ = searching.run(more)
+    assert [searching.DEFAULT_ATTR in t.user_attrs for t in study.trials] == [True, False, False]
+    # a default outside the space is said once and the search goes on without it
+    other = config_from_dict({**search_cfg, "output_dir": str(Path(cfg.output_dir) / "x"),
+                              "train": {**search_cfg["train"], "learning_rate": 5e-2}})
+    with caplog.at_level(logging.WARNING):
+        assert not searching.queue_default(searching.create_study(other), other)
+    assert "learning_rate=0.05 lies outside" in caplog.text
 
 
 def test_bad_space_is_rejected():

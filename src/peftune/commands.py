@@ -199,7 +199,9 @@ def search_command(cfg: Config, *, argv: list[str] | None = None) -> None:
           + ", ".join(f"{states.count(s)} {s}" for s in sorted(set(states))) + ")")
     if final is not None:
         best = final["config"]
-        print(f"best (trial {final['trial']}): {describe(best)}")
+        default = study.trials[final["trial"]].user_attrs.get(search.DEFAULT_ATTR)
+        print(f"best (trial {final['trial']}{', the default configuration' if default else ''}"
+              f"): {describe(best)}")
         noise = report.noise_sentence(study)
         if noise:
             print(noise)

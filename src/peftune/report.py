@@ -36,7 +36,7 @@ from peftune.config import Config, load_yaml  # noqa: E402
 from peftune.errors import PeftuneError  # noqa: E402
 from peftune.metrics import ROUGE_KEYS, mean_interval, paired_bootstrap  # noqa: E402
 from peftune.rundir import RunDir  # noqa: E402
-from peftune.search import signal_metric  # noqa: E402
+from peftune.search import DEFAULT_ATTR, signal_metric  # noqa: E402
 
 LABELS = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "rougeLsum": "ROUGE-Lsum",
           "eval_loss": "validation loss", "trainable_params": "trainable parameters",
@@ -336,6 +336,24 @@ def noise_sentence(study: optuna.Study) -> str:
     if found is None:
         return ""
     best, ties = found
+    return _ranking(best, ties) + _default_said(study, best, ties)
+
+
+def _default_said(study: optuna.Study, best: FrozenTrial, ties: list[FrozenTrial]) -> str:
+    """Where the default configuration's trial (``search.start_from_default``) stands."""
+    default = next((t for t in study.trials if t.user_attrs.get(DEFAULT_ATTR)), None)
+    if default is None or default.state != TrialState.COMPLETE:
+        return ""
+    if default.number == best.number:
+        return (f" The best is trial {best.number}, the default configuration itself: no "
+                "searched configuration scored higher on validation.")
+    if any(t.number == default.number for t in ties):
+        return f" Trial {default.number}, the default configuration, is one of them."
+    return (f" Trial {default.number}, the default configuration, is behind the best beyond "
+            "noise.")
+
+
+def _ranking(best: FrozenTrial, ties: list[FrozenTrial]) -> str:
     n = len(best.user_attrs["document_scores"])
     if not ties:
         return (f"Trial {best.number} is ahead of every other complete trial beyond noise "
@@ -532,7 +550,8 @@ def _trial_rows(study: optuna.Study) -> str:
         params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                            for k, v in t.params.items())
         reason = t.user_attrs.get("reason", "")
-        rows.append(f"<tr><td>{t.number}</td><td>{t.state.name.lower()}</td>"
+        number = f"{t.number} (default)" if t.user_attrs.get(DEFAULT_ATTR) else str(t.number)
+        rows.append(f"<tr><td>{number}</td><td>{t.state.name.lower()}</td>"
                     f"<td>{_value(t)}</td><td>{trial_interval(t)}</td>"
                     f"<td>{_attr(t, 'loop_rate', '{:.0%}')}</td>"
                     f"<td>{_attr(t, 'trainable_params', '{:,}')}</td>"

@@ -35,6 +35,7 @@ from peftune.search.objective import (
     suggest,
 )
 from peftune.search.study import (
+    DEFAULT_ATTR,
     FINISHED,
     WORKER_ENV,
     count,
@@ -50,11 +51,11 @@ from peftune.search.study import (
 from peftune.search.workers import PARENT_ENV, WaitingLog, optimize, orphaned, spawn_workers
 
 __all__ = [
-    "FINISHED", "PARENT_ENV", "WORKER_ENV", "Objective", "ReportToTrial", "WaitingLog",
-    "best_config", "count", "create_study", "default_params", "directions", "finalize",
-    "load_for_search", "me", "optimize", "orphaned", "owner_gone", "owner_of", "pruner_name",
-    "queue_default", "run", "sampler_seed", "signal_metric", "spawn_workers", "storage_for",
-    "suggest",
+    "DEFAULT_ATTR", "FINISHED", "PARENT_ENV", "WORKER_ENV", "Objective", "ReportToTrial",
+    "WaitingLog", "best_config", "count", "create_study", "default_params", "directions",
+    "finalize", "load_for_search", "me", "optimize", "orphaned", "owner_gone", "owner_of",
+    "pruner_name", "queue_default", "run", "sampler_seed", "signal_metric", "spawn_workers",
+    "storage_for", "suggest",
 ]
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,6 @@ import dataclasses
 import logging
 import math
 import time
-import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from peftune.generation import generate, prompts_of
 from peftune.methods import get_method
 from peftune.metrics import text_scores
 from peftune.rundir import RunDir
-from peftune.search.study import directions, pruner_name
+from peftune.search.study import DEFAULT_ATTR, directions, pruner_name
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +56,6 @@ def suggest(trial: optuna.trial.BaseTrial, cfg: Config) -> Config:
     return new
 
 
-DEFAULT_ATTR = "default_configuration"  # user attribute of the trial queued by queue_default
-
-
 def default_params(cfg: Config) -> dict[str, Any]:
     """The trial parameters :func:`suggest` turns into the configured configuration itself
     (its method, training settings and method options); ConfigError naming the first one
@@ -71,24 +67,27 @@ def default_params(cfg: Config) -> dict[str, Any]:
         "weight_decay": train.weight_decay}
     if cfg.search.tune_method_options:
         params.update(get_method(name).params_of(cfg.methods[name]))
-    trial = optuna.trial.FixedTrial(params)
-    try:
-        with warnings.catch_warnings():  # Optuna warns of a value out of range: said below
-            warnings.simplefilter("ignore")
-            drawn = suggest(trial, cfg)
-        outside = [key for key, dist in trial.distributions.items()
-                   if not dist._contains(dist.to_internal_repr(params[key]))]
-    except ValueError as err:  # a categorical value that is not among the choices
-        raise ConfigError(f"the default configuration is not in the search space: {err}") \
-            from None
-    if outside:
-        key = outside[0]
-        raise ConfigError(f"the default configuration is not in the search space: {key}="
-                          f"{params[key]} lies outside {_span(trial.distributions[key])}")
+    drawn = suggest(_InsideOnly(params), cfg)
     if drawn.train != cfg.train or drawn.methods[name] != cfg.methods[name]:
         raise ConfigError("the default configuration is not a point of the search space "
                           f"(its {name} options cannot be drawn as they are)")
     return params
+
+
+class _InsideOnly(optuna.trial.FixedTrial):
+    """A fixed trial that refuses, naming it, a parameter outside its distribution."""
+
+    def _suggest(self, name: str, distribution: optuna.distributions.BaseDistribution) -> Any:
+        given = self._params  # what the trial was made with (``params``: what was drawn)
+        value = given.get(name)
+        try:
+            inside = distribution._contains(distribution.to_internal_repr(value))
+        except ValueError:  # a categorical value not among the choices
+            inside = False
+        if name in given and not inside:
+            raise ConfigError(f"the default configuration is not in the search space: "
+                              f"{name}={value} lies outside {_span(distribution)}")
+        return super()._suggest(name, distribution)
 
 
 def _span(dist: optuna.distributions.BaseDistribution) -> str:

@@ -29,6 +29,9 @@ from peftune.rundir import RunDir
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
+# The user attribute that marks the trial of the configured (default) configuration.
+DEFAULT_ATTR = "default_configuration"
+
 # Set by `workers.spawn_workers` for each worker process: its number (1..N; the main
 # process is 0).
 WORKER_ENV = "PEFTUNE_SEARCH_WORKER"
