@@ -22,6 +22,7 @@ from peftune.card import read_facts
 from peftune.errors import ConfigError
 from peftune.methods import registry
 from peftune.metrics import rouge
+from peftune.rundir import RunDir
 
 
 @pytest.fixture
@@ -191,6 +192,44 @@ def test_search_writes_best_config_final_adapter_and_report(search_cfg, tmp_path
     study2, _ = searching.run(config_from_dict({**search_cfg, "search": {
         **search_cfg["search"], "final": False}}))
     assert len(study2.trials) == len(study.trials)
+
+
+def _weights(adapter: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(adapter / "adapter_model.safetensors")
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_trial_on_every_training_row_is_the_final_model_without_training_again(
+        search_cfg, tmp_path, monkeypatch):
+    # a pruner's rungs (ROUGE of generated summaries) run inside the trials' training
+    search_cfg["search"].update(n_trials=2, baselines=True, pruner="median")
+    search_cfg["train"]["learning_rate"] = 1e-3  # inside the space: trial 0 is the default
+    cfg = config_from_dict(search_cfg)
+    trained, real = [], training.run
+    monkeypatch.setattr(training, "run", lambda cfg, **kw: trained.append(cfg) or real(cfg, **kw))
+    study, final = searching.run(cfg)
+    assert trained == [], "the final model and the default were trained again"
+    run = RunDir(tmp_path / "run")
+    best = study.best_trial.number
+    assert final["trial"] == best
+    assert _same(_weights(run.final.adapter), _weights(run.trial(best).adapter))
+    assert _same(_weights(run.baseline("default").adapter), _weights(run.trial(0).adapter))
+    assert read_facts(run.final.adapter)["metrics"]["test"]["rougeL"] == final["test"]["rougeL"]
+    # and it is the adapter that training best.yaml (or the default configuration) gives
+    again = config_from_dict(load_yaml(run.best_config))
+    again.output_dir = str(tmp_path / "again")
+    assert _same(_weights(real(again).adapter_dir), _weights(run.final.adapter))
+    # a trial on fewer rows than the final model is trained again
+    fewer = config_from_dict({**search_cfg, "output_dir": str(tmp_path / "fewer"), "search": {
+        **search_cfg["search"], "train_examples": 8, "baselines": False, "n_trials": 1}})
+    searching.run(fewer)
+    assert [Path(c.output_dir).name for c in trained] == ["final"]
+    assert not RunDir(tmp_path / "fewer").trial(0).adapter.exists()
 
 
 def test_absurd_learning_rate_is_pruned_with_a_reason(search_cfg):

@@ -10,6 +10,7 @@ import errno
 import logging
 import math
 import os
+import shutil
 import signal
 import threading
 from collections.abc import Callable
@@ -629,7 +630,28 @@ def run(cfg: Config, *, base: PreTrainedModel | None = None, data: Prepared | No
                   callbacks=[*stopping, *(callbacks or [])], resume=cfg.train.resume,
                   save_to=adapter_dir, memory_plan=memory_plan, signal=signal)
     if is_main_process():
-        save_yaml(cfg, adapter_dir / ADAPTER_SETTINGS)
-        card.write_for_run(adapter_dir, cfg, data.tokenizer, data.splits)
-        run_dir.record_metrics("train", metrics)
+        record(cfg, data, metrics)
     return TrainResult(model=model, adapter_dir=adapter_dir, metrics=metrics)
+
+
+def record(cfg: Config, data: Prepared, metrics: dict[str, Any]) -> None:
+    """What a trained adapter gets beside its weights: the run's settings, its model card
+    and the training metrics (``metrics.json`` key ``train``)."""
+    run_dir = RunDir.of(cfg)
+    save_yaml(cfg, run_dir.adapter / ADAPTER_SETTINGS)
+    card.write_for_run(run_dir.adapter, cfg, data.tokenizer, data.splits)
+    run_dir.record_metrics("train", metrics)
+
+
+def adopt(cfg: Config, adapter: Path, *, base: PreTrainedModel, data: Prepared,
+          metrics: dict[str, Any]) -> TrainResult:
+    """The run :func:`run` would make, from an ``adapter`` already trained exactly as ``cfg``
+    trains (a search trial on the same data and settings): copied, not trained again."""
+    run_dir = RunDir.of(cfg)
+    run_dir.path.mkdir(parents=True, exist_ok=True)
+    cfg = plan.with_micro_batch(cfg, plan.make(cfg, data=data))
+    save_yaml(cfg, run_dir.config_file)
+    shutil.copytree(adapter, run_dir.adapter, dirs_exist_ok=True)
+    record(cfg, data, metrics)
+    model = models.load_adapter(base, run_dir.adapter)
+    return TrainResult(model=model, adapter_dir=run_dir.adapter, metrics=metrics)

@@ -4,29 +4,37 @@ the test split, and compare them document by document."""
 from __future__ import annotations
 
 import copy
+import json
+import logging
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import optuna
 
-from peftune import assembly, card, devices, models
+from peftune import assembly, card, checkpoints, devices, models
 from peftune import train as training
 from peftune.config import Config, save_yaml
 from peftune.generation import score
 from peftune.metrics import compare_predictions, write_examples
 from peftune.rundir import RunDir
 from peftune.search.objective import suggest
-from peftune.search.study import directions
+from peftune.search.study import DEFAULT_ATTR, KEPT_ATTR, directions
+
+log = logging.getLogger(__name__)
 
 BOOTSTRAP_RESAMPLES = 2000  # seconds even for thousands of documents
 
 
-def best_config(cfg: Config, study: optuna.Study) -> Config:
+def best_trial(cfg: Config, study: optuna.Study) -> optuna.trial.FrozenTrial:
+    """The best trial; of a Pareto front, the one best on the first objective."""
     trials = study.best_trials if cfg.search.second_objective else [study.best_trial]
     primary = directions(cfg.search)[0]
-    best = (max if primary == "maximize" else min)(trials, key=lambda t: t.values[0])
-    chosen = suggest(optuna.trial.FixedTrial(best.params), cfg)
+    return (max if primary == "maximize" else min)(trials, key=lambda t: t.values[0])
+
+
+def best_config(cfg: Config, study: optuna.Study) -> Config:
+    chosen = suggest(optuna.trial.FixedTrial(best_trial(cfg, study).params), cfg)
     chosen.output_dir = str(RunDir.of(cfg).final.path)
     chosen.train = replace(chosen.train, eval_steps=None)
     return chosen
@@ -38,10 +46,20 @@ def _test_score(cfg: Config, model: Any, data: assembly.Prepared, out_dir: Path,
                  tag=tag, precision=models.precision(cfg))
 
 
-def _train_and_test(cfg: Config, bases: assembly.Bases,
-                    data: assembly.Prepared) -> tuple[dict[str, float], Path]:
-    """Train on the final data and score on test; return the metrics and adapter dir."""
-    result = training.run(cfg, base=bases.get(cfg), data=data)
+def _train_and_test(cfg: Config, bases: assembly.Bases, data: assembly.Prepared,
+                    trial: RunDir | None = None,
+                    fingerprint: dict | None = None) -> tuple[dict[str, float], Path]:
+    """Train on the final data and score on test; return the metrics and adapter dir. A
+    ``trial`` whose kept adapter was trained exactly so (its ``fingerprint``) is that model:
+    it is copied, not trained again."""
+    same = fingerprint == checkpoints.fingerprint(cfg, len(data.splits["train"]))
+    if trial is not None and same and trial.adapter.is_dir():
+        log.info("%s: the adapter of %s, trained on the same data with the same settings",
+                 cfg.output_dir, trial.path.name)
+        result = training.adopt(cfg, trial.adapter, base=bases.get(cfg), data=data,
+                                metrics=json.loads(trial.metrics_file.read_text())["train"])
+    else:
+        result = training.run(cfg, base=bases.get(cfg), data=data)
     metrics = _test_score(cfg, result.model, data, Path(cfg.output_dir))
     card.update_metrics(result.adapter_dir, metrics, cfg=cfg, tokenizer=data.tokenizer)
     bases.put(cfg, assembly.unwrap(result.model))
@@ -50,7 +68,9 @@ def _train_and_test(cfg: Config, bases: assembly.Bases,
 
 def finalize(cfg: Config, study: optuna.Study, bases: assembly.Bases,
              data: assembly.Prepared) -> dict[str, Any]:
-    """Retrain the best configuration, score it once on the test split, write best.yaml.
+    """Retrain the best configuration, score it once on the test split, write best.yaml. A
+    trial that trained on the same data with the same settings (every training row, no
+    ``final_on: train+validation``) is the final model as it is, not trained again.
 
     With ``search.baselines`` the zero-shot model and the default configuration are scored
     on the same test rows, the default trained on the same data as the final model.
@@ -64,19 +84,29 @@ def finalize(cfg: Config, study: optuna.Study, bases: assembly.Bases,
         joined = datasets.concatenate_datasets([data.splits["train"], data.splits["validation"]])
         data = replace(data, splits={**data.splits, "train": joined})
     out: dict[str, Any] = {"config": final, "baselines": {}}
+    best = best_trial(cfg, study)
     if cfg.search.baselines:
         out["baselines"]["zero-shot"] = _test_score(cfg, bases.get(cfg), data,
                                                     run_dir.baseline("zero-shot").path)
         default = copy.deepcopy(cfg)
         default.output_dir = str(run_dir.baseline("default").path)
-        out["baselines"]["default"], _ = _train_and_test(default, bases, data)
-    out["test"], out["adapter"] = _train_and_test(final, bases, data)
-    out["trial"] = study.best_trials[0].number if cfg.search.second_objective \
-        else study.best_trial.number
+        out["baselines"]["default"], _ = _train_and_test(default, bases, data,
+                                                         *_kept(study, run_dir, DEFAULT_ATTR))
+    out["test"], out["adapter"] = _train_and_test(
+        final, bases, data, run_dir.trial(best.number), best.user_attrs.get(KEPT_ATTR))
+    out["trial"] = best.number
     out["comparison"] = _compare(run_dir, data.splits["test"], baselines=list(out["baselines"]),
                                  seed=cfg.seed)
     run_dir.final.record_metrics("numerics", devices.numerics())
     return out
+
+
+def _kept(study: optuna.Study, run_dir: RunDir, attr: str) -> tuple[RunDir | None, dict | None]:
+    """The folder and training fingerprint of the complete trial marked ``attr``."""
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        if trial.user_attrs.get(attr):
+            return run_dir.trial(trial.number), trial.user_attrs.get(KEPT_ATTR)
+    return None, None
 
 
 EXAMPLES = 5  # test documents shown with every system's summary in the report

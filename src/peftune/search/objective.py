@@ -15,7 +15,7 @@ from typing import Any
 import optuna
 from transformers import TrainerCallback
 
-from peftune import assembly, devices, models, tracking
+from peftune import assembly, checkpoints, devices, models, tracking
 from peftune import train as training
 from peftune.config import Config, SearchConfig
 from peftune.errors import ConfigError, Diverged, Interrupted
@@ -23,7 +23,7 @@ from peftune.generation import generate, prompts_of
 from peftune.methods import get_method
 from peftune.metrics import text_scores
 from peftune.rundir import RunDir
-from peftune.search.study import DEFAULT_ATTR, directions, pruner_name
+from peftune.search.study import DEFAULT_ATTR, KEPT_ATTR, directions, pruner_name
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,9 @@ class Objective:
         self.eval_ds = val.select(range(min(cfg.search.eval_examples, len(val))))
         train = data.splits["train"]
         n = cfg.search.train_examples
-        if n and n < len(train):
+        # a trial on all training rows keeps its adapter: the final model when it wins
+        self.keep_adapters = not (n and n < len(train))
+        if not self.keep_adapters:
             train = train.shuffle(seed=cfg.seed).select(range(n))
         self.data = dataclasses.replace(data, splits={**data.splits, "train": train,
                                                       "validation": self.eval_ds})
@@ -241,8 +243,22 @@ class Objective:
             values["document_scores"] = [round(v, 4) for v in per_doc[search.metric]]
         for key, value in values.items():
             trial.set_user_attr(key, value)
+        if self.keep_adapters:
+            self._keep(trial, cfg, model, metrics)
         first = values[search.metric]
         return (first, values[search.second_objective]) if search.second_objective else first
+
+
+    def _keep(self, trial: optuna.Trial, cfg: Config, model: Any,
+              metrics: dict[str, Any]) -> None:
+        """Save the trial's adapter, its training metrics and what shaped its training (the
+        fingerprint a resumed run compares), so the final model can be this adapter."""
+        run = RunDir.of(cfg)
+        model.save_pretrained(run.adapter)
+        self.data.tokenizer.save_pretrained(run.adapter)
+        run.record_metrics("train", metrics)
+        trial.set_user_attr(KEPT_ATTR, checkpoints.fingerprint(
+            cfg, len(self.data.splits["train"])))
 
 
 def load_for_search(cfg: Config) -> tuple[assembly.Bases, assembly.Prepared]:

@@ -31,6 +31,9 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 # The user attribute that marks the trial of the configured (default) configuration.
 DEFAULT_ATTR = "default_configuration"
+# The user attribute of a trial that kept its adapter: the training fingerprint
+# (``checkpoints.fingerprint``) the final model must match to be that adapter.
+KEPT_ATTR = "kept_adapter_fingerprint"
 
 # Set by `workers.spawn_workers` for each worker process: its number (1..N; the main
 # process is 0).
