@@ -12,10 +12,10 @@ and splits, three different targets):
 - ``outcome``: the paper's conclusion -> its one-sentence outcome summary.
 
 For each task and search seed, ``configs/aclsum-smollm2-search.yaml`` runs unchanged but for the
-data source, the seed and the number of test documents (48, where the demo scores 24):
-zero-shot, the default configuration, and the best of the demo's 6 trials, all on the same
-test documents. Then the same study is topped up to 12 trials (a 2x larger search: its first 6
-trials are the demo-sized search's) and its best retrained and scored on the same documents.
+data source and the seed: zero-shot, the default configuration, and the best of the demo's 6
+trials (its first the default configuration), all on the same 48 test documents. Then the
+same study is topped up to 12 trials (a 2x larger search: its first 6 trials are the
+demo-sized search's) and its best scored on the same documents.
 Every difference carries a paired bootstrap 95% interval over the test documents. Each cell
 resumes: a finished search is not rerun, so the command can be stopped and started again.
 Writes ``WORK/table.md``.
@@ -78,15 +78,21 @@ def search(source: str, seed: int, out: Path, *, trials: int, baselines: bool,
                     "--search.baselines", str(baselines).lower(), *extra], check=True)
 
 
-def cell(task: str, seed: int, work: Path, *, trials: int, extra: list[str]) -> None:
+def cell(task: str, seed: int, work: Path, *, trials: int, extra: list[str],
+         stages: tuple[str, ...] = ("x1", "x2")) -> None:
     """The demo-sized search with its baselines, then the same study topped up to 2x."""
     source = write_task(task, work)
     demo, double = work / task / f"seed{seed}" / "x1", work / task / f"seed{seed}" / "x2"
     study = f"{task}-seed{seed}"
-    search(source, seed, demo, trials=trials, baselines=True, study=study, extra=extra)
+    if "x1" in stages:
+        search(source, seed, demo, trials=trials, baselines=True, study=study, extra=extra)
+    if "x2" not in stages:
+        return
     if not (double / "final" / "metrics.json").is_file() and not (double / "study.db").exists():
         double.mkdir(parents=True, exist_ok=True)
         shutil.copy(demo / "study.db", double / "study.db")
+        if (demo / "trials").is_dir():  # kept adapters: a winner among them is not retrained
+            shutil.copytree(demo / "trials", double / "trials")
     # the larger search asks the same question: the settings the demo-sized one saved
     search(source, seed, double, trials=2 * trials, baselines=False, study=study, extra=extra,
            config=demo / "config.yaml")
@@ -96,14 +102,16 @@ def compare(task: str, seed: int, work: Path) -> dict | None:
     from peftune.metrics import compare_predictions
 
     demo, double = work / task / f"seed{seed}" / "x1", work / task / f"seed{seed}" / "x2"
-    if not (double / "final" / "predictions.jsonl").is_file():
+    if not (demo / "final" / "predictions.jsonl").is_file():
         return None
     others = {"zero-shot": demo / "zero-shot" / "predictions.jsonl",
               "default": demo / "default" / "predictions.jsonl",
               "x1": demo / "final" / "predictions.jsonl"}
-    x2 = compare_predictions(double / "final" / "predictions.jsonl", others, seed=seed)
     x1 = compare_predictions(others["x1"], {k: v for k, v in others.items() if k != "x1"},
                              seed=seed)
+    if not (double / "final" / "predictions.jsonl").is_file():
+        return {"x1": x1, "x2": None}  # the 2x search has not run yet
+    x2 = compare_predictions(double / "final" / "predictions.jsonl", others, seed=seed)
     return {"x1": x1, "x2": x2}
 
 
@@ -130,12 +138,15 @@ def table(work: Path, tasks: list[str], seeds: list[int]) -> str:
             got = compare(task, seed, work)
             if got is None:
                 continue
-            test = got["x2"]["test"]
+            test, x2 = got["x1"]["test"], got["x2"]
+            double = f"{x2['test']['best']['rougeL']:.2f}" if x2 else "-"
             lines.append(
                 f"| {task} | {seed} | {test['zero-shot']['rougeL']:.2f} | "
-                f"{test['default']['rougeL']:.2f} | {test['x1']['rougeL']:.2f} | "
-                f"{test['best']['rougeL']:.2f} | {_diff(got['x1']['best - default'])} | "
-                f"{_diff(got['x2']['best - default'])} | {_diff(got['x1']['best - zero-shot'])} |")
+                f"{test['default']['rougeL']:.2f} | {test['best']['rougeL']:.2f} | "
+                f"{double} | "
+                f"{_diff(got['x1']['best - default'])} | "
+                f"{_diff(x2['best - default']) if x2 else '-'} | "
+                f"{_diff(got['x1']['best - zero-shot'])} |")
             verdicts.setdefault(task, []).append(_verdict(got["x1"]["best - default"]))
     lines.append("")
     for task, v in verdicts.items():
@@ -151,6 +162,8 @@ def main() -> None:
     parser.add_argument("--seeds", default="1,2,3")
     parser.add_argument("--work", type=Path, default=Path("/tmp/peftune-search-quality"))
     parser.add_argument("--table_only", action="store_true")
+    parser.add_argument("--stages", default="x1,x2",
+                        help="x1: the demo-sized search and baselines; x2: its 2x top-up")
     parser.add_argument("--trials", type=int, default=TRIALS,
                         help="trials of the demo-sized search (the larger one runs twice as many)")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
@@ -164,7 +177,8 @@ def main() -> None:
     if not args.table_only:
         for seed in seeds:
             for task in tasks:
-                cell(task, seed, args.work, trials=args.trials, extra=args.extra)
+                cell(task, seed, args.work, trials=args.trials, extra=args.extra,
+                     stages=tuple(args.stages.split(",")))
     text = table(args.work, tasks, seeds)
     args.work.mkdir(parents=True, exist_ok=True)
     (args.work / "table.md").write_text(text, encoding="utf-8")
