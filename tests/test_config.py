@@ -18,6 +18,15 @@ def test_every_shipped_config_is_valid(path):
     assert config_from_dict(cfg.to_dict()).to_dict() == cfg.to_dict()
 
 
+@pytest.mark.parametrize("path", [p for p in CONFIGS if "search" in p.name],
+                         ids=lambda p: p.name)
+def test_every_shipped_search_starts_from_its_own_configuration(path):
+    from peftune.search import default_params
+
+    cfg = config_from_dict(load_yaml(path))
+    assert default_params(cfg)["learning_rate"] == cfg.train.learning_rate
+
+
 def test_shipped_configs_exist():
     names = {p.name for p in CONFIGS}
     assert {"aclsum-smollm2-lora.yaml", "xsum-llama7b-lora.yaml"} <= names
