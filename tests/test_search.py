@@ -224,12 +224,14 @@ def test_a_trial_on_every_training_row_is_the_final_model_without_training_again
     again = config_from_dict(load_yaml(run.best_config))
     again.output_dir = str(tmp_path / "again")
     assert _same(_weights(real(again).adapter_dir), _weights(run.final.adapter))
-    # a trial on fewer rows than the final model is trained again
-    fewer = config_from_dict({**search_cfg, "output_dir": str(tmp_path / "fewer"), "search": {
-        **search_cfg["search"], "train_examples": 8, "baselines": False, "n_trials": 1}})
-    searching.run(fewer)
-    assert [Path(c.output_dir).name for c in trained] == ["final"]
-    assert not RunDir(tmp_path / "fewer").trial(0).adapter.exists()
+    # a trial on fewer rows than the final model is trained again, as is one told to keep none
+    for name, option in (("fewer", {"train_examples": 8}), ("none", {"keep_adapters": False})):
+        other = config_from_dict({**search_cfg, "output_dir": str(tmp_path / name), "search": {
+            **search_cfg["search"], **option, "baselines": False, "n_trials": 1}})
+        searching.run(other)
+        assert not RunDir(tmp_path / name).trial(0).adapter.exists()
+    assert [str(Path(c.output_dir).relative_to(tmp_path)) for c in trained] == [
+        "fewer/final", "none/final"]
 
 
 def test_absurd_learning_rate_is_pruned_with_a_reason(search_cfg):

@@ -252,6 +252,10 @@ class SearchConfig:
     start_from_default: bool = _help("a new study's first trial is the configured "
                                      "configuration itself, so the search returns it or one "
                                      "that scored higher on validation", True)
+    keep_adapters: bool = _help("a trial trained on every training row keeps its adapter "
+                                "(trials/trial-NNNN/adapter), and the final model is the best "
+                                "trial's instead of a second training; false saves the disk",
+                                True)
     tune_method_options: bool = _help("also search each method's own options (rank, alpha, "
                                       "dropout, targets, ...); false keeps the configured ones",
                                       True)

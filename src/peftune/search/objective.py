@@ -165,10 +165,11 @@ class Objective:
         self.eval_ds = val.select(range(min(cfg.search.eval_examples, len(val))))
         train = data.splits["train"]
         n = cfg.search.train_examples
-        # a trial on all training rows keeps its adapter: the final model when it wins
-        self.keep_adapters = not (n and n < len(train))
-        if not self.keep_adapters:
+        subset = bool(n and n < len(train))
+        if subset:
             train = train.shuffle(seed=cfg.seed).select(range(n))
+        # a trial on all training rows can keep its adapter: the final model when it wins
+        self.keep_adapters = cfg.search.keep_adapters and not subset
         self.data = dataclasses.replace(data, splits={**data.splits, "train": train,
                                                       "validation": self.eval_ds})
 
