@@ -183,3 +183,23 @@ def test_auto_plans_the_step_with_a_long_outlier_as_parts_within_the_token_budge
                      micro_batch_size=4)
     assert fixed.token_budget is None and fixed.rows_at(1100) == 4
     assert fixed.memory["max"][False].activations == 4 * one_row.activations
+
+
+@pytest.mark.parametrize(("search", "train", "after"), [
+    ({}, {}, 0),  # every row, adapters kept, default first: nothing trains after the trials
+    ({"train_examples": 40}, {}, 2),  # trials on fewer rows: the final and the default
+    ({"keep_adapters": False}, {}, 2),
+    ({"final_on": "train+validation"}, {}, 2),
+    ({"start_from_default": False}, {}, 1),  # the default is not a trial
+    ({}, {"early_stopping": 2}, 2),  # the final stops early where the trials did not
+    ({"baselines": False, "train_examples": 40}, {}, 1),
+    ({"final": False, "train_examples": 40}, {}, 0),
+])
+def test_the_search_plan_counts_the_trainings_after_the_trials(search, train, after):
+    cfg = config_from_dict({"search": {"baselines": True, **search},
+                            "train": {"epochs": 1, **train}})
+    lengths = plan.Lengths(p50=300, p90=330, max=400, summary_p50=60, summary_p90=70,
+                           summary_max=90, examples=100, mean=310.0, measured=True)
+    assert plan.trainings_after(cfg, lengths) == after
+    assert plan.search_tokens(cfg, lengths) == pytest.approx(
+        cfg.search.n_trials * plan.trial_tokens(cfg, lengths) + after * 310.0 * 100)

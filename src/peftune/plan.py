@@ -386,11 +386,23 @@ def trial_tokens(cfg: Config, lengths: Lengths) -> float:
 
 
 def search_tokens(cfg: Config, lengths: Lengths) -> float:
-    """Every trial run to the end, plus the final model (and the default configuration when
-    ``search.baselines`` is on)."""
-    finals = 1 + int(cfg.search.baselines)
+    """Every trial run to the end, plus the trainings after them (:func:`trainings_after`)."""
     return cfg.search.n_trials * trial_tokens(cfg, lengths) + \
-        finals * run_tokens(cfg, lengths) * int(cfg.search.final)
+        trainings_after(cfg, lengths) * run_tokens(cfg, lengths)
+
+
+def trainings_after(cfg: Config, lengths: Lengths) -> int:
+    """The final model and, with ``search.baselines``, the default configuration: none of
+    them where a trial on every training row kept the adapter it would train (the default is
+    the first trial when it lies in the search space)."""
+    search = cfg.search
+    if not search.final:
+        return 0
+    kept = search.keep_adapters and search.final_on == "train" and \
+        cfg.train.early_stopping == 0 and \
+        (not search.train_examples or search.train_examples >= lengths.examples)
+    default = search.baselines and not (kept and search.start_from_default)
+    return int(not kept) + int(default)
 
 
 # ---------------------------------------------------------------- output
