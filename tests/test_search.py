@@ -234,6 +234,38 @@ def test_a_trial_on_every_training_row_is_the_final_model_without_training_again
         "fewer/final", "none/final"]
 
 
+def test_tied_top_trials_are_rescored_on_validation_rows_no_trial_saw(search_cfg, tmp_path,
+                                                                      monkeypatch):
+    from peftune import report
+    from peftune.search import ranking
+
+    # 4 validation rows: the trials score the first 2, re-scoring the other 2
+    search_cfg["search"].update(n_trials=3, pruner="none", eval_examples=2, rescore_examples=5)
+    search_cfg["train"]["learning_rate"] = 1e-3
+
+    def all_tied(study):
+        done = sorted(study.get_trials(states=(TrialState.COMPLETE,)), key=lambda t: -t.value)
+        return done[0], done[1:]
+
+    monkeypatch.setattr(ranking, "within_noise", all_tied)
+    study, final = searching.run(config_from_dict(search_cfg))
+    found = study.user_attrs[searching.RESCORED]
+    assert found["rows"] == 2 and set(found["scores"]) == {"0", "1", "2"}
+    for number, fresh in found["scores"].items():
+        own = study.trials[int(number)].user_attrs["document_scores"]
+        assert len(fresh) == 2 and found["means"][number] == pytest.approx(
+            sum(own + fresh) / 4, abs=1e-3)
+    chosen = max(found["means"], key=found["means"].get)
+    assert found["chosen"] == final["trial"] == int(chosen)
+    run = RunDir(tmp_path / "run")
+    assert _same(_weights(run.final.adapter), _weights(run.trial(int(chosen)).adapter))
+    assert f"The search's choice is trial {chosen}" in report.noise_sentence(study)
+    # the choice is kept: a rerun neither scores again nor chooses otherwise
+    monkeypatch.setattr(ranking, "_scores", lambda *a, **k: pytest.fail("scored again"))
+    _, again = searching.run(config_from_dict(search_cfg))
+    assert again["trial"] == final["trial"]
+
+
 def test_absurd_learning_rate_is_pruned_with_a_reason(search_cfg):
     search_cfg["search"].update(n_trials=1, final=False)
     search_cfg["train"].update(max_grad_norm=1e9, max_steps=8)

@@ -252,6 +252,11 @@ class SearchConfig:
     start_from_default: bool = _help("a new study's first trial is the configured "
                                      "configuration itself, so the search returns it or one "
                                      "that scored higher on validation", True)
+    rescore_examples: int = _help(
+        "when the top trials are within noise of each other, their kept adapters also score "
+        "this many validation rows after search.eval_examples, and the best mean over all their "
+        "rows is the search's choice; 0: the best trial by its own rows", 0,
+        within=f"[0, {MAX_COUNT}]")
     keep_adapters: bool = _help("a trial trained on every training row keeps its adapter "
                                 "(trials/trial-NNNN/adapter), and the final model is the best "
                                 "trial's instead of a second training; false saves the disk",

@@ -34,9 +34,14 @@ from optuna.visualization import matplotlib as ovm  # noqa: E402
 from peftune.atomic import atomic_write  # noqa: E402
 from peftune.config import Config, load_yaml  # noqa: E402
 from peftune.errors import PeftuneError  # noqa: E402
-from peftune.metrics import ROUGE_KEYS, mean_interval, paired_bootstrap  # noqa: E402
+from peftune.metrics import ROUGE_KEYS, mean_interval  # noqa: E402
 from peftune.rundir import RunDir  # noqa: E402
-from peftune.search import DEFAULT_ATTR, signal_metric  # noqa: E402
+from peftune.search import (  # noqa: E402
+    DEFAULT_ATTR,
+    RESCORED,
+    signal_metric,
+    within_noise,
+)
 
 LABELS = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "rougeLsum": "ROUGE-Lsum",
           "eval_loss": "validation loss", "trainable_params": "trainable parameters",
@@ -305,30 +310,6 @@ def best_per_method(study: optuna.Study) -> dict[str, FrozenTrial]:
     return best
 
 
-def within_noise(study: optuna.Study) -> tuple[FrozenTrial, list[FrozenTrial]] | None:
-    """The best complete trial and the other complete trials the validation set cannot tell
-    from it: the paired bootstrap 95% interval of their difference to the best, on the same
-    validation documents (``document_scores``), includes 0. None without per-document
-    scores (a loss metric, trials from an older version) or with two objectives."""
-    if len(study.directions) > 1:
-        return None
-    scored = [t for t in _complete(study) if t.user_attrs.get("document_scores")]
-    if not scored:
-        return None
-    maximize = _maximize(study)
-    best = (max if maximize else min)(scored, key=lambda t: t.values[0])
-    ties = []
-    for t in scored:
-        if t.number == best.number or len(t.user_attrs["document_scores"]) != \
-                len(best.user_attrs["document_scores"]):
-            continue
-        _, low, high = paired_bootstrap(best.user_attrs["document_scores"],
-                                        t.user_attrs["document_scores"])
-        if (low if maximize else -high) <= 0:
-            ties.append(t)
-    return best, sorted(ties, key=lambda t: t.values[0], reverse=maximize)
-
-
 def noise_sentence(study: optuna.Study) -> str:
     """Whether the search's best trial is ahead of the others beyond noise, in words; with
     ties, the one with the fewest trainable parameters among them."""
@@ -336,7 +317,21 @@ def noise_sentence(study: optuna.Study) -> str:
     if found is None:
         return ""
     best, ties = found
-    return _ranking(best, ties) + _default_said(study, best, ties)
+    return _ranking(best, ties) + _default_said(study, best, ties) + _rescored_said(study)
+
+
+def _rescored_said(study: optuna.Study) -> str:
+    """What re-scoring the tied trials on further validation rows found and chose."""
+    found = study.user_attrs.get(RESCORED)
+    if not found:
+        return ""
+    means = sorted(found["means"].items(), key=lambda kv: kv[1], reverse=_maximize(study))
+    listed = ", ".join(f"trial {n} {mean:.2f}" for n, mean in means)
+    chosen = study.trials[found["chosen"]]
+    what = " (the default configuration)" if chosen.user_attrs.get(DEFAULT_ATTR) else ""
+    return (f" Their kept adapters then scored {found['rows']} more validation documents; "
+            f"over all their documents: {listed}. The search's choice is trial "
+            f"{chosen.number}{what}.")
 
 
 def _default_said(study: optuna.Study, best: FrozenTrial, ties: list[FrozenTrial]) -> str:

@@ -34,6 +34,7 @@ from peftune.search.objective import (
     signal_metric,
     suggest,
 )
+from peftune.search.ranking import RESCORED, within_noise
 from peftune.search.study import (
     DEFAULT_ATTR,
     FINISHED,
@@ -51,11 +52,11 @@ from peftune.search.study import (
 from peftune.search.workers import PARENT_ENV, WaitingLog, optimize, orphaned, spawn_workers
 
 __all__ = [
-    "DEFAULT_ATTR", "FINISHED", "PARENT_ENV", "WORKER_ENV", "Objective", "ReportToTrial",
-    "WaitingLog", "best_config", "count", "create_study", "default_params", "directions",
-    "finalize", "load_for_search", "me", "optimize", "orphaned", "owner_gone", "owner_of",
-    "pruner_name", "queue_default", "run", "sampler_seed", "signal_metric", "spawn_workers",
-    "storage_for", "suggest",
+    "DEFAULT_ATTR", "FINISHED", "PARENT_ENV", "RESCORED", "WORKER_ENV", "Objective",
+    "ReportToTrial", "WaitingLog", "best_config", "count", "create_study", "default_params",
+    "directions", "finalize", "load_for_search", "me", "optimize", "orphaned", "owner_gone",
+    "owner_of", "pruner_name", "queue_default", "run", "sampler_seed", "signal_metric",
+    "spawn_workers", "storage_for", "suggest", "within_noise",
 ]
 
 log = logging.getLogger(__name__)

@@ -18,6 +18,7 @@ from peftune.config import Config, save_yaml
 from peftune.generation import score
 from peftune.metrics import compare_predictions, write_examples
 from peftune.rundir import RunDir
+from peftune.search import ranking
 from peftune.search.objective import suggest
 from peftune.search.study import DEFAULT_ATTR, KEPT_ATTR, directions
 
@@ -27,7 +28,10 @@ BOOTSTRAP_RESAMPLES = 2000  # seconds even for thousands of documents
 
 
 def best_trial(cfg: Config, study: optuna.Study) -> optuna.trial.FrozenTrial:
-    """The best trial; of a Pareto front, the one best on the first objective."""
+    """The best trial: the one re-scoring chose (:mod:`~peftune.search.ranking`), else the
+    best by its validation score; of a Pareto front, the one best on the first objective."""
+    if (number := ranking.chosen(study)) is not None:
+        return study.trials[number]
     trials = study.best_trials if cfg.search.second_objective else [study.best_trial]
     primary = directions(cfg.search)[0]
     return (max if primary == "maximize" else min)(trials, key=lambda t: t.values[0])
@@ -76,6 +80,7 @@ def finalize(cfg: Config, study: optuna.Study, bases: assembly.Bases,
     on the same test rows, the default trained on the same data as the final model.
     """
     run_dir = RunDir.of(cfg)
+    ranking.rescore(cfg, study, bases, data)
     final = best_config(cfg, study)
     save_yaml(final, run_dir.best_config)
     if cfg.search.final_on == "train+validation":
