@@ -124,6 +124,15 @@ def test_bottom_line_says_plainly_when_the_winner_beats_every_baseline():
     comparison["best - default"]["rougeL"].update(difference=-3.0, low=-5.0, high=-1.0)
     assert report.bottom_line(comparison, "rougeL").endswith(
         "beats zero-shot beyond noise; it is worse than default configuration beyond noise.")
+    # the search chose the default configuration itself
+    comparison["best - default"]["rougeL"].update(difference=0.0, low=0.0, high=0.0)
+    assert report.bottom_line(comparison, "rougeL") == (
+        "Bottom line (ROUGE-L, 48 test documents): the searched configuration scores as "
+        "default configuration does on every document (the search chose it, or a model that "
+        "writes the same summaries); it beats zero-shot beyond noise.")
+    assert report.verdict(comparison, "default", "rougeL").endswith(
+        "+0.00 points, 95% interval [+0.00, +0.00]: the same score on every one of the 48 "
+        "documents.")
 
 
 def _scored_study(scores: dict[int, list[float]], params: dict[int, int],

@@ -85,7 +85,9 @@ def verdict(comparison: dict[str, Any], baseline: str, metric: str) -> str:
     """One sentence: the difference best - ``baseline`` and whether noise could explain it."""
     d, n = comparison[f"best - {baseline}"][metric], comparison["documents"]
     name = SYSTEMS.get(baseline, baseline)
-    if d["low"] <= 0 <= d["high"]:
+    if _same(d):
+        judged = f"the same score on every one of the {n} documents"
+    elif d["low"] <= 0 <= d["high"]:
         judged = f"cannot tell apart from noise on {n} documents"
     else:
         judged = (f"the best configuration is {'better' if d['low'] > 0 else 'worse'} than "
@@ -97,12 +99,16 @@ def verdict(comparison: dict[str, Any], baseline: str, metric: str) -> str:
 def bottom_line(comparison: dict[str, Any], metric: str) -> str:
     """One plain sentence: does the winner beat each baseline beyond noise on the test split?"""
     baselines = [k.removeprefix("best - ") for k in comparison if k.startswith("best - ")]
-    groups: dict[str, list[str]] = {"beats": [], "ties": [], "loses": []}
+    groups: dict[str, list[str]] = {"same": [], "beats": [], "ties": [], "loses": []}
     for name in baselines:
         d = comparison[f"best - {name}"][metric]
-        key = "beats" if d["low"] > 0 else "loses" if d["high"] < 0 else "ties"
+        key = "same" if _same(d) else "beats" if d["low"] > 0 else "loses" if d["high"] < 0 \
+            else "ties"
         groups[key].append(SYSTEMS.get(name, name))
     parts = []
+    if groups["same"]:
+        parts.append(f"scores as {_and(groups['same'])} does on every document (the search "
+                     "chose it, or a model that writes the same summaries)")
     if groups["beats"]:
         parts.append(f"beats {_and(groups['beats'])} beyond noise")
     if groups["ties"]:
@@ -112,6 +118,11 @@ def bottom_line(comparison: dict[str, Any], metric: str) -> str:
         parts.append(f"is worse than {_and(groups['loses'])} beyond noise")
     return (f"Bottom line ({label(metric)}, {comparison['documents']} test documents): the "
             f"searched configuration {'; it '.join(parts)}.")
+
+
+def _same(d: dict[str, float]) -> bool:
+    """A difference of 0 on every document: the two systems wrote what scores the same."""
+    return d["difference"] == d["low"] == d["high"] == 0
 
 
 def _and(names: list[str]) -> str:
