@@ -264,6 +264,13 @@ def test_tied_top_trials_are_rescored_on_validation_rows_no_trial_saw(search_cfg
     monkeypatch.setattr(ranking, "_scores", lambda *a, **k: pytest.fail("scored again"))
     _, again = searching.run(config_from_dict(search_cfg))
     assert again["trial"] == final["trial"]
+    # a study topped up is re-scored: only its new trial generates, and it can be chosen
+    scored = []
+    monkeypatch.setattr(ranking, "_scores", lambda cfg, t, *a: scored.append(t.number) or
+                        [100.0, 100.0])
+    search_cfg["search"]["n_trials"] = 4
+    study, more = searching.run(config_from_dict(search_cfg))
+    assert scored == [3] and more["trial"] == 3 == study.user_attrs[searching.RESCORED]["chosen"]
 
 
 def test_absurd_learning_rate_is_pruned_with_a_reason(search_cfg):

@@ -39,6 +39,7 @@ from peftune.rundir import RunDir  # noqa: E402
 from peftune.search import (  # noqa: E402
     DEFAULT_ATTR,
     RESCORED,
+    ranking,
     signal_metric,
     within_noise,
 )
@@ -334,7 +335,7 @@ def noise_sentence(study: optuna.Study) -> str:
 def _rescored_said(study: optuna.Study) -> str:
     """What re-scoring the tied trials on further validation rows found and chose."""
     found = study.user_attrs.get(RESCORED)
-    if not found:
+    if not found or ranking.chosen(study) is None:  # none, or made before the study grew
         return ""
     means = sorted(found["means"].items(), key=lambda kv: kv[1], reverse=_maximize(study))
     listed = ", ".join(f"trial {n} {mean:.2f}" for n, mean in means)

@@ -54,9 +54,19 @@ def within_noise(study: optuna.Study) -> tuple[FrozenTrial, list[FrozenTrial]] |
 
 
 def chosen(study: optuna.Study) -> int | None:
-    """The trial re-scoring chose (None when it did not run)."""
-    found = study.user_attrs.get(RESCORED)
+    """The trial re-scoring chose (None when it did not run, or ran before the study grew)."""
+    found = _current(study)
     return found["chosen"] if found else None
+
+
+def _complete(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+
+
+def _current(study: optuna.Study) -> dict[str, Any] | None:
+    """The stored re-scoring, if it was made with the study's trials as they are now."""
+    found = study.user_attrs.get(RESCORED)
+    return found if found and found.get("complete") == _complete(study) else None
 
 
 def rescore(cfg: Config, study: optuna.Study, bases: assembly.Bases,
@@ -65,8 +75,8 @@ def rescore(cfg: Config, study: optuna.Study, bases: assembly.Bases,
     after the trials' own, choose the best mean over all their rows, and keep it all in the
     study (``RESCORED``). None when there is nothing to re-score."""
     search = cfg.search
-    if not search.rescore_examples or RESCORED in study.user_attrs:
-        return study.user_attrs.get(RESCORED)
+    if not search.rescore_examples or _current(study):
+        return _current(study)
     found = within_noise(study)
     if found is None or not found[1]:
         return None
@@ -80,11 +90,15 @@ def rescore(cfg: Config, study: optuna.Study, bases: assembly.Bases,
                  "left after search.eval_examples" if len(rows) == 0 else "fewer than two of "
                  "the tied trials kept an adapter")
         return None
-    # keyed by trial number as text: the study keeps its attributes as JSON
-    scores = {str(t.number): _scores(cfg, t, bases, data.tokenizer, rows) for t in tied}
+    # keyed by trial number as text: the study keeps its attributes as JSON; a study topped
+    # up since its last re-scoring keeps the scores of the trials it re-scored then
+    before = study.user_attrs.get(RESCORED) or {}
+    kept = before.get("scores", {}) if before.get("rows") == len(rows) else {}
+    scores = {str(t.number): kept.get(str(t.number)) or
+              _scores(cfg, t, bases, data.tokenizer, rows) for t in tied}
     means = {str(t.number): _mean(t.user_attrs["document_scores"] + scores[str(t.number)])
              for t in tied}
-    result = {"rows": len(rows), "scores": scores, "means": means,
+    result = {"rows": len(rows), "scores": scores, "means": means, "complete": _complete(study),
               "chosen": int(max(means, key=lambda n: means[n]))}
     study.set_user_attr(RESCORED, result)
     return result
