@@ -249,18 +249,11 @@ class SearchConfig:
     train_examples: int | None = _help("training rows per trial (a cheaper fidelity; the "
                                        "final model uses all)", None,
                                        within=f"[1, {MAX_COUNT}]")
-    start_from_default: bool = _help("a new study's first trial is the configured "
-                                     "configuration itself, so the search returns it or one "
-                                     "that scored higher on validation", True)
+    start_from_default: bool = _help("first trial: the configuration as set", True)
     rescore_examples: int = _help(
-        "when the top trials are within noise of each other, their kept adapters also score "
-        "this many validation rows after search.eval_examples, and the best mean over all their "
-        "rows is the search's choice; 0: the best trial by its own rows", 0,
+        "tied top trials also score this many more validation rows (0: off)", 0,
         within=f"[0, {MAX_COUNT}]")
-    keep_adapters: bool = _help("a trial trained on every training row keeps its adapter "
-                                "(trials/trial-NNNN/adapter), and the final model is the best "
-                                "trial's instead of a second training; false saves the disk",
-                                True)
+    keep_adapters: bool = _help("trials on all train rows keep adapters", True)
     tune_method_options: bool = _help("also search each method's own options (rank, alpha, "
                                       "dropout, targets, ...); false keeps the configured ones",
                                       True)
