@@ -917,3 +917,23 @@ def test_one_seed_gives_the_same_digits_in_two_runs(search_cfg, tmp_path):
         (final_two / "predictions.jsonl").read_text()
     numerics = json.loads((final_one / "metrics.json").read_text())["numerics"]
     assert numerics["threads"] == torch.get_num_threads() and numerics["precision"]
+
+
+def test_rescoring_takes_the_top_four_tied_trials_and_the_default_with_kept_adapters(tmp_path):
+    from peftune.search import ranking
+    from peftune.search.study import KEPT_ATTR
+
+    run = RunDir(tmp_path)
+    trials = []
+    for number in range(7):
+        attrs = {KEPT_ATTR: {"seed": 42}, **({searching.DEFAULT_ATTR: True} if number == 6
+                                              else {})}
+        trial = optuna.trial.create_trial(value=30.0 - number, user_attrs=attrs)
+        trial.number = number
+        trials.append(trial)
+        if number != 2:  # trial 2 kept no adapter (another machine's disk)
+            run.trial(number).adapter.mkdir(parents=True)
+    picked = ranking._candidates(trials[0], trials[1:], run=run)
+    assert [t.number for t in picked] == [0, 1, 3, 4, 6]  # the default's trial 6 too
+    # without the best's adapter, the best would not be among them: no re-scoring then
+    assert ranking._candidates(trials[2], trials[3:], run=run)[0].number == 3

@@ -85,10 +85,10 @@ def rescore(cfg: Config, study: optuna.Study, bases: assembly.Bases,
                                    min(search.eval_examples + search.rescore_examples,
                                        len(validation))))
     tied = _candidates(*found, run=RunDir.of(cfg))
-    if len(rows) == 0 or len(tied) < 2:
+    if len(rows) == 0 or len(tied) < 2 or tied[0].number != found[0].number:
         log.info("search.rescore_examples: %s; the best trial stands", "no validation rows "
-                 "left after search.eval_examples" if len(rows) == 0 else "fewer than two of "
-                 "the tied trials kept an adapter")
+                 "left after search.eval_examples" if len(rows) == 0 else "the best and at "
+                 "least one tied trial must have kept their adapters")
         return None
     # keyed by trial number as text: the study keeps its attributes as JSON; a study topped
     # up since its last re-scoring keeps the scores of the trials it re-scored then
