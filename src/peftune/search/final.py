@@ -20,7 +20,7 @@ from peftune.metrics import compare_predictions, write_examples
 from peftune.rundir import RunDir
 from peftune.search import ranking
 from peftune.search.objective import suggest
-from peftune.search.study import DEFAULT_ATTR, KEPT_ATTR, directions
+from peftune.search.study import DEFAULT_ATTR, KEPT_ATTR, directions, kept_adapter
 
 log = logging.getLogger(__name__)
 
@@ -51,17 +51,18 @@ def _test_score(cfg: Config, model: Any, data: assembly.Prepared, out_dir: Path,
 
 
 def _train_and_test(cfg: Config, bases: assembly.Bases, data: assembly.Prepared,
-                    trial: RunDir | None = None,
-                    fingerprint: dict | None = None) -> tuple[dict[str, float], Path]:
+                    trial: optuna.trial.FrozenTrial | None = None,
+                    run: RunDir | None = None) -> tuple[dict[str, float], Path]:
     """Train on the final data and score on test; return the metrics and adapter dir. A
-    ``trial`` whose kept adapter was trained exactly so (its ``fingerprint``) is that model:
-    it is copied, not trained again."""
-    same = fingerprint == checkpoints.fingerprint(cfg, len(data.splits["train"]))
-    if trial is not None and same and trial.adapter.is_dir():
+    ``trial`` of the search in ``run`` whose kept adapter was trained exactly so (its
+    training fingerprint) is that model: it is copied, not trained again."""
+    kept = kept_adapter(run, trial) if trial is not None and run is not None else None
+    if kept and trial.user_attrs[KEPT_ATTR] == checkpoints.fingerprint(  # type: ignore[union-attr]
+            cfg, len(data.splits["train"])):
         log.info("%s: the adapter of %s, trained on the same data with the same settings",
-                 cfg.output_dir, trial.path.name)
-        result = training.adopt(cfg, trial.adapter, base=bases.get(cfg), data=data,
-                                metrics=json.loads(trial.metrics_file.read_text())["train"])
+                 cfg.output_dir, kept.parent.name)
+        metrics = json.loads(RunDir(kept.parent).metrics_file.read_text())["train"]
+        result = training.adopt(cfg, kept, base=bases.get(cfg), data=data, metrics=metrics)
     else:
         result = training.run(cfg, base=bases.get(cfg), data=data)
     metrics = _test_score(cfg, result.model, data, Path(cfg.output_dir))
@@ -96,9 +97,8 @@ def finalize(cfg: Config, study: optuna.Study, bases: assembly.Bases,
         default = copy.deepcopy(cfg)
         default.output_dir = str(run_dir.baseline("default").path)
         out["baselines"]["default"], _ = _train_and_test(default, bases, data,
-                                                         *_kept(study, run_dir, DEFAULT_ATTR))
-    out["test"], out["adapter"] = _train_and_test(
-        final, bases, data, run_dir.trial(best.number), best.user_attrs.get(KEPT_ATTR))
+                                                         _marked(study, DEFAULT_ATTR), run_dir)
+    out["test"], out["adapter"] = _train_and_test(final, bases, data, best, run_dir)
     out["trial"] = best.number
     out["comparison"] = _compare(run_dir, data.splits["test"], baselines=list(out["baselines"]),
                                  seed=cfg.seed)
@@ -106,12 +106,10 @@ def finalize(cfg: Config, study: optuna.Study, bases: assembly.Bases,
     return out
 
 
-def _kept(study: optuna.Study, run_dir: RunDir, attr: str) -> tuple[RunDir | None, dict | None]:
-    """The folder and training fingerprint of the complete trial marked ``attr``."""
-    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-        if trial.user_attrs.get(attr):
-            return run_dir.trial(trial.number), trial.user_attrs.get(KEPT_ATTR)
-    return None, None
+def _marked(study: optuna.Study, attr: str) -> optuna.trial.FrozenTrial | None:
+    """The complete trial marked with user attribute ``attr``."""
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    return next((trial for trial in complete if trial.user_attrs.get(attr)), None)
 
 
 EXAMPLES = 5  # test documents shown with every system's summary in the report

@@ -249,7 +249,6 @@ class Objective:
         first = values[search.metric]
         return (first, values[search.second_objective]) if search.second_objective else first
 
-
     def _keep(self, trial: optuna.Trial, cfg: Config, model: Any,
               metrics: dict[str, Any]) -> None:
         """Save the trial's adapter, its training metrics and what shaped its training (the

@@ -20,7 +20,7 @@ from peftune.generation import generate, prompts_of
 from peftune.metrics import paired_bootstrap, text_scores
 from peftune.rundir import RunDir
 from peftune.search.objective import suggest
-from peftune.search.study import DEFAULT_ATTR, KEPT_ATTR
+from peftune.search.study import DEFAULT_ATTR, kept_adapter
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +107,7 @@ def rescore(cfg: Config, study: optuna.Study, bases: assembly.Bases,
 def _candidates(best: FrozenTrial, ties: list[FrozenTrial], *, run: RunDir) -> list[FrozenTrial]:
     """The best and the top tied trials (the default configuration's always, when tied), of
     those that kept an adapter."""
-    kept = [t for t in [best, *ties] if t.user_attrs.get(KEPT_ATTR)
-            and run.trial(t.number).adapter.is_dir()]
+    kept = [t for t in [best, *ties] if kept_adapter(run, t)]
     top = kept[:RESCORE_AT_MOST]
     top += [t for t in kept[RESCORE_AT_MOST:] if t.user_attrs.get(DEFAULT_ATTR)]
     return top

@@ -214,6 +214,12 @@ class JournalWithHeartbeat(Liveness, JournalStorage, BaseHeartbeat):
         return self._retry
 
 
+def kept_adapter(run: RunDir, trial: optuna.trial.FrozenTrial) -> Path | None:
+    """The adapter a trial kept (``search.keep_adapters``), when it is on this machine's disk."""
+    folder = run.trial(trial.number).adapter
+    return folder if trial.user_attrs.get(KEPT_ATTR) and folder.is_dir() else None
+
+
 def directions(search: SearchConfig) -> list[str]:
     first = "minimize" if search.metric == "eval_loss" else "maximize"
     return [first] + (["minimize"] if search.second_objective else [])
