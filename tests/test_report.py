@@ -197,7 +197,8 @@ def test_the_noise_sentence_says_where_the_default_trial_stands():
     assert said[0].endswith(" Trial 0, the default configuration, is behind the best beyond "
                             "noise.")
     assert said[1].endswith(" The best is trial 1, the default configuration itself: no "
-                            "searched configuration scored higher on validation.")
+                            "searched configuration scored higher on these 12 validation "
+                            "documents.")
     assert said[2].endswith(" Trial 2, the default configuration, is one of them.")
     rows = report._trial_rows(_scored_study({0: far, 1: best}, sizes, default=0))
     assert "<td>0 (default)</td>" in rows and "<td>1</td>" in rows

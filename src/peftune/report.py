@@ -352,8 +352,9 @@ def _default_said(study: optuna.Study, best: FrozenTrial, ties: list[FrozenTrial
     if default is None or default.state != TrialState.COMPLETE:
         return ""
     if default.number == best.number:
+        n = len(best.user_attrs["document_scores"])
         return (f" The best is trial {best.number}, the default configuration itself: no "
-                "searched configuration scored higher on validation.")
+                f"searched configuration scored higher on these {n} validation documents.")
     if any(t.number == default.number for t in ties):
         return f" Trial {default.number}, the default configuration, is one of them."
     return (f" Trial {default.number}, the default configuration, is behind the best beyond "
